@@ -1,0 +1,130 @@
+"""
+The state file: atomic writes, the previous copy, refusing bad files, and
+the access-time debounce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from turso_twisted.state import NamespaceRecord, StateError, StateStore
+
+
+class StateStoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = StateStore.for_data_dir(self.data_dir, self.clock)
+        self.store.load()
+
+    def reload(self) -> StateStore:
+        store = StateStore.for_data_dir(self.data_dir, self.clock)
+        store.load()
+        return store
+
+    def test_missing_file_is_empty(self) -> None:
+        self.assertEqual(self.store.records, {})
+        self.assertTrue(os.path.isdir(os.path.join(self.data_dir, "_state")))
+
+    def test_round_trip(self) -> None:
+        record = NamespaceRecord.new("alpha", "auto", self.clock.seconds())
+        record.ttl = 30 * 86400
+        self.store.records["alpha"] = record
+        self.store.records["beta"] = NamespaceRecord.new("beta", "explicit", self.clock.seconds())
+        self.store.save()
+        loaded = self.reload().records
+        self.assertEqual(loaded["alpha"], record)
+        self.assertTrue(loaded["beta"].locked)
+        self.assertFalse(loaded["alpha"].locked)
+        with open(self.store.path) as handle:
+            on_disk = json.load(handle)
+        self.assertEqual(on_disk["namespaces"]["alpha"]["ttl"], "720h0m0s")
+        self.assertEqual(on_disk["namespaces"]["alpha"]["origin"], "auto")
+        self.assertIn("createdAt", on_disk["namespaces"]["alpha"])
+        self.assertIn("lastAccessAt", on_disk["namespaces"]["alpha"])
+
+    def test_ids_differ_per_incarnation(self) -> None:
+        first = NamespaceRecord.new("alpha", "auto", 0)
+        second = NamespaceRecord.new("alpha", "auto", 0)
+        self.assertTrue(first.id)
+        self.assertNotEqual(first.id, second.id)
+
+    def test_previous_copy_kept_and_no_temp_left(self) -> None:
+        self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", 0)
+        self.store.save()
+        self.store.records["beta"] = NamespaceRecord.new("beta", "auto", 0)
+        self.store.save()
+        with open(self.store.previous_path) as handle:
+            self.assertEqual(list(json.load(handle)["namespaces"]), ["alpha"])
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.store.path))),
+                         ["namespaces.json", "namespaces.json.prev"])
+
+    def test_corrupt_file_stops_with_its_name_and_the_previous_copy(self) -> None:
+        self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", 0)
+        self.store.save()
+        self.store.save()
+        with open(self.store.path, "w") as handle:
+            handle.write("{not json")
+        with self.assertRaises(StateError) as caught:
+            self.reload()
+        self.assertIn(self.store.path, str(caught.exception))
+        self.assertIn(self.store.previous_path, str(caught.exception))
+        with open(self.store.previous_path) as handle:
+            self.assertIn("alpha", json.load(handle)["namespaces"])
+
+    def test_invalid_content_is_refused(self) -> None:
+        for document in ({"version": 99, "namespaces": {}},
+                         {"version": 1, "namespaces": {"../x": {}}},
+                         {"version": 1, "namespaces": {"a": {"origin": "weird"}}},
+                         [1, 2]):
+            with open(self.store.path, "w") as handle:
+                json.dump(document, handle)
+            with self.assertRaises(StateError):
+                self.reload()
+
+    def test_missing_file_with_previous_copy_is_refused(self) -> None:
+        self.store.save()
+        self.store.save()
+        os.unlink(self.store.path)
+        with self.assertRaises(StateError) as caught:
+            self.reload()
+        self.assertIn("previous copy", str(caught.exception))
+
+    def test_touch_is_debounced(self) -> None:
+        self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", self.clock.seconds())
+        self.store.save()
+        writes = self.store.writes
+        self.clock.advance(5)
+        self.store.touch("alpha")
+        self.clock.advance(10)
+        self.store.touch("alpha")
+        self.assertEqual(self.store.writes, writes)
+        self.assertEqual(self.store.records["alpha"].last_access_at, self.clock.seconds())
+        self.clock.advance(50)
+        self.assertEqual(self.store.writes, writes + 1)
+        self.assertEqual(self.reload().records["alpha"].last_access_at, self.clock.seconds() - 50)
+        self.clock.advance(120)
+        self.assertEqual(self.store.writes, writes + 1)
+
+    def test_save_cancels_the_pending_flush(self) -> None:
+        self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", 0)
+        self.store.touch("alpha")
+        self.store.save()
+        writes = self.store.writes
+        self.clock.advance(61)
+        self.assertEqual(self.store.writes, writes)
+
+    def test_flush_pending(self) -> None:
+        self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", 0)
+        self.store.flush_pending()
+        self.assertEqual(self.store.writes, 0)
+        self.store.touch("alpha")
+        self.store.flush_pending()
+        self.assertEqual(self.store.writes, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -1,0 +1,236 @@
+"""
+The admin API (Klein) on the admin port.
+
+C{/healthz} and C{/readyz} answer without a token so that probes need no
+credentials; every other route needs C{TURSO_ADMIN_TOKEN}.  The routes are
+described in C{docs/admin-openapi.yaml}, which a test keeps in step with
+L{AdminAPI.app}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from . import names
+from .auth import check_bearer
+from .config import format_duration, parse_duration
+from .errors import INTERNAL, ApiError, error_body
+from .namespaces import LimitReached, NamespaceManager
+from .state import NamespaceRecord
+
+_MAX_ADMIN_JSON = 64 * 1024
+
+
+@attrs.define
+class Readiness:
+    """
+    What C{/readyz} checks, set by the service as it starts.
+    """
+
+    data_dir: str
+    state_loaded: bool = False
+    listening: bool = False
+    stopping: bool = False
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.state_loaded:
+            found.append("state not loaded")
+        if not self.listening:
+            found.append("listeners not up")
+        if self.stopping:
+            found.append("shutting down")
+        if not os.access(self.data_dir, os.W_OK | os.X_OK):
+            found.append("data dir not writable")
+        return found
+
+
+def _json(request: IRequest, payload: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(payload).encode("utf-8") + b"\n"
+
+
+def _valid(name: str) -> str:
+    try:
+        return names.validate(name)
+    except names.InvalidName as error:
+        raise ApiError(400, "invalid_name", str(error)) from None
+
+
+def _json_body(request: IRequest) -> dict[str, Any]:
+    raw = request.content.read(_MAX_ADMIN_JSON + 1) if request.content else b""
+    if not raw.strip():
+        return {}
+    if len(raw) > _MAX_ADMIN_JSON:
+        raise ApiError(413, "body_too_large", "admin request bodies are limited to 64 KiB")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "request body must be a JSON object")
+    return body
+
+
+@attrs.define(eq=False)
+class AdminAPI:
+    manager: NamespaceManager
+    admin_token: str
+    readiness: Readiness
+    app: Klein = attrs.field(factory=Klein, init=False)
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        app = self.app
+        route = app.route
+
+        route("/healthz", methods=["GET"])(self.healthz)
+        route("/readyz", methods=["GET"])(self.readyz)
+        route("/v1/namespaces", methods=["GET"])(self._admin(self.list_namespaces))
+        route("/v1/namespaces/<name>", methods=["GET"])(self._admin(self.show))
+        route("/v1/namespaces/<name>", methods=["DELETE"])(self._admin(self.delete))
+        route("/v1/namespaces/<name>/create", methods=["POST"])(self._admin(self.create))
+        route("/v1/namespaces/<name>/lock", methods=["POST"])(self._admin(self.lock))
+        route("/v1/namespaces/<name>/unlock", methods=["POST"])(self._admin(self.unlock))
+        route("/v1/namespaces/<name>/ttl", methods=["POST"])(self._admin(self.ttl))
+        route("/v1/namespaces/<name>/access", methods=["POST"])(self._admin(self.access))
+
+        app.handle_errors(ApiError)(self._api_error)
+        app.handle_errors(NotFound)(self._route_not_found)
+        app.handle_errors(MethodNotAllowed)(self._method_not_allowed)
+        app.handle_errors(Exception)(self._unexpected)
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _admin(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(request: IRequest, **kwargs: Any) -> Any:
+            check_bearer(request, self.admin_token)
+            return handler(request, **kwargs)
+
+        guarded.__name__ = handler.__name__
+        guarded.__doc__ = handler.__doc__
+        return guarded
+
+    def _error(self, request: IRequest, error: ApiError) -> bytes:
+        request.setResponseCode(error.status)
+        request.setHeader(b"content-type", b"application/json")
+        if error.status == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="turso-server-admin"')
+        if error.retry_after is not None:
+            request.setHeader(b"retry-after", str(max(1, round(error.retry_after))).encode())
+        return error_body(error.code, error.message)
+
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        return self._error(request, failure.value)
+
+    def _route_not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return self._error(request, ApiError(404, "not_found", "no such admin route"))
+
+    def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        request.setHeader(b"allow", ", ".join(allowed).encode())
+        return self._error(request, ApiError(405, "method_not_allowed",
+                                             f"method {request.method.decode()} not allowed here"))
+
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        self._log.failure("unexpected error in the admin API", failure)
+        return self._error(request, INTERNAL)
+
+    def _describe(self, record: NamespaceRecord) -> dict[str, Any]:
+        return self.manager.describe(record)
+
+    # -- probes --------------------------------------------------------------
+
+    def healthz(self, request: IRequest) -> bytes:
+        """Alive: the reactor answers."""
+        return _json(request, {"status": "ok"})
+
+    def readyz(self, request: IRequest) -> bytes:
+        """Ready: state loaded, listeners up, data dir writable."""
+        problems = self.readiness.problems()
+        if problems:
+            return _json(request, {"status": "not ready", "problems": problems}, 503)
+        return _json(request, {"status": "ready"})
+
+    # -- namespaces ------------------------------------------------------------
+
+    def list_namespaces(self, request: IRequest) -> bytes:
+        """Every live namespace."""
+        records = sorted(self.manager.state, key=lambda record: record.name)
+        return _json(request, {"namespaces": [self._describe(record) for record in records]})
+
+    def show(self, request: IRequest, name: str) -> bytes:
+        """One namespace."""
+        record = self.manager.state.records.get(_valid(name))
+        if record is None:
+            raise ApiError(404, "namespace_not_found", f"namespace {name!r} does not exist")
+        return _json(request, self._describe(record))
+
+    async def create(self, request: IRequest, name: str) -> bytes:
+        """Create an explicit namespace (idempotent)."""
+        try:
+            record, created = await self.manager.create(_valid(name))
+        except LimitReached as error:
+            raise ApiError(409, error.code, error.message) from None
+        return _json(request, self._describe(record), 201 if created else 200)
+
+    async def delete(self, request: IRequest, name: str) -> bytes:
+        """Stop the namespace and move its files to the archive."""
+        manifest = await self.manager.delete(_valid(name))
+        return _json(request, {"archived": manifest})
+
+    async def lock(self, request: IRequest, name: str) -> bytes:
+        """Exempt the namespace from every GC rule."""
+        record = await self.manager.update(_valid(name), lambda r: setattr(r, "locked", True))
+        return _json(request, self._describe(record))
+
+    async def unlock(self, request: IRequest, name: str) -> bytes:
+        """Make the namespace subject to the GC rules again."""
+        record = await self.manager.update(_valid(name), lambda r: setattr(r, "locked", False))
+        return _json(request, self._describe(record))
+
+    async def ttl(self, request: IRequest, name: str) -> bytes:
+        """Set (C{{"ttl": "30d"}}) or clear (C{{"ttl": null}}) the TTL."""
+        name = _valid(name)
+        body = _json_body(request)
+        if "ttl" not in body:
+            raise ApiError(400, "invalid_ttl", 'body must be {"ttl": "<duration>"} or {"ttl": null}')
+        value = body["ttl"]
+        if value is None:
+            seconds = None
+        elif isinstance(value, str):
+            try:
+                seconds = parse_duration(value)
+            except ValueError as error:
+                raise ApiError(400, "invalid_ttl", str(error)) from None
+            if seconds <= 0:
+                raise ApiError(400, "invalid_ttl", "ttl must be longer than zero (null clears it)")
+        else:
+            raise ApiError(400, "invalid_ttl", "ttl must be a duration string such as \"30d\", or null")
+        record = await self.manager.update(name, lambda r: setattr(r, "ttl", seconds))
+        out = self._describe(record)
+        if seconds is not None and record.locked:
+            out["warning"] = (f"ttl {format_duration(seconds)} is set but will not fire while the "
+                              "namespace is locked; unlock it to let the GC archive it")
+        return _json(request, out)
+
+    async def access(self, request: IRequest, name: str) -> bytes:
+        """Record an access now, as a data request would, and save it."""
+        clock = self.manager.clock
+        record = await self.manager.update(
+            _valid(name), lambda r: setattr(r, "last_access_at", clock.seconds()))
+        return _json(request, self._describe(record))

@@ -1,0 +1,333 @@
+"""
+Configuration: environment variables, twistd options and their validation.
+
+Every setting has one row in L{SETTINGS}: its environment variable, its twistd
+option, its default and its parser.  An option given on the command line beats
+the environment, which beats the default.  Parsing never raises anything but
+L{ConfigError}, whose message names the variable and the offending value, so
+start-up can fail with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+
+class ConfigError(Exception):
+    """
+    A setting has a value we cannot use; the message says which and why.
+    """
+
+
+@attrs.frozen
+class Address:
+    """
+    A TCP listening address; C{host} is C{""} for every interface.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """
+    Parse a Go-style duration (C{"5s"}, C{"1h30m"}, C{"168h0m0s"}) or a
+    number of days (C{"7d"}) into seconds.  C{"0"} alone means zero.
+    """
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError("empty duration")
+    position = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if position != len(text):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 5s, 1h30m, 7d)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """
+    Render seconds the way Go does (C{"1h0m0s"}, C{"1.5s"}, C{"0s"}).
+    """
+    if seconds < 1:
+        millis = seconds * 1000
+        return f"{millis:g}ms" if millis else "0s"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = ""
+    if hours:
+        out += f"{int(hours)}h"
+    if hours or minutes:
+        out += f"{int(minutes)}m"
+    return out + f"{secs:g}s"
+
+
+def parse_address(text: str) -> Address:
+    """
+    Parse C{":8080"}, C{"127.0.0.1:8080"} or C{"[::1]:8080"}.
+    """
+    text = text.strip()
+    match = re.fullmatch(r"(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]*)):(\d{1,5})", text)
+    if not match:
+        raise ValueError("expected HOST:PORT, :PORT or [IPV6]:PORT")
+    port = int(match.group(3))
+    if port > 65535:
+        raise ValueError("port must be 0..65535")
+    return Address(host=match.group(1) or match.group(2) or "", port=port)
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6,
+               "mb": 10**6, "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """
+    Parse a byte count: C{"67108864"}, C{"64MiB"}, C{"10MB"}.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("expected a byte count such as 67108864 or 64MiB")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("expected a port number 1..65535")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("expected 0 or a positive whole number")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be longer than zero")
+    return value
+
+
+@attrs.frozen
+class Setting:
+    """
+    One configurable value: where it comes from and how it is parsed.
+    """
+
+    env: str
+    option: str
+    default: str
+    parse: Callable[[str], Any]
+    doc: str
+    secret: bool = False
+
+    @property
+    def field(self) -> str:
+        return self.option.replace("-", "_")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("TURSO_DATA_ADDR", "data-addr", ":8080", parse_address,
+            "Bind address for the data listener"),
+    Setting("TURSO_ADMIN_ADDR", "admin-addr", ":8081", parse_address,
+            "Bind address for the admin listener"),
+    Setting("TURSO_DATA_DIR", "data-dir", "/var/lib/turso", str,
+            "Where db files and state live"),
+    Setting("TURSODB_BIN", "tursodb-bin", "/usr/local/bin/tursodb", str,
+            "Path to the upstream tursodb binary (PATH is searched if the "
+            "default is absent)"),
+    Setting("TURSO_AUTH_TOKEN", "auth-token", "", str,
+            "Bearer token for the data port (empty: no auth, dev only)", secret=True),
+    Setting("TURSO_AUTH_TOKEN_FILE", "auth-token-file", "", str,
+            "File holding the data-port token"),
+    Setting("TURSO_ADMIN_TOKEN", "admin-token", "", str,
+            "Bearer token for the admin port (empty: no auth, dev only)", secret=True),
+    Setting("TURSO_ADMIN_TOKEN_FILE", "admin-token-file", "", str,
+            "File holding the admin-port token"),
+    Setting("TURSO_BACKEND_PORT_START", "backend-port-start", "9000", _port_number,
+            "Lower bound of the internal port range"),
+    Setting("TURSO_BACKEND_PORT_END", "backend-port-end", "9999", _port_number,
+            "Upper bound of the internal port range"),
+    Setting("TURSO_MAX_NAMESPACES", "max-namespaces", "256", _non_negative_int,
+            "Hard cap on live namespaces (0 = unlimited)"),
+    Setting("TURSO_ALLOW_AUTO_PROVISION", "allow-auto-provision", "true", parse_bool,
+            "Auto-create namespaces on first data-port hit"),
+    Setting("TURSO_STARTUP_TIMEOUT", "startup-timeout", "5s", _positive_duration,
+            "Max time to wait for a spawned tursodb to listen"),
+    Setting("TURSO_GC_INTERVAL", "gc-interval", "1h", _positive_duration,
+            "How often the GC sweeps idle namespaces"),
+    Setting("TURSO_AUTO_IDLE_DURATION", "auto-idle-duration", "168h", _positive_duration,
+            "Auto-created namespaces idle longer than this are archived"),
+    Setting("TURSO_ARCHIVE_RETENTION", "archive-retention", "720h", _positive_duration,
+            "Archive entries older than this are deleted"),
+    Setting("TURSO_MAX_BODY_BYTES", "max-body-bytes", "64MiB", parse_size,
+            "Largest request body the data port accepts (larger: 413)"),
+    Setting("TURSO_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", parse_duration,
+            "How long a graceful shutdown waits for in-flight requests"),
+)
+
+SETTINGS_BY_ENV = {setting.env: setting for setting in SETTINGS}
+
+
+@attrs.frozen
+class Config:
+    """
+    The daemon's validated configuration.
+    """
+
+    data_addr: Address
+    admin_addr: Address
+    data_dir: str
+    tursodb_bin: str
+    auth_token: str = attrs.field(repr=False)
+    admin_token: str = attrs.field(repr=False)
+    backend_port_start: int
+    backend_port_end: int
+    max_namespaces: int
+    allow_auto_provision: bool
+    startup_timeout: float
+    gc_interval: float
+    auto_idle_duration: float
+    archive_retention: float
+    max_body_bytes: int
+    shutdown_timeout: float
+
+    @classmethod
+    def load(
+        cls,
+        options: Mapping[str, str | None] | None = None,
+        environ: Mapping[str, str] | None = None,
+        check_files: bool = True,
+    ) -> Config:
+        """
+        Build the configuration from twistd C{options} (keyed by option name),
+        then C{environ}, then defaults, and validate it.
+
+        @raise ConfigError: naming the variable and value at fault.
+        """
+        options = options or {}
+        environ = os.environ if environ is None else environ
+        raw: dict[str, tuple[Setting, str, str]] = {}
+        for setting in SETTINGS:
+            given = options.get(setting.option)
+            if given is not None:
+                raw[setting.field] = (setting, given, f"--{setting.option}")
+            elif setting.env in environ:
+                raw[setting.field] = (setting, environ[setting.env], setting.env)
+            else:
+                raw[setting.field] = (setting, setting.default, "")
+
+        values: dict[str, Any] = {}
+        for field, (setting, text, source) in raw.items():
+            source = source or setting.env
+            try:
+                values[field] = setting.parse(text)
+            except ValueError as error:
+                shown = "<redacted>" if setting.secret else repr(text)
+                raise ConfigError(f"{source}={shown}: {error}") from None
+
+        for kind in ("auth", "admin"):
+            token_field, file_field = f"{kind}_token", f"{kind}_token_file"
+            if values[file_field]:
+                if values[token_field]:
+                    raise ConfigError(
+                        f"{_source(raw[token_field])} and {_source(raw[file_field])} are both set; "
+                        "give the token one way only"
+                    )
+                values[token_field] = _read_token(_source(raw[file_field]), values[file_field])
+            del values[file_field]
+
+        if values["auth_token"] and values["auth_token"] == values["admin_token"]:
+            raise ConfigError(
+                "TURSO_AUTH_TOKEN and TURSO_ADMIN_TOKEN are the same: the data token "
+                "must not also be the admin token"
+            )
+        if values["backend_port_start"] > values["backend_port_end"]:
+            raise ConfigError(
+                f"TURSO_BACKEND_PORT_START={values['backend_port_start']} is above "
+                f"TURSO_BACKEND_PORT_END={values['backend_port_end']}: the range is inverted"
+            )
+        values["data_dir"] = os.path.abspath(values["data_dir"])
+        config = cls(**values)
+        if check_files:
+            config = config._checked_files(bin_was_given=bool(raw["tursodb_bin"][2]))
+        return config
+
+    def _checked_files(self, bin_was_given: bool) -> Config:
+        """
+        Make sure the binary runs and the data dir is usable.
+        """
+        tursodb = self.tursodb_bin
+        if not (os.path.isfile(tursodb) and os.access(tursodb, os.X_OK)):
+            found = None if bin_was_given else shutil.which("tursodb")
+            if found is None:
+                raise ConfigError(
+                    f"TURSODB_BIN={tursodb!r}: no executable tursodb there"
+                    + ("" if bin_was_given else " nor on PATH")
+                )
+            tursodb = found
+        data_dir = self.data_dir
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"TURSO_DATA_DIR={data_dir!r}: cannot create it: {error.strerror}") from None
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"TURSO_DATA_DIR={data_dir!r}: not writable by this user")
+        return attrs.evolve(self, tursodb_bin=os.path.abspath(tursodb))
+
+
+def _source(raw: tuple[Setting, str, str]) -> str:
+    return raw[2] or raw[0].env
+
+
+def _read_token(source: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(f"{source}={path!r}: cannot read it: {reason}") from None
+    if not token:
+        raise ConfigError(f"{source}={path!r}: the file is empty")
+    return token

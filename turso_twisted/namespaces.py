@@ -1,0 +1,287 @@
+"""
+The namespace lifecycle: provisioning, leases for data requests, and the
+admin operations, each serialized per name.
+
+Every operation on a name runs under that name's L{DeferredLock}: N
+concurrent first requests spawn one child, and a delete never races a
+request into files being moved.  A data request holds the lock only while
+it makes sure the child runs, then holds a L{Lease}; stopping a child waits
+(bounded) for the leases on it to be returned.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, ensureDeferred
+from twisted.logger import Logger
+
+from . import names
+from .archive import Archiver
+from .errors import ApiError, not_found
+from .process import TursodbProcess
+from .state import NamespaceRecord, Origin, StateStore
+from .supervisor import Supervisor
+
+T = TypeVar("T")
+
+
+class LimitReached(ApiError):
+    pass
+
+
+@attrs.define(eq=False)
+class Lease:
+    """
+    Permission to send requests to a namespace's running child until
+    L{release}; the child is not stopped while a lease on it is out.
+    """
+
+    manager: NamespaceManager
+    name: str
+    child: TursodbProcess
+    _released: bool = False
+
+    @property
+    def port(self) -> int:
+        return self.child.port
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.manager._release(self.name)
+
+
+@attrs.define(eq=False)
+class NamespaceManager:
+    clock: Any
+    state: StateStore
+    supervisor: Supervisor
+    archiver: Archiver
+    max_namespaces: int
+    allow_auto_provision: bool
+    drain_timeout: float = 10.0
+    _locks: dict[str, DeferredLock] = attrs.field(factory=dict)
+    _inflight: dict[str, int] = attrs.field(factory=dict)
+    _drain_waiters: dict[str, list[Deferred[None]]] = attrs.field(factory=dict)
+    _log = Logger()
+
+    # -- serialization ----------------------------------------------------
+
+    def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        """
+        Run C{work} holding C{name}'s lock; forget the lock when idle so
+        that thousands of names cost nothing between uses.
+        """
+        lock = self._locks.setdefault(name, DeferredLock())
+
+        async def run() -> T:
+            await lock.acquire()
+            try:
+                return await work()
+            finally:
+                lock.release()
+                if not lock.locked and not lock.waiting and self._locks.get(name) is lock:
+                    del self._locks[name]
+
+        return ensureDeferred(run())
+
+    def _check_capacity(self, status: int) -> None:
+        if self.max_namespaces and len(self.state.records) >= self.max_namespaces:
+            raise LimitReached(
+                status, "namespace_limit",
+                f"TURSO_MAX_NAMESPACES={self.max_namespaces} live namespaces reached; "
+                "delete one or raise the limit")
+
+    # -- data path ----------------------------------------------------------
+
+    def lease(self, name: str) -> Deferred[Lease]:
+        """
+        Make sure C{name} exists (auto-provisioning it if allowed) and its
+        child runs; fire with a lease on that child.
+        """
+        names.validate(name)
+
+        async def work() -> Lease:
+            record = self.state.records.get(name)
+            if record is None:
+                if not self.allow_auto_provision:
+                    raise ApiError(404, "namespace_not_found",
+                                   f"namespace {name!r} does not exist and auto-provisioning is off")
+                self._check_capacity(503)
+                record = self._add(name, "auto")
+            child = self.supervisor.running(name) or await self.supervisor.start(name)
+            self._inflight[name] = self._inflight.get(name, 0) + 1
+            return Lease(self, name, child)
+
+        def touched(lease: Lease) -> Lease:
+            self.state.touch(name)
+            return lease
+
+        return self._locked(name, work).addCallback(touched)
+
+    def _release(self, name: str) -> None:
+        count = self._inflight.get(name, 0) - 1
+        if count > 0:
+            self._inflight[name] = count
+            return
+        self._inflight.pop(name, None)
+        for waiter in self._drain_waiters.pop(name, []):
+            if not waiter.called:
+                waiter.callback(None)
+
+    def inflight(self, name: str | None = None) -> int:
+        if name is None:
+            return sum(self._inflight.values())
+        return self._inflight.get(name, 0)
+
+    def _drained(self, name: str) -> Deferred[None]:
+        """
+        Fire when no lease on C{name} is out, or after the drain timeout.
+        """
+        done: Deferred[None] = Deferred()
+        if not self._inflight.get(name):
+            done.callback(None)
+            return done
+
+        def give_up() -> None:
+            if not done.called:
+                self._log.warn("requests still in flight after the drain timeout; stopping anyway",
+                               name=name, inflight=self._inflight.get(name, 0))
+                done.callback(None)
+
+        timeout = self.clock.callLater(self.drain_timeout, give_up)
+
+        def finished(_: None) -> None:
+            if timeout.active():
+                timeout.cancel()
+
+        self._drain_waiters.setdefault(name, []).append(done)
+        done.addCallback(finished)
+        return done
+
+    # -- admin operations --------------------------------------------------
+
+    def _add(self, name: str, origin: Origin) -> NamespaceRecord:
+        record = NamespaceRecord.new(name, origin, self.clock.seconds())
+        self.state.records[name] = record
+        self.state.save()
+        self._log.info("namespace created", name=name, origin=origin, id=record.id)
+        return record
+
+    def create(self, name: str) -> Deferred[tuple[NamespaceRecord, bool]]:
+        """
+        Create C{name} as an explicit namespace and start it; an existing
+        name is returned as it is.  Fires with (record, created).
+        """
+        names.validate(name)
+
+        async def work() -> tuple[NamespaceRecord, bool]:
+            existing = self.state.records.get(name)
+            if existing is not None:
+                return existing, False
+            self._check_capacity(409)
+            record = self._add(name, "explicit")
+            try:
+                await self.supervisor.start(name)
+            except ApiError:
+                # Creating changed nothing if the child could not start.
+                del self.state.records[name]
+                self.state.save()
+                raise
+            return record, True
+
+        return self._locked(name, work)
+
+    def delete(self, name: str, reason: str = "deleted via admin API") -> Deferred[dict[str, Any]]:
+        """
+        Stop C{name} and move its files into the archive; fires with the
+        archive manifest.
+        """
+        names.validate(name)
+
+        async def work() -> dict[str, Any]:
+            record = self.state.records.get(name)
+            if record is None:
+                raise not_found(name)
+            await self._drained(name)
+            await self.supervisor.stop(name)
+            manifest = await self.archiver.archive(record, reason, self.clock.seconds())
+            del self.state.records[name]
+            self.state.save()
+            self._log.info("namespace archived", name=name, id=record.id, entry=manifest["entry"],
+                           reason=reason)
+            return manifest
+
+        return self._locked(name, work)
+
+    def update(self, name: str, change: Callable[[NamespaceRecord], None]) -> Deferred[NamespaceRecord]:
+        """
+        Apply C{change} to C{name}'s record and save it.
+        """
+        names.validate(name)
+
+        async def work() -> NamespaceRecord:
+            record = self.state.records.get(name)
+            if record is None:
+                raise not_found(name)
+            change(record)
+            self.state.save()
+            return record
+
+        return self._locked(name, work)
+
+    def describe(self, record: NamespaceRecord) -> dict[str, Any]:
+        """
+        A record as the admin API shows it: stored fields plus runtime ones.
+        """
+        child = self.supervisor.running(record.name)
+        out = record.to_json()
+        out["running"] = child is not None
+        out["port"] = child.port if child else None
+        out["pid"] = child.pid if child else None
+        return out
+
+    # -- start-up and shutdown ---------------------------------------------
+
+    def reconcile(self) -> None:
+        """
+        Make state, archive and data files agree before serving: finish or
+        undo archives a crash interrupted, and adopt data files that have no
+        record (an operator restoring files, or a lost state file) instead of
+        ever serving an empty namespace over them.
+        """
+        finished = self.archiver.recover({r.name: r.id for r in self.state})
+        changed = False
+        for name in finished:
+            del self.state.records[name]
+            changed = True
+        data_dir = self.archiver.data_dir
+        for entry in sorted(os.listdir(data_dir)):
+            stem, dot, ext = entry.rpartition(".")
+            if not dot or ext != "db" or not names.is_valid(stem) or stem in self.state.records:
+                continue
+            if not os.path.isfile(os.path.join(data_dir, entry)):
+                continue
+            record = NamespaceRecord.new(stem, "explicit", self.clock.seconds())
+            self.state.records[stem] = record
+            changed = True
+            self._log.warn("adopted a data file that had no state record (explicit, locked)",
+                           name=stem, id=record.id)
+        for record in self.state:
+            if not os.path.exists(names.db_path(data_dir, record.name)) and record.name not in finished:
+                self._log.warn("namespace has no data file yet; it starts empty", name=record.name)
+        if changed:
+            self.state.save()
+
+    def drain_all(self) -> Deferred[Any]:
+        """
+        Fire when no lease on any namespace is out, or after the drain timeout.
+        """
+        return DeferredList([self._drained(name) for name in list(self._inflight)])
+
+    def stop_all(self) -> Deferred[Any]:
+        return self.supervisor.stop_all()

@@ -1,0 +1,132 @@
+"""
+The data port: C{/<namespace>/<rest>} is forwarded to that namespace's child
+as C{/<rest>}.
+
+Order of checks, so that nothing is created or touched on bad input: whole
+body read (with a size cap), bearer token, path and name (raw bytes, no
+decoding), then the namespace lease, then the child.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from . import names
+from .auth import check_bearer
+from .backend import make_agent, relay, send
+from .errors import INTERNAL, ApiError, write_error
+from .namespaces import NamespaceManager
+
+#: How long a request waits for a dying child to be noticed before retrying.
+DEATH_NOTICE_TIMEOUT = 2.0
+
+
+def split_target(uri: bytes) -> tuple[str, bytes]:
+    """
+    Split a request-target into the namespace and what the child gets.
+
+    @raise ApiError: 400 for anything that is not C{/<valid name>[/...]}.
+    """
+    path, question, query = uri.partition(b"?")
+    if not path.startswith(b"/"):
+        raise ApiError(400, "bad_request", "request target must be a path: /<namespace>/...")
+    first, slash, rest = path[1:].partition(b"/")
+    if not first:
+        raise ApiError(404, "no_namespace", "no namespace in the path; use /<namespace>/...")
+    try:
+        name = names.validate(first)
+    except names.InvalidName as error:
+        raise ApiError(400, "invalid_name", str(error)) from None
+    return name, b"/" + rest + question + query
+
+
+class DataPlane(Resource):
+    """
+    The data port's only resource: every path is a namespace route.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, reactor: Any, manager: NamespaceManager, auth_token: str) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.manager = manager
+        self.auth_token = auth_token
+        self.agent = make_agent(reactor)
+
+    def render(self, request: Request) -> Any:
+        done = ensureDeferred(self._serve(request))
+        done.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(ApiError):
+            write_error(request, failure.value)
+            return
+        self._log.failure("unexpected error serving a data request", failure)
+        if request.startedWriting:
+            request.loseConnection()
+        else:
+            write_error(request, INTERNAL)
+
+    async def _serve(self, request: Request) -> None:
+        check_bearer(request, self.auth_token)
+        name, target = split_target(request.uri)
+        for attempt in (1, 2):
+            lease = await self.manager.lease(name)
+            try:
+                response = await send(self.agent, lease.port, request, target, request.content)
+            except ConnectError as error:
+                # Nothing reached the child, so a retry cannot duplicate a
+                # write: the child is gone; wait until that is noticed.
+                lease.release()
+                if attempt == 2:
+                    raise self._upstream_error(name, request, error) from None
+                await self._death_noticed(lease.child.ended)
+                continue
+            except Exception as error:
+                lease.release()
+                raise self._upstream_error(name, request, error) from None
+            try:
+                await relay(response, request)
+            except Exception as error:
+                self._log.warn("upstream error", name=name, path=request.path.decode("latin-1"),
+                               err=str(error))
+                request.loseConnection()
+                return
+            finally:
+                lease.release()
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.finish()
+            return
+
+    def _death_noticed(self, ended: Deferred[Any]) -> Deferred[None]:
+        """
+        Fire once C{ended} has fired, or after L{DEATH_NOTICE_TIMEOUT}.
+        """
+        noticed: Deferred[None] = Deferred()
+
+        def fire(result: Any) -> Any:
+            if not noticed.called:
+                noticed.callback(None)
+            return result
+
+        ended.addBoth(fire)
+        noticed.addTimeout(DEATH_NOTICE_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: None)
+        return noticed
+
+    def _upstream_error(self, name: str, request: Request, error: Exception) -> ApiError:
+        message = getattr(error, "reasons", None) and "; ".join(
+            r.getErrorMessage() for r in error.reasons) or str(error)
+        self._log.warn("upstream error", name=name, path=request.path.decode("latin-1"), err=message)
+        return ApiError(502, "upstream_error",
+                        f"namespace {name!r}: its tursodb child did not answer; retry the request")

@@ -1,0 +1,163 @@
+"""
+Wiring: one reactor hosts the data port, the admin port and the children.
+
+L{make_service} is what the twistd plugin calls.  Everything that can be
+wrong with the configuration or the state file is found there, before
+twistd starts logging, and reported as one line with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from .admin import AdminAPI, Readiness
+from .archive import Archiver
+from .config import Config, ConfigError
+from .namespaces import NamespaceManager
+from .orphans import kill_orphans
+from .ports import PortAllocator
+from .process import child_environment, child_wrappers
+from .proxy import DataPlane
+from .sites import CappedSite
+from .state import StateError, StateStore
+from .supervisor import Supervisor
+
+#: Admin bodies are small today; the cap only stops abuse.
+ADMIN_MAX_BODY = 1 << 20
+
+
+class TursoService(Service):
+    """
+    The daemon: listeners, namespaces and children, started and stopped
+    together.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, state: StateStore) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.state = state
+        self.supervisor = Supervisor(
+            reactor=reactor,
+            tursodb_bin=config.tursodb_bin,
+            data_dir=config.data_dir,
+            ports=PortAllocator(config.backend_port_start, config.backend_port_end),
+            startup_timeout=config.startup_timeout,
+            child_env=child_environment(os.environ),
+            wrappers=child_wrappers(),
+        )
+        self.manager = NamespaceManager(
+            clock=reactor,
+            state=state,
+            supervisor=self.supervisor,
+            archiver=Archiver(config.data_dir),
+            max_namespaces=config.max_namespaces,
+            allow_auto_provision=config.allow_auto_provision,
+            drain_timeout=config.shutdown_timeout,
+        )
+        self.readiness = Readiness(config.data_dir, state_loaded=True)
+        self.admin = AdminAPI(self.manager, config.admin_token, self.readiness)
+        self.data_plane = DataPlane(reactor, self.manager, config.auth_token)
+        self.ports: dict[str, IListeningPort] = {}
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind both listeners before the reactor runs; a taken address ends
+        start-up with one line and exit status 1.
+        """
+        listeners = (
+            ("data", "TURSO_DATA_ADDR", self.config.data_addr,
+             CappedSite(self.data_plane, self.config.max_body_bytes)),
+            ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr,
+             CappedSite(self.admin.resource(), ADMIN_MAX_BODY)),
+        )
+        for kind, variable, address, site in listeners:
+            try:
+                self.ports[kind] = self.reactor.listenTCP(address.port, site, interface=address.host)
+            except CannotListenError as error:
+                for port in self.ports.values():
+                    port.stopListening()
+                reason = error.socketError.strerror if hasattr(error.socketError, "strerror") else error.socketError
+                _fatal(f"{variable}={address}: cannot listen: {reason}")
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.ports:
+            self.privilegedStartService()
+        killed = kill_orphans(self.config.data_dir)
+        if killed:
+            self._log.warn("killed orphaned tursodb processes", pids=killed)
+        self.manager.reconcile()
+        if not any(w.endswith("setpriv") for w in self.supervisor.wrappers):
+            self._log.warn("setpriv not found: children may outlive a daemon killed with SIGKILL "
+                           "(they are cleaned up at the next start)")
+        for kind in ("auth", "admin"):
+            if not getattr(self.config, f"{kind}_token"):
+                port = "data" if kind == "auth" else "admin"
+                variable = f"TURSO_{kind.upper()}_TOKEN"
+                self._log.warn("auth is off on the {port} port: {variable} is empty (dev only)",
+                               port=port, variable=variable)
+        for kind, port in self.ports.items():
+            host = port.getHost()
+            self._log.info("listening", listener=kind, host=host.host, port=host.port)
+        self.readiness.listening = True
+        self._log.info("turso-server ready", data_dir=self.config.data_dir,
+                       namespaces=len(self.state.records))
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting, let requests in flight finish (bounded), stop the
+        children (SIGTERM, SIGKILL after a grace period), flush state.
+        """
+        super().stopService()
+        self.readiness.stopping = True
+        return ensureDeferred(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        self._log.info("shutting down", inflight=self.manager.inflight())
+        await DeferredList([port.stopListening() for port in self.ports.values()])
+        self.ports = {}
+        await self.manager.drain_all()
+        await self.manager.stop_all()
+        try:
+            self.state.flush_pending()
+        except OSError as error:
+            self._log.error("could not flush the state file at shutdown", error=str(error))
+        self._log.info("stopped")
+
+
+def _fatal(message: str) -> None:
+    sys.stderr.write(f"turso-server: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def make_service(options: Mapping[str, str | None], reactor: Any = None,
+                 environ: Mapping[str, str] | None = None) -> TursoService:
+    """
+    Build the daemon from twistd options and the environment, or exit with
+    one clear line if the configuration or the state file is unusable.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = Config.load(options, environ)
+    except ConfigError as error:
+        _fatal(str(error))
+    state = StateStore.for_data_dir(config.data_dir, reactor)
+    try:
+        state.load()
+    except (StateError, OSError) as error:
+        _fatal(str(error))
+    return TursoService(config, reactor, state)

@@ -1,0 +1,227 @@
+"""
+The supervisor's memory: C{<data dir>/_state/namespaces.json}.
+
+Every lifecycle change is written at once and atomically (temp file, fsync,
+rename, fsync of the directory); the copy it replaces is kept as
+C{namespaces.json.prev} so an operator can recover from a bad write.  Access
+times change on every data request, so they are bumped in memory and flushed
+on a debounce instead (the design note's 60 seconds): a crash loses at most
+that much of them, which only makes the GC see a slightly older access.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from . import names
+from .config import format_duration, parse_duration
+from .timefmt import from_rfc3339, to_rfc3339
+
+Origin = Literal["explicit", "auto"]
+STATE_VERSION = 1
+
+
+class StateError(Exception):
+    """
+    The state file cannot be used; the message names it and says why.
+    """
+
+
+@attrs.define
+class NamespaceRecord:
+    """
+    What the daemon knows about one live namespace across restarts.
+
+    C{id} is new for every incarnation of a name (create, auto-provision,
+    adoption), never empty: archives and backups carry it so that data can
+    always be traced to the namespace it belongs to.
+    """
+
+    name: str
+    origin: Origin
+    locked: bool
+    created_at: float
+    last_access_at: float
+    ttl: float | None = None
+    id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def new(cls, name: str, origin: Origin, now: float) -> NamespaceRecord:
+        return cls(
+            name=names.validate(name),
+            origin=origin,
+            locked=(origin == "explicit"),
+            created_at=now,
+            last_access_at=now,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "origin": self.origin,
+            "locked": self.locked,
+            "ttl": None if self.ttl is None else format_duration(self.ttl),
+            "createdAt": to_rfc3339(self.created_at),
+            "lastAccessAt": to_rfc3339(self.last_access_at),
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> NamespaceRecord:
+        if data.get("origin") not in ("explicit", "auto"):
+            raise ValueError(f"origin must be 'explicit' or 'auto', not {data.get('origin')!r}")
+        if not isinstance(data.get("locked"), bool):
+            raise ValueError("locked must be true or false")
+        ttl = data.get("ttl")
+        record_id = data.get("id")
+        if not isinstance(record_id, str) or not record_id:
+            raise ValueError("id must be a non-empty string")
+        return cls(
+            name=names.validate(name),
+            id=record_id,
+            origin=data["origin"],
+            locked=data["locked"],
+            ttl=None if ttl is None else parse_duration(ttl),
+            created_at=from_rfc3339(data["createdAt"]),
+            last_access_at=from_rfc3339(data["lastAccessAt"]),
+        )
+
+
+def write_atomically(path: str, payload: bytes, keep_previous: str | None = None) -> None:
+    """
+    Replace C{path} with C{payload} so that a crash leaves the old or the new
+    content, never a mix.  With C{keep_previous}, the replaced file stays
+    there under that name.
+    """
+    directory = os.path.dirname(path)
+    temp = f"{path}.tmp-{os.getpid()}"
+    with open(temp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if keep_previous is not None and os.path.exists(path):
+        link = f"{keep_previous}.tmp-{os.getpid()}"
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.link(path, link)
+        os.replace(link, keep_previous)
+    os.replace(temp, path)
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.define
+class StateStore:
+    """
+    The live namespaces, in memory, and their durable copy on disk.
+    """
+
+    path: str
+    clock: IReactorTime
+    flush_delay: float = 60.0
+    records: dict[str, NamespaceRecord] = attrs.field(factory=dict)
+    writes: int = 0
+    _pending_flush: IDelayedCall | None = attrs.field(default=None, init=False)
+    _log = Logger()
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str, clock: IReactorTime, flush_delay: float = 60.0) -> StateStore:
+        return cls(os.path.join(data_dir, "_state", "namespaces.json"), clock, flush_delay)
+
+    @property
+    def previous_path(self) -> str:
+        return self.path + ".prev"
+
+    def load(self) -> None:
+        """
+        Read the state file; a missing one means no namespaces yet.
+
+        @raise StateError: if it exists and cannot be read or understood, or
+            if it is missing while an earlier copy is still beside it.
+        """
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if not os.path.exists(self.path):
+            if os.path.exists(self.previous_path):
+                raise StateError(
+                    f"state file {self.path} is missing but its previous copy "
+                    f"{self.previous_path} exists; copy that into place to recover "
+                    "(or remove it to start with no namespaces)"
+                )
+            self.records = {}
+            return
+        try:
+            with open(self.path, "rb") as handle:
+                document = json.loads(handle.read())
+            if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
+                raise ValueError(f"expected an object with version {STATE_VERSION}")
+            entries = document["namespaces"]
+            if not isinstance(entries, dict):
+                raise ValueError("'namespaces' must be an object")
+            records = {name: NamespaceRecord.from_json(name, data) for name, data in entries.items()}
+        except (OSError, ValueError, KeyError, TypeError, names.InvalidName) as error:
+            hint = (
+                f"; the previous good copy is {self.previous_path}"
+                if os.path.exists(self.previous_path)
+                else ""
+            )
+            raise StateError(f"state file {self.path} is unusable: {error}{hint}") from None
+        self.records = records
+
+    def save(self) -> None:
+        """
+        Write every record now (a lifecycle change happened).
+        """
+        if self._pending_flush is not None and self._pending_flush.active():
+            self._pending_flush.cancel()
+        self._pending_flush = None
+        document = {
+            "version": STATE_VERSION,
+            "namespaces": {name: record.to_json() for name, record in sorted(self.records.items())},
+        }
+        payload = json.dumps(document, indent=1).encode("utf-8") + b"\n"
+        write_atomically(self.path, payload, keep_previous=self.previous_path)
+        self.writes += 1
+
+    def touch(self, name: str) -> None:
+        """
+        Note a data request on C{name}: in memory now, on disk on the debounce.
+        """
+        record = self.records.get(name)
+        if record is None:
+            return
+        record.last_access_at = self.clock.seconds()
+        if self._pending_flush is None:
+            self._pending_flush = self.clock.callLater(self.flush_delay, self._flush)
+
+    def _flush(self) -> None:
+        self._pending_flush = None
+        try:
+            self.save()
+        except OSError:
+            self._log.failure("could not flush namespace access times; retrying later")
+            self._pending_flush = self.clock.callLater(self.flush_delay, self._flush)
+
+    def flush_pending(self) -> None:
+        """
+        Write debounced access times now, if any wait (at shutdown).
+        """
+        if self._pending_flush is not None:
+            self.save()
+
+    def __iter__(self) -> Iterator[NamespaceRecord]:
+        return iter(list(self.records.values()))

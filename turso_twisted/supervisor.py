@@ -1,0 +1,195 @@
+"""
+The children: one C{tursodb --sync-server} per running namespace.
+
+The supervisor starts a child on a free port of the range and waits until it
+serves, stops children (SIGTERM, then SIGKILL after a grace period), notices
+children that die on their own, and backs off a namespace whose child keeps
+dying so that clients get a quick 503 instead of a hang.  Callers serialize
+work on one name (see L{turso_twisted.namespaces}); the supervisor itself
+keeps no per-name locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+
+from . import names
+from .errors import ApiError
+from .ports import PortAllocator, PortsExhausted
+from .process import TursodbProcess, owns_listener, spawn_tursodb
+
+#: How often a spawn moves on to another port after "Address already in use".
+PORT_ATTEMPTS = 5
+#: A child that ran this long before dying starts its backoff afresh.
+STABLE_AFTER = 30.0
+#: The longest wait between restarts of a crash-looping namespace.
+MAX_BACKOFF = 60.0
+
+
+class SpawnFailed(ApiError):
+    pass
+
+
+def spawn_failed(name: str, why: str, retry_after: float | None = None) -> SpawnFailed:
+    return SpawnFailed(503, "namespace_unavailable", f"namespace {name!r} could not be started: {why}",
+                       retry_after)
+
+
+@attrs.define
+class _Backoff:
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+@attrs.define(eq=False)
+class Supervisor:
+    """
+    Starts, watches and stops the C{tursodb} children.
+    """
+
+    reactor: Any
+    tursodb_bin: str
+    data_dir: str
+    ports: PortAllocator
+    startup_timeout: float
+    child_env: dict[str, str]
+    wrappers: list[str] = attrs.field(factory=list)
+    stop_grace: float = 5.0
+    is_serving: Callable[[int, int], bool] = owns_listener
+    children: dict[str, TursodbProcess] = attrs.field(factory=dict)
+    started_at: dict[str, float] = attrs.field(factory=dict)
+    spawns: int = 0
+    spawn_failures: int = 0
+    unexpected_exits: int = 0
+    _stopping: set[str] = attrs.field(factory=set)
+    _backoff: dict[str, _Backoff] = attrs.field(factory=dict)
+    _log = Logger()
+
+    def running(self, name: str) -> TursodbProcess | None:
+        child = self.children.get(name)
+        return None if child is None or child.has_ended else child
+
+    async def start(self, name: str) -> TursodbProcess:
+        """
+        Start C{name}'s child and return it once it serves.
+
+        @raise SpawnFailed: (a 503) if it cannot be started now.
+        """
+        names.validate(name)
+        existing = self.running(name)
+        if existing is not None:
+            return existing
+        backoff = self._backoff.get(name)
+        now = self.reactor.seconds()
+        if backoff is not None and now < backoff.retry_at:
+            raise spawn_failed(
+                name, f"its tursodb child failed {backoff.failures} times in a row; "
+                "retrying after a backoff (see the server log)", backoff.retry_at - now)
+        for _ in range(PORT_ATTEMPTS):
+            try:
+                port = self.ports.acquire()
+            except PortsExhausted as error:
+                raise spawn_failed(name, str(error), retry_after=5) from None
+            child = spawn_tursodb(self.reactor, self.tursodb_bin, names.db_path(self.data_dir, name),
+                                  port, name, self.wrappers, self.child_env)
+            self.spawns += 1
+            why = await self._wait_serving(child)
+            if why is None:
+                self.children[name] = child
+                self.started_at[name] = self.reactor.seconds()
+                child.ended.addCallback(self._ended)
+                self._log.info("namespace running", name=name, port=port, pid=child.pid)
+                return child
+            self.ports.release(port)
+            if child.has_ended and child.port_was_taken():
+                self._log.warn("backend port taken by another process; trying another",
+                               name=name, port=port)
+                continue
+            break
+        else:
+            why = f"{PORT_ATTEMPTS} ports in a row were taken by other processes"
+        self.spawn_failures += 1
+        self._note_failure(name)
+        self._log.error("namespace failed to start", name=name, reason=why,
+                        stderr=list(child.recent_stderr)[-10:])
+        raise spawn_failed(name, why)
+
+    def _wait_serving(self, child: TursodbProcess) -> Deferred[str | None]:
+        """
+        Fire with C{None} once C{child} serves on its port, else with why not
+        (it exited, or the start-up timeout passed and it was killed).
+        """
+        result: Deferred[str | None] = Deferred()
+        deadline = self.reactor.seconds() + self.startup_timeout
+        delay = [0.001]
+
+        def check() -> None:
+            if child.has_ended:
+                result.callback(f"tursodb exited at start-up ({child.exit_description()})")
+            elif child.pid is not None and self.is_serving(child.pid, child.port):
+                result.callback(None)
+            elif self.reactor.seconds() >= deadline:
+                child.signal("KILL")
+                child.ended.addCallback(lambda _: result.callback(
+                    f"tursodb did not listen within {self.startup_timeout:g}s"))
+            else:
+                self.reactor.callLater(delay[0], check)
+                delay[0] = min(delay[0] * 1.5, 0.025)
+
+        self.reactor.callLater(0.001, check)
+        return result
+
+    def _ended(self, child: TursodbProcess) -> TursodbProcess:
+        name = child.name
+        if self.children.get(name) is child:
+            del self.children[name]
+            self.ports.release(child.port)
+            uptime = self.reactor.seconds() - self.started_at.pop(name, self.reactor.seconds())
+            if name not in self._stopping:
+                self.unexpected_exits += 1
+                self._note_failure(name, uptime)
+                self._log.error(
+                    "tursodb exited unexpectedly", name=name, port=child.port, pid=child.pid,
+                    status=child.exit_description(), uptime=round(uptime, 3),
+                    stderr=list(child.recent_stderr)[-10:])
+        return child
+
+    def _note_failure(self, name: str, uptime: float = 0.0) -> None:
+        backoff = self._backoff.setdefault(name, _Backoff())
+        backoff.failures = 1 if uptime >= STABLE_AFTER else backoff.failures + 1
+        delay = 0.0 if backoff.failures == 1 else min(MAX_BACKOFF, 2.0 ** (backoff.failures - 2))
+        backoff.retry_at = self.reactor.seconds() + delay
+
+    def stop(self, name: str) -> Deferred[None]:
+        """
+        Stop C{name}'s child: SIGTERM, then SIGKILL after the grace period.
+        """
+        child = self.running(name)
+        self._backoff.pop(name, None)
+        if child is None:
+            return succeed(None)
+        self._stopping.add(name)
+        child.signal("TERM")
+        kill = self.reactor.callLater(self.stop_grace, child.signal, "KILL")
+
+        done: Deferred[None] = Deferred()
+
+        def stopped(ended: TursodbProcess) -> TursodbProcess:
+            if kill.active():
+                kill.cancel()
+            self._stopping.discard(name)
+            self._log.info("namespace stopped", name=name, pid=ended.pid,
+                           status=ended.exit_description())
+            done.callback(None)
+            return ended
+
+        child.ended.addCallback(stopped)
+        return done
+
+    def stop_all(self) -> Deferred[Any]:
+        return DeferredList([self.stop(name) for name in list(self.children)])
