@@ -87,8 +87,11 @@ class TursoService(Service):
             except CannotListenError as error:
                 for port in self.ports.values():
                     port.stopListening()
-                reason = error.socketError.strerror if hasattr(error.socketError, "strerror") else error.socketError
-                _fatal(f"{variable}={address}: cannot listen: {reason}")
+                reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+                # Logging has begun by now: the line goes to the log, as JSON.
+                self._log.critical("{variable}={address}: cannot listen: {reason}",
+                                   variable=variable, address=str(address), reason=reason)
+                raise SystemExit(1) from None
         super().privilegedStartService()
 
     def startService(self) -> None:

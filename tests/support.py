@@ -1,0 +1,73 @@
+"""
+A namespace manager over a recording reactor and a real temp data dir.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import maybeDeferred
+
+from turso_twisted.archive import Archiver
+from turso_twisted.namespaces import NamespaceManager
+from turso_twisted.ports import PortAllocator
+from turso_twisted.process import TursodbProcess
+from turso_twisted.state import StateStore
+from turso_twisted.supervisor import Supervisor
+
+from .fakes import ProcessReactor
+
+
+def synchronously(function: Any, *args: Any) -> Any:
+    return maybeDeferred(function, *args)
+
+
+class ManagerFixture:
+    """
+    Children "serve" as soon as C{serve} is called for them, or at once
+    with C{auto_serve}.
+    """
+
+    def __init__(self, data_dir: str, auto_serve: bool = True, max_namespaces: int = 0,
+                 allow_auto_provision: bool = True) -> None:
+        os.makedirs(data_dir, exist_ok=True)
+        self.data_dir = data_dir
+        self.reactor = ProcessReactor()
+        self.reactor.advance(1_700_000_000)
+        self.auto_serve = auto_serve
+        self.serving: set[int] = set()
+        self.state = StateStore.for_data_dir(data_dir, self.reactor)
+        self.state.load()
+        self.supervisor = Supervisor(
+            reactor=self.reactor,
+            tursodb_bin="/opt/tursodb",
+            data_dir=data_dir,
+            ports=PortAllocator(9000, 9099, is_free=lambda port: True),
+            startup_timeout=5,
+            child_env={},
+            is_serving=lambda pid, port: self.auto_serve or pid in self.serving,
+        )
+        self.manager = NamespaceManager(
+            clock=self.reactor,
+            state=self.state,
+            supervisor=self.supervisor,
+            archiver=Archiver(data_dir, run_in_thread=synchronously),
+            max_namespaces=max_namespaces,
+            allow_auto_provision=allow_auto_provision,
+            drain_timeout=10,
+        )
+
+    def settle(self) -> None:
+        """
+        Let readiness polls run; a started child also writes its db file.
+        """
+        self.reactor.advance(0.05)
+        for protocol, args, _ in self.reactor.spawned:
+            if not protocol.has_ended:
+                db = args[args.index("--sync-server") - 1]
+                if not os.path.exists(db):
+                    open(db, "wb").close()
+
+    def children(self, name: str) -> list[TursodbProcess]:
+        return [p for p, _, _ in self.reactor.spawned if p.name == name]

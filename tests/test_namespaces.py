@@ -1,0 +1,214 @@
+"""
+The lifecycle manager: one child per name under concurrency, leases and
+drains, caps, create/delete, and start-up reconciliation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from turso_twisted.archive import Archiver, move_no_clobber, sha256_of
+from turso_twisted.errors import ApiError
+from turso_twisted.state import NamespaceRecord
+
+from .fakes import end
+from .support import ManagerFixture
+
+
+class LeaseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fx = ManagerFixture(self.mktemp(), auto_serve=False)
+        self.manager = self.fx.manager
+
+    def test_concurrent_first_requests_spawn_one_child(self) -> None:
+        leases = [self.manager.lease("alpha") for _ in range(20)]
+        self.fx.reactor.advance(0.01)
+        self.assertEqual(len(self.fx.children("alpha")), 1)
+        self.fx.serving.add(self.fx.children("alpha")[0].pid)
+        self.fx.settle()
+        results = [self.successResultOf(lease) for lease in leases]
+        self.assertEqual({lease.port for lease in results}, {9000})
+        self.assertEqual(len(self.fx.children("alpha")), 1)
+        self.assertEqual(self.manager.inflight("alpha"), 20)
+        record = self.fx.state.records["alpha"]
+        self.assertEqual((record.origin, record.locked), ("auto", False))
+
+    def test_auto_provision_off_gives_404_and_creates_nothing(self) -> None:
+        fx = ManagerFixture(self.mktemp(), allow_auto_provision=False)
+        failure = self.failureResultOf(fx.manager.lease("alpha"), ApiError)
+        self.assertEqual(failure.value.status, 404)
+        self.assertEqual(fx.state.records, {})
+        self.assertEqual(fx.reactor.spawned, [])
+
+    def test_cap_gives_503_on_data_and_409_on_create(self) -> None:
+        fx = ManagerFixture(self.mktemp(), max_namespaces=1)
+        fx.manager.lease("alpha")
+        fx.settle()
+        failure = self.failureResultOf(fx.manager.lease("beta"), ApiError)
+        self.assertEqual((failure.value.status, failure.value.code), (503, "namespace_limit"))
+        failure = self.failureResultOf(fx.manager.create("beta"), ApiError)
+        self.assertEqual(failure.value.status, 409)
+        self.assertEqual(list(fx.state.records), ["alpha"])
+        # Existing names still work at the cap.
+        self.successResultOf(fx.manager.lease("alpha"))
+
+    def test_delete_waits_for_leases(self) -> None:
+        fx = ManagerFixture(self.mktemp())
+        leased = fx.manager.lease("alpha")
+        fx.settle()
+        lease = self.successResultOf(leased)
+        deleted = fx.manager.delete("alpha")
+        fx.reactor.advance(1)
+        self.assertEqual(lease.child.transport.signals, [])
+        # A request arriving meanwhile waits for the lock.
+        late = fx.manager.lease("alpha")
+        self.assertNoResult(late)
+        lease.release()
+        self.assertEqual(lease.child.transport.signals, ["TERM"])
+        end(lease.child, signal=15)
+        manifest = self.successResultOf(deleted)
+        self.assertEqual(manifest["name"], "alpha")
+        # ...and then sees a new, empty incarnation.
+        fx.settle()
+        new_lease = self.successResultOf(late)
+        self.assertNotEqual(fx.state.records["alpha"].id, manifest["id"])
+        self.assertIsNot(new_lease.child, lease.child)
+
+    def test_drain_is_bounded(self) -> None:
+        fx = ManagerFixture(self.mktemp())
+        leased = fx.manager.lease("alpha")
+        fx.settle()
+        lease = self.successResultOf(leased)
+        deleted = fx.manager.delete("alpha")
+        fx.reactor.advance(10)
+        self.assertEqual(lease.child.transport.signals, ["TERM"])
+        end(lease.child, signal=15)
+        self.successResultOf(deleted)
+        lease.release()
+        self.assertEqual(fx.manager.inflight(), 0)
+
+
+class AdminOperationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fx = ManagerFixture(self.mktemp())
+        self.manager = self.fx.manager
+
+    def create(self, name: str) -> tuple[NamespaceRecord, bool]:
+        created = self.manager.create(name)
+        self.fx.settle()
+        return self.successResultOf(created)
+
+    def test_create_is_idempotent(self) -> None:
+        record, created = self.create("alpha")
+        self.assertTrue(created)
+        self.assertEqual((record.origin, record.locked), ("explicit", True))
+        again, created = self.create("alpha")
+        self.assertFalse(created)
+        self.assertIs(again, record)
+        self.assertEqual(len(self.fx.reactor.spawned), 1)
+
+    def test_create_that_cannot_start_changes_nothing(self) -> None:
+        self.fx.auto_serve = False
+        created = self.manager.create("alpha")
+        self.fx.reactor.advance(0.01)
+        end(self.fx.children("alpha")[0], code=1)
+        self.fx.reactor.advance(0.01)
+        self.assertEqual(self.failureResultOf(created, ApiError).value.status, 503)
+        self.assertEqual(self.fx.state.records, {})
+
+    def test_delete_moves_files_with_manifest(self) -> None:
+        self.create("alpha")
+        db = os.path.join(self.fx.data_dir, "alpha.db")
+        with open(db, "wb") as handle:
+            handle.write(b"alpha data")
+        with open(db + "-wal", "wb") as handle:
+            handle.write(b"wal")
+        deleted = self.manager.delete("alpha")
+        end(self.fx.children("alpha")[0], signal=15)
+        manifest = self.successResultOf(deleted)
+        self.assertFalse(os.path.exists(db))
+        entry = os.path.join(self.fx.data_dir, "archive", manifest["entry"])
+        self.assertTrue(manifest["entry"].startswith("alpha."))
+        with open(os.path.join(entry, "manifest.json")) as handle:
+            self.assertEqual(json.load(handle), manifest)
+        files = {f["name"]: f for f in manifest["files"]}
+        self.assertEqual(sorted(files), ["alpha.db", "alpha.db-wal"])
+        self.assertEqual(files["alpha.db"]["sha256"], sha256_of(os.path.join(entry, "alpha.db")))
+        self.assertEqual(files["alpha.db"]["size"], 10)
+        self.assertNotIn("alpha", self.fx.state.records)
+
+    def test_delete_unknown_is_404(self) -> None:
+        failure = self.failureResultOf(self.manager.delete("ghost"), ApiError)
+        self.assertEqual(failure.value.status, 404)
+
+    def test_two_archives_of_one_name_in_one_millisecond(self) -> None:
+        for _ in range(2):
+            self.create("alpha")
+            deleted = self.manager.delete("alpha")
+            end(self.fx.children("alpha")[-1], signal=15)
+            self.successResultOf(deleted)
+        self.assertEqual(len(os.listdir(os.path.join(self.fx.data_dir, "archive"))), 2)
+
+
+class ReconcileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.data_dir = self.mktemp()
+        self.fx = ManagerFixture(self.data_dir)
+
+    def write(self, name: str, content: bytes = b"x") -> None:
+        with open(os.path.join(self.data_dir, name), "wb") as handle:
+            handle.write(content)
+
+    def test_adopts_data_files_without_records(self) -> None:
+        self.write("restored.db")
+        self.write("Bad.db")
+        self.write("notes.txt")
+        self.fx.manager.reconcile()
+        self.assertEqual(list(self.fx.state.records), ["restored"])
+        record = self.fx.state.records["restored"]
+        self.assertEqual((record.origin, record.locked), ("explicit", True))
+        self.assertEqual(self.fx.state.writes, 1)
+
+    def test_undoes_an_interrupted_archive(self) -> None:
+        record = NamespaceRecord.new("alpha", "auto", 0)
+        self.fx.state.records["alpha"] = record
+        self.write("alpha.db", b"alpha")
+        self.write("alpha.db-wal", b"wal")
+        staging = os.path.join(self.data_dir, "archive", ".staging-alpha.20260101T000000.000Z")
+        os.makedirs(staging)
+        move_no_clobber(os.path.join(self.data_dir, "alpha.db"), os.path.join(staging, "alpha.db"))
+        self.fx.manager.reconcile()
+        self.assertEqual(os.listdir(os.path.join(self.data_dir, "archive")), [])
+        with open(os.path.join(self.data_dir, "alpha.db"), "rb") as handle:
+            self.assertEqual(handle.read(), b"alpha")
+        self.assertIn("alpha", self.fx.state.records)
+
+    def test_completes_an_archive_whose_state_was_not_saved(self) -> None:
+        record = NamespaceRecord.new("alpha", "auto", 0)
+        self.fx.state.records["alpha"] = record
+        self.write("alpha.db", b"alpha")
+        self.fx.state.save()
+        archived = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a)).archive(record, "test", 5)
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "alpha.db")))
+        self.fx.manager.reconcile()
+        self.assertEqual(self.fx.state.records, {})
+        self.assertEqual(archived["id"], record.id)
+
+    def test_archive_of_an_older_incarnation_is_left_alone(self) -> None:
+        old = NamespaceRecord.new("alpha", "auto", 0)
+        self.write("alpha.db", b"old")
+        Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a)).archive(old, "test", 5)
+        self.fx.state.records["alpha"] = NamespaceRecord.new("alpha", "auto", 10)
+        self.fx.manager.reconcile()
+        self.assertIn("alpha", self.fx.state.records)
+
+    def test_move_never_clobbers(self) -> None:
+        self.write("a", b"1")
+        self.write("b", b"2")
+        with self.assertRaises(FileExistsError):
+            move_no_clobber(os.path.join(self.data_dir, "a"), os.path.join(self.data_dir, "b"))
+        with open(os.path.join(self.data_dir, "b"), "rb") as handle:
+            self.assertEqual(handle.read(), b"2")
