@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import DeferredList, inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from turso_twisted.orphans import find_orphans
@@ -161,6 +163,30 @@ class SyncTests(E2ETestCase):
         response = yield treq.post(daemon.data_url("/alpha/v2/pipeline"), SELECT_1)
         self.assertEqual(response.code, 200)
         self.assertIn(b'"rows"', (yield response.content()))
+
+
+class NodeClientTests(E2ETestCase):
+    @inlineCallbacks
+    def test_node_sync_client(self) -> Any:
+        """
+        @tursodatabase/sync (what the note's users run) syncs through the
+        daemon too, and a pyturso replica sees what it pushed.
+        """
+        sync_js = os.environ.get("TURSO_SYNC_JS", "")
+        node = shutil.which("node")
+        if not (sync_js and node):
+            raise SkipTest("node or @tursodatabase/sync missing (./dev test installs it with npm)")
+        daemon = yield Daemon(self, TURSO_AUTH_TOKEN="node-token").start()
+        prefix = os.path.abspath(self.mktemp())
+        script = os.path.join(os.path.dirname(__file__), "node", "sync_roundtrip.mjs")
+        out, err, code = yield getProcessOutputAndValue(
+            node, [script, daemon.data_url("/nodejs"), "node-token", prefix],
+            env={"PATH": os.environ.get("PATH", ""), "TURSO_SYNC_JS": sync_js})
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out), [{"x": "node-a"}, {"x": "node-b"}])
+        replica = yield self.replica(daemon, "nodejs", token="node-token")
+        self.assertEqual((yield run_replica(replica.rows, "select x from t order by x")),
+                         [("node-a",), ("node-b",)])
 
 
 class AuthTests(E2ETestCase):

@@ -16,7 +16,6 @@ import re
 import shutil
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred

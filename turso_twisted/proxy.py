@@ -38,7 +38,7 @@ def split_target(uri: bytes) -> tuple[str, bytes]:
     path, question, query = uri.partition(b"?")
     if not path.startswith(b"/"):
         raise ApiError(400, "bad_request", "request target must be a path: /<namespace>/...")
-    first, slash, rest = path[1:].partition(b"/")
+    first, _, rest = path[1:].partition(b"/")
     if not first:
         raise ApiError(404, "no_namespace", "no namespace in the path; use /<namespace>/...")
     try:
@@ -125,8 +125,8 @@ class DataPlane(Resource):
         return noticed
 
     def _upstream_error(self, name: str, request: Request, error: Exception) -> ApiError:
-        message = getattr(error, "reasons", None) and "; ".join(
-            r.getErrorMessage() for r in error.reasons) or str(error)
+        reasons = getattr(error, "reasons", None)
+        message = "; ".join(r.getErrorMessage() for r in reasons) if reasons else str(error)
         self._log.warn("upstream error", name=name, path=request.path.decode("latin-1"), err=message)
         return ApiError(502, "upstream_error",
                         f"namespace {name!r}: its tursodb child did not answer; retry the request")

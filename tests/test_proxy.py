@@ -1,0 +1,65 @@
+"""
+The data port's pure parts: request targets and header filtering.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.defer import succeed
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
+
+from turso_twisted.backend import end_to_end, send
+from turso_twisted.errors import ApiError
+from turso_twisted.proxy import split_target
+
+
+class SplitTargetTests(SynchronousTestCase):
+    def test_strips_the_namespace(self) -> None:
+        self.assertEqual(split_target(b"/alpha/v2/pipeline"), ("alpha", b"/v2/pipeline"))
+        self.assertEqual(split_target(b"/alpha/pull-updates?x=1&y"), ("alpha", b"/pull-updates?x=1&y"))
+        self.assertEqual(split_target(b"/alpha"), ("alpha", b"/"))
+        self.assertEqual(split_target(b"/alpha?q"), ("alpha", b"/?q"))
+        self.assertEqual(split_target(b"/alpha/"), ("alpha", b"/"))
+        self.assertEqual(split_target(b"/alpha/a%2Fb"), ("alpha", b"/a%2Fb"))
+
+    def test_refusals(self) -> None:
+        for target, status in ((b"/", 404), (b"//x", 404), (b"*", 400), (b"http://h/alpha/x", 400),
+                               (b"/Alpha/x", 400), (b"/%61lpha/x", 400), (b"/../x", 400)):
+            with self.assertRaises(ApiError, msg=target) as caught:
+                split_target(target)
+            self.assertEqual(caught.exception.status, status, target)
+
+
+class HeaderTests(SynchronousTestCase):
+    def test_hop_by_hop_and_connection_named_headers_dropped(self) -> None:
+        headers = Headers({b"Connection": [b"keep-alive, X-Hop"], b"Keep-Alive": [b"5"],
+                           b"X-Hop": [b"1"], b"Transfer-Encoding": [b"chunked"],
+                           b"Content-Type": [b"application/json"], b"X-End": [b"2"]})
+        out = end_to_end(headers)
+        self.assertEqual(sorted(k.lower() for k, _ in out.getAllRawHeaders()),
+                         [b"content-type", b"x-end"])
+
+    def test_send_never_forwards_the_token(self) -> None:
+        calls: list[tuple[Any, ...]] = []
+
+        class Agent:
+            def request(self, *args: Any) -> Any:
+                calls.append(args)
+                return succeed(None)
+
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        request.requestHeaders = Headers({
+            b"Authorization": [b"Bearer secret"], b"Host": [b"public:8080"],
+            b"Content-Type": [b"application/json"], b"X-Client": [b"1"], b"Expect": [b"100-continue"],
+            b"Proxy-Authorization": [b"Basic x"]})
+        send(Agent(), 9000, request, b"/v2/pipeline?x", BytesIO(b"{}"))
+        method, uri, headers, producer = calls[0]
+        self.assertEqual((method, uri), (b"POST", b"http://127.0.0.1:9000/v2/pipeline?x"))
+        self.assertEqual(sorted(k.lower() for k, _ in headers.getAllRawHeaders()),
+                         [b"content-type", b"x-client"])
+        self.assertEqual(producer.length, 2)
