@@ -77,6 +77,18 @@ class LeaseTests(SynchronousTestCase):
         self.assertNotEqual(fx.state.records["alpha"].id, manifest["id"])
         self.assertIsNot(new_lease.child, lease.child)
 
+    def test_drain_all_waits_for_every_lease(self) -> None:
+        fx = ManagerFixture(self.mktemp())
+        first, second = fx.manager.lease("alpha"), fx.manager.lease("beta")
+        fx.settle()
+        leases = [self.successResultOf(first), self.successResultOf(second)]
+        drained = fx.manager.drain_all()
+        leases[0].release()
+        self.assertNoResult(drained)
+        leases[1].release()
+        self.successResultOf(drained)
+        self.successResultOf(fx.manager.drain_all())
+
     def test_drain_is_bounded(self) -> None:
         fx = ManagerFixture(self.mktemp())
         leased = fx.manager.lease("alpha")
@@ -114,10 +126,14 @@ class AdminOperationTests(SynchronousTestCase):
         self.fx.auto_serve = False
         created = self.manager.create("alpha")
         self.fx.reactor.advance(0.01)
+        # The child made its empty files, then died.
+        for suffix in (".db", ".db-wal"):
+            open(os.path.join(self.fx.data_dir, "alpha" + suffix), "wb").close()
         end(self.fx.children("alpha")[0], code=1)
         self.fx.reactor.advance(0.01)
         self.assertEqual(self.failureResultOf(created, ApiError).value.status, 503)
         self.assertEqual(self.fx.state.records, {})
+        self.assertEqual(sorted(os.listdir(self.fx.data_dir)), ["_state"])
 
     def test_delete_moves_files_with_manifest(self) -> None:
         self.create("alpha")

@@ -184,13 +184,19 @@ class NamespaceManager:
             if existing is not None:
                 return existing, False
             self._check_capacity(409)
+            files = names.data_files(self.archiver.data_dir, name)
+            new_files = [path for path in files if not os.path.exists(path)]
             record = self._add(name, "explicit")
             try:
                 await self.supervisor.start(name)
             except ApiError:
-                # Creating changed nothing if the child could not start.
+                # A create whose child cannot start leaves nothing behind: no
+                # record, and none of the empty files the child made.
                 del self.state.records[name]
                 self.state.save()
+                for path in new_files:
+                    if os.path.exists(path) and os.path.getsize(path) == 0:
+                        os.unlink(path)
                 raise
             return record, True
 

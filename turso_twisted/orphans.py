@@ -27,11 +27,13 @@ def _cmdline(pid: str) -> list[str]:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
-def find_orphans(data_dir: str, own_pid: int | None = None) -> list[int]:
+def find_orphans(data_dir: str, binary: str = "tursodb", own_pid: int | None = None) -> list[int]:
     """
-    PIDs of C{tursodb --sync-server} processes serving a file in C{data_dir}.
+    PIDs of C{tursodb --sync-server} processes (by that name or C{binary}'s)
+    serving a file in C{data_dir}.
     """
     data_dir = os.path.abspath(data_dir)
+    programs = {"tursodb", os.path.basename(binary)}
     own_pid = os.getpid() if own_pid is None else own_pid
     found = []
     try:
@@ -44,7 +46,7 @@ def find_orphans(data_dir: str, own_pid: int | None = None) -> list[int]:
         argv = _cmdline(entry)
         if "--sync-server" not in argv:
             continue
-        if not any(os.path.basename(arg) == "tursodb" for arg in argv[:5]):
+        if not any(os.path.basename(arg) in programs for arg in argv[:5]):
             continue
         if any(os.path.dirname(arg) == data_dir and arg.endswith(".db") for arg in argv):
             found.append(int(entry))
@@ -59,12 +61,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def kill_orphans(data_dir: str, wait: float = 5.0) -> list[int]:
+def kill_orphans(data_dir: str, binary: str = "tursodb", wait: float = 5.0) -> list[int]:
     """
     SIGKILL every orphan of C{data_dir} and wait (bounded) until they are
     gone.  Runs once at start-up, before the reactor serves anything.
     """
-    pids = find_orphans(data_dir)
+    pids = find_orphans(data_dir, binary)
     for pid in pids:
         _log.warn("killing orphaned tursodb from an earlier run", pid=pid)
         try:

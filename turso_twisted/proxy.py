@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.resource import Resource
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from . import names
@@ -69,14 +71,18 @@ class DataPlane(Resource):
         return NOT_DONE_YET
 
     def _failed(self, failure: Failure, request: Request) -> None:
+        if request.startedWriting:
+            if not failure.check(ApiError):
+                self._log.failure("unexpected error while relaying a response", failure)
+            request.loseConnection()
+            return
+        # Headers copied from a child's answer must not leak into an error.
+        request.responseHeaders = Headers()
         if failure.check(ApiError):
             write_error(request, failure.value)
             return
         self._log.failure("unexpected error serving a data request", failure)
-        if request.startedWriting:
-            request.loseConnection()
-        else:
-            write_error(request, INTERNAL)
+        write_error(request, INTERNAL)
 
     async def _serve(self, request: Request) -> None:
         check_bearer(request, self.auth_token)
@@ -98,11 +104,8 @@ class DataPlane(Resource):
                 raise self._upstream_error(name, request, error) from None
             try:
                 await relay(response, request)
-            except Exception as error:
-                self._log.warn("upstream error", name=name, path=request.path.decode("latin-1"),
-                               err=str(error))
-                request.loseConnection()
-                return
+            except ResponseFailed as error:
+                raise self._upstream_error(name, request, error) from None
             finally:
                 lease.release()
             if not request.finished and not getattr(request, "_disconnected", False):

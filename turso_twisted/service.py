@@ -98,7 +98,7 @@ class TursoService(Service):
         super().startService()
         if not self.ports:
             self.privilegedStartService()
-        killed = kill_orphans(self.config.data_dir)
+        killed = kill_orphans(self.config.data_dir, self.config.tursodb_bin)
         if killed:
             self._log.warn("killed orphaned tursodb processes", pids=killed)
         self.manager.reconcile()
