@@ -15,10 +15,10 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import Request
-from twisted.web.resource import Resource
 from twisted.web.client import ResponseFailed
+from twisted.web.http import Request
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from . import names
