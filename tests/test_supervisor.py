@@ -192,3 +192,23 @@ class ChildSetupTests(SynchronousTestCase):
         self.assertEqual(child_wrappers(lambda name: f"/usr/bin/{name}"),
                          ["/usr/bin/setsid", "/usr/bin/setpriv", "--pdeathsig", "KILL", "--"])
         self.assertEqual(child_wrappers(lambda name: None), [])
+
+
+class ListenerOwnershipTests(SynchronousTestCase):
+    def test_finds_our_own_listener_both_ways(self) -> None:
+        import os
+        import socket
+
+        from turso_twisted.process import _listening_inodes_netlink, _listening_inodes_proc, owns_listener
+
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        self.assertFalse(owns_listener(os.getpid(), port))
+        listener.listen()
+        inode = os.fstat(listener.fileno()).st_ino
+        self.assertEqual(_listening_inodes_netlink(port), {inode})
+        self.assertEqual(_listening_inodes_proc(port), {inode})
+        self.assertTrue(owns_listener(os.getpid(), port))
+        self.assertFalse(owns_listener(os.getppid(), port))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 
@@ -165,9 +167,54 @@ def child_wrappers(which: Callable[[str], str | None] = shutil.which) -> list[st
     return wrappers
 
 
-def _listening_inodes(port: int) -> set[int]:
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN = 10
+
+
+def _listening_inodes_netlink(port: int) -> set[int]:
     """
-    Inodes of sockets listening on C{port} (IPv4 and IPv6), from /proc.
+    Inodes of TCP sockets listening on C{port}, asked of the kernel over
+    sock_diag netlink with a LISTEN-only state filter: the kernel walks
+    only its listening table, so the cost does not grow with the number of
+    connections (reading /proc/net/tcp does, and took ~12 ms here).
+    """
+    inodes: set[int] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as link:
+        for sequence, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            # struct inet_diag_req_v2, then struct inet_diag_sockid (any address, no cookie)
+            sockid = struct.pack("!HH16s16s", 0, 0, bytes(16), bytes(16))
+            sockid += struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
+            request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN) + sockid
+            header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY,
+                                 _NLM_F_REQUEST | _NLM_F_DUMP, sequence, 0)
+            link.send(header + request)
+            done = False
+            while not done:
+                data = link.recv(65536)
+                offset = 0
+                while offset + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if kind == _NLMSG_DONE:
+                        done = True
+                        break
+                    if kind == _NLMSG_ERROR:
+                        raise OSError("sock_diag request refused")
+                    # struct inet_diag_msg: 4 bytes, sockid (48), 4 x u32, then the inode
+                    body = offset + 16
+                    if struct.unpack_from("!H", data, body + 4)[0] == port:
+                        inodes.add(struct.unpack_from("=I", data, body + 68)[0])
+                    offset += (length + 3) & ~3
+                if not data:
+                    break
+    return inodes
+
+
+def _listening_inodes_proc(port: int) -> set[int]:
+    """
+    The same from /proc/net/tcp{,6}: slower, for kernels without sock_diag.
     """
     wanted = f":{port:04X}"
     inodes: set[int] = set()
@@ -182,6 +229,13 @@ def _listening_inodes(port: int) -> set[int]:
         except OSError:
             continue
     return inodes
+
+
+def _listening_inodes(port: int) -> set[int]:
+    try:
+        return _listening_inodes_netlink(port)
+    except OSError:
+        return _listening_inodes_proc(port)
 
 
 def owns_listener(pid: int, port: int) -> bool:

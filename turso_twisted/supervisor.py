@@ -95,6 +95,7 @@ class Supervisor:
                 port = self.ports.acquire()
             except PortsExhausted as error:
                 raise spawn_failed(name, str(error), retry_after=5) from None
+            began = self.reactor.seconds()
             child = spawn_tursodb(self.reactor, self.tursodb_bin, names.db_path(self.data_dir, name),
                                   port, name, self.wrappers, self.child_env)
             self.spawns += 1
@@ -103,7 +104,8 @@ class Supervisor:
                 self.children[name] = child
                 self.started_at[name] = self.reactor.seconds()
                 child.ended.addCallback(self._ended)
-                self._log.info("namespace running", name=name, port=port, pid=child.pid)
+                self._log.info("namespace running", name=name, port=port, pid=child.pid,
+                               startup_ms=round((self.started_at[name] - began) * 1000, 1))
                 return child
             self.ports.release(port)
             if child.has_ended and child.port_was_taken():
@@ -125,8 +127,8 @@ class Supervisor:
         (it exited, or the start-up timeout passed and it was killed).
         """
         result: Deferred[str | None] = Deferred()
-        deadline = self.reactor.seconds() + self.startup_timeout
-        delay = [0.001]
+        began = self.reactor.seconds()
+        deadline = began + self.startup_timeout
 
         def check() -> None:
             if child.has_ended:
@@ -138,8 +140,9 @@ class Supervisor:
                 child.ended.addCallback(lambda _: result.callback(
                     f"tursodb did not listen within {self.startup_timeout:g}s"))
             else:
-                self.reactor.callLater(delay[0], check)
-                delay[0] = min(delay[0] * 1.5, 0.025)
+                # tursodb listens within a few ms: poll closely at first.
+                waited = self.reactor.seconds() - began
+                self.reactor.callLater(0.001 if waited < 0.1 else 0.01, check)
 
         self.reactor.callLater(0.001, check)
         return result
