@@ -14,8 +14,10 @@ from turso_twisted.process import TursodbProcess
 
 
 class FakeProcessTransport:
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, protocol: Any, exit_on_signal: bool) -> None:
         self.pid = pid
+        self.protocol = protocol
+        self.exit_on_signal = exit_on_signal
         self.signals: list[str] = []
         self.stdin_closed = False
 
@@ -24,6 +26,8 @@ class FakeProcessTransport:
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)
+        if self.exit_on_signal and not self.protocol.has_ended:
+            end(self.protocol, signal=15 if name == "TERM" else 9)
 
 
 class ProcessReactor(MemoryReactorClock):
@@ -36,12 +40,14 @@ class ProcessReactor(MemoryReactorClock):
         super().__init__()
         self.spawned: list[tuple[TursodbProcess, list[str], dict[str, Any]]] = []
         self._next_pid = 1000
+        #: Whether fake children exit as soon as they are signalled.
+        self.exit_on_signal = False
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any = None,
                      path: Any = None, uid: Any = None, gid: Any = None, usePTY: Any = False,
                      childFDs: Any = None) -> FakeProcessTransport:
         self._next_pid += 1
-        transport = FakeProcessTransport(self._next_pid)
+        transport = FakeProcessTransport(self._next_pid, protocol, self.exit_on_signal)
         protocol.makeConnection(transport)
         self.spawned.append((protocol, list(args), {"env": env, "path": path, "childFDs": childFDs}))
         return transport

@@ -50,12 +50,23 @@ class OpenAPITests(SynchronousTestCase):
                 self.assertIn("operationId", operation, (path, method))
             if "{name}" in path:
                 self.assertEqual(item["parameters"], [{"$ref": "#/components/parameters/name"}])
+            if "{entry}" in path:
+                self.assertEqual([p["name"] for p in item["parameters"]], ["entry"])
 
     def test_name_pattern_is_the_validator(self) -> None:
         from turso_twisted.names import NAME_PATTERN
 
         pattern = self.doc["components"]["parameters"]["name"]["schema"]["pattern"]
         self.assertEqual(pattern, "^" + NAME_PATTERN.pattern + "$")
+
+    def test_entry_pattern_is_the_parser(self) -> None:
+        from turso_twisted.archive import _ENTRY
+
+        item = self.doc["paths"]["/v1/archive/{entry}"]
+        pattern = re.compile(item["parameters"][0]["schema"]["pattern"])
+        for entry in ("alpha.20261121T214513.376Z", "a-b_c.20261121T214513.376Z-2", "alpha.x", "../x",
+                      "Alpha.20261121T214513.376Z", "alpha.20261121T214513.376Z.db"):
+            self.assertEqual(bool(pattern.fullmatch(entry)), bool(_ENTRY.fullmatch(entry)), entry)
 
     def test_protected_routes_declare_401(self) -> None:
         for path, item in self.doc["paths"].items():

@@ -22,6 +22,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import names
+from .archive import parse_entry_name
 from .auth import check_bearer
 from .config import format_duration, parse_duration
 from .errors import INTERNAL, ApiError, error_body
@@ -105,6 +106,9 @@ class AdminAPI:
         route("/v1/namespaces/<name>/unlock", methods=["POST"])(self._admin(self.unlock))
         route("/v1/namespaces/<name>/ttl", methods=["POST"])(self._admin(self.ttl))
         route("/v1/namespaces/<name>/access", methods=["POST"])(self._admin(self.access))
+        route("/v1/namespaces/<name>/unarchive", methods=["POST"])(self._admin(self.unarchive))
+        route("/v1/archive", methods=["GET"])(self._admin(self.list_archive))
+        route("/v1/archive/<entry>", methods=["DELETE"])(self._admin(self.delete_archive_entry))
 
         app.handle_errors(ApiError)(self._api_error)
         app.handle_errors(NotFound)(self._route_not_found)
@@ -234,3 +238,45 @@ class AdminAPI:
         record = await self.manager.update(
             _valid(name), lambda r: setattr(r, "last_access_at", clock.seconds()))
         return _json(request, self._describe(record))
+
+    # -- archive ---------------------------------------------------------------
+
+    async def list_archive(self, request: IRequest) -> bytes:
+        """Archive entries with their manifests, oldest first."""
+        raw = request.args.get(b"name", [None])[0]
+        name = None if raw is None else _valid(raw.decode("utf-8", "replace"))
+        archiver = self.manager.archiver
+        entries = await archiver.run_in_thread(archiver.entries, name)
+        return _json(request, {"entries": [entry.to_json() for entry in entries]})
+
+    async def unarchive(self, request: IRequest, name: str) -> bytes:
+        """Bring back the newest (or a chosen) archive entry of a name."""
+        name = _valid(name)
+        body = _json_body(request)
+        archived_at = body.get("archivedAt")
+        locked = body.get("locked", True)
+        if archived_at is not None and not isinstance(archived_at, str):
+            raise ApiError(400, "invalid_archived_at", "archivedAt must be an RFC 3339 timestamp string")
+        if not isinstance(locked, bool):
+            raise ApiError(400, "invalid_locked", "locked must be true or false")
+        unknown = set(body) - {"archivedAt", "locked"}
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+        try:
+            record = await self.manager.unarchive(name, archived_at, locked)
+        except LimitReached as error:
+            raise ApiError(409, error.code, error.message) from None
+        return _json(request, self._describe(record))
+
+    async def delete_archive_entry(self, request: IRequest, entry: str) -> bytes:
+        """Delete one archive entry for good."""
+        try:
+            name, _ = parse_entry_name(entry)
+        except ValueError as error:
+            raise ApiError(400, "invalid_entry", str(error)) from None
+        found = [e for e in self.manager.archiver.entries(name) if e.entry == entry]
+        if not found:
+            raise ApiError(404, "archive_not_found", f"archive entry {entry} does not exist")
+        await self.manager.remove_archive_entry(found[0])
+        self._log.info("archive entry removed", name=name, entry=entry, reason="deleted via admin API")
+        return _json(request, {"deleted": entry})

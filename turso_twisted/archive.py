@@ -4,9 +4,14 @@ The archive bin: C{<data dir>/archive/<name>.<timestamp>/}.
 Archiving moves a stopped namespace's files (never copies, never deletes)
 into a new entry with a C{manifest.json} naming the namespace, its id and
 each file's size and sha256.  The entry is assembled in a hidden staging
-directory and renamed into place only when complete, so a crash leaves
-either the live files or a complete entry; L{recover} finishes or undoes
-what a crash interrupted.
+directory and renamed into place only when complete.  Unarchiving checks
+the manifest and every checksum before it moves anything back, under a
+hidden C{.restoring-} name while it moves.  So a crash leaves either the
+live files or a complete entry; L{Archiver.recover} finishes or undoes what
+a crash interrupted.
+
+Every operation that touches entries of a name runs under that name's lock
+(see L{turso_twisted.namespaces}); the blocking work here runs in a thread.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -25,11 +31,16 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from . import names
+from .config import format_duration
+from .errors import ApiError
 from .state import NamespaceRecord, fsync_directory, write_atomically
-from .timefmt import compact, to_rfc3339
+from .timefmt import compact, from_rfc3339, to_rfc3339
 
 MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
 _STAGING_PREFIX = ".staging-"
+_RESTORING_PREFIX = ".restoring-"
+_ENTRY = re.compile(r"(?P<name>[a-z0-9][a-z0-9_-]{0,62})\.(?P<stamp>\d{8}T\d{6}\.\d{3}Z)(?:-\d+)?")
 
 _log = Logger()
 
@@ -51,15 +62,67 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def parse_entry_name(entry: str) -> tuple[str, float]:
+    """
+    The namespace and archive time an entry's directory name encodes.
+
+    @raise ValueError: if C{entry} is not an entry name.
+    """
+    match = _ENTRY.fullmatch(entry)
+    if match is None:
+        raise ValueError(f"{entry!r} is not an archive entry name (<name>.<timestamp>)")
+    stamp = match.group("stamp")
+    iso = f"{stamp[0:4]}-{stamp[4:6]}-{stamp[6:8]}T{stamp[9:11]}:{stamp[11:13]}:{stamp[13:]}"
+    return match.group("name"), from_rfc3339(iso)
+
+
+@attrs.frozen
+class ArchiveEntry:
+    """
+    One complete entry: its directory name, namespace, time and manifest
+    (C{None} when the manifest cannot be read).
+    """
+
+    entry: str
+    name: str
+    archived_at: float
+    manifest: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.manifest or {})
+        out.update(entry=self.entry, name=self.name, archivedAt=to_rfc3339(self.archived_at))
+        if self.manifest is None:
+            out["problem"] = "manifest missing or unreadable"
+        return out
+
+
+class ArchiveRefused(ApiError):
+    pass
+
+
+def _refuse(status: int, code: str, message: str) -> ArchiveRefused:
+    return ArchiveRefused(status, code, message)
+
+
+def _read_manifest(directory: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(directory, MANIFEST), "rb") as handle:
+            manifest = json.loads(handle.read())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+# -- the blocking steps (run in a thread) ---------------------------------------
+
+
 def _archive_files(data_dir: str, archive_dir: str, record: NamespaceRecord,
                    reason: str, now: float) -> dict[str, Any]:
-    """
-    The blocking part of L{Archiver.archive}; runs in a thread.
-    """
     os.makedirs(archive_dir, exist_ok=True)
     entry_name = f"{record.name}.{compact(now)}"
     suffix = 0
-    while os.path.lexists(os.path.join(archive_dir, entry_name)):
+    while any(os.path.lexists(os.path.join(archive_dir, prefix + entry_name))
+              for prefix in ("", _STAGING_PREFIX, _RESTORING_PREFIX)):
         suffix += 1
         entry_name = f"{record.name}.{compact(now)}-{suffix}"
     staging = os.path.join(archive_dir, _STAGING_PREFIX + entry_name)
@@ -73,12 +136,14 @@ def _archive_files(data_dir: str, archive_dir: str, record: NamespaceRecord,
         files.append({"name": os.path.basename(path), "size": os.path.getsize(target),
                       "sha256": sha256_of(target)})
     manifest = {
-        "formatVersion": 1,
+        "formatVersion": FORMAT_VERSION,
         "entry": entry_name,
         "name": record.name,
         "id": record.id,
         "origin": record.origin,
+        "ttl": None if record.ttl is None else format_duration(record.ttl),
         "createdAt": to_rfc3339(record.created_at),
+        "lastAccessAt": to_rfc3339(record.last_access_at),
         "archivedAt": to_rfc3339(now),
         "reason": reason,
         "files": files,
@@ -91,10 +156,70 @@ def _archive_files(data_dir: str, archive_dir: str, record: NamespaceRecord,
     return manifest
 
 
+def verify_entry(directory: str, entry: str, name: str) -> dict[str, Any]:
+    """
+    Check that the entry in C{directory} is a complete archive of C{name}:
+    its manifest names C{name} and C{entry}, lists exactly the data files
+    present, each with the size and sha256 recorded.
+
+    @raise ArchiveRefused: 409 when it belongs to another namespace, 422
+        when it is damaged or tampered with.
+    """
+    manifest = _read_manifest(directory)
+    if manifest is None or manifest.get("formatVersion") != FORMAT_VERSION:
+        raise _refuse(422, "archive_invalid", f"archive entry {entry}: manifest.json missing or unreadable")
+    if manifest.get("name") != name or manifest.get("entry") != entry:
+        raise _refuse(409, "archive_mismatch",
+                      f"archive entry {entry} holds namespace {manifest.get('name')!r} "
+                      f"(entry {manifest.get('entry')!r}), not {name!r}: refusing to restore it")
+    if not isinstance(manifest.get("id"), str) or not manifest["id"]:
+        raise _refuse(422, "archive_invalid", f"archive entry {entry}: manifest has no namespace id")
+    allowed = {os.path.basename(path) for path in names.data_files("/", name)}
+    listed = manifest.get("files")
+    if not isinstance(listed, list) or not all(isinstance(f, dict) for f in listed):
+        raise _refuse(422, "archive_invalid", f"archive entry {entry}: manifest lists no files")
+    listed_names = [f.get("name") for f in listed]
+    present = sorted(f for f in os.listdir(directory) if f != MANIFEST)
+    if sorted(map(str, listed_names)) != present or not set(listed_names) <= allowed:
+        raise _refuse(422, "archive_tampered",
+                      f"archive entry {entry}: files {present} do not match the manifest's {listed_names}")
+    for item in listed:
+        path = os.path.join(directory, item["name"])
+        if os.path.getsize(path) != item.get("size") or sha256_of(path) != item.get("sha256"):
+            raise _refuse(422, "archive_tampered",
+                          f"archive entry {entry}: {item['name']} does not match its recorded "
+                          "size and sha256; refusing to restore it")
+    return manifest
+
+
+def _restore_files(data_dir: str, archive_dir: str, entry: str, name: str) -> dict[str, Any]:
+    directory = os.path.join(archive_dir, entry)
+    if not os.path.isdir(directory):
+        raise _refuse(404, "archive_not_found", f"archive entry {entry} does not exist")
+    manifest = verify_entry(directory, entry, name)
+    for item in manifest["files"]:
+        if os.path.lexists(os.path.join(data_dir, item["name"])):
+            raise _refuse(409, "namespace_files_present",
+                          f"{item['name']} exists in the data dir; refusing to overwrite it")
+    restoring = os.path.join(archive_dir, _RESTORING_PREFIX + entry)
+    os.rename(directory, restoring)
+    for item in manifest["files"]:
+        move_no_clobber(os.path.join(restoring, item["name"]), os.path.join(data_dir, item["name"]))
+    fsync_directory(data_dir)
+    fsync_directory(archive_dir)
+    return manifest
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path)
+    fsync_directory(os.path.dirname(path))
+
+
 @attrs.define(eq=False)
 class Archiver:
     """
-    Moves stopped namespaces into the archive, off the reactor thread.
+    Moves stopped namespaces into the archive and back, off the reactor
+    thread.
     """
 
     data_dir: str
@@ -111,32 +236,83 @@ class Archiver:
         """
         return self.run_in_thread(_archive_files, self.data_dir, self.archive_dir, record, reason, now)
 
-    def manifests(self) -> list[dict[str, Any]]:
+    def entries(self, name: str | None = None) -> list[ArchiveEntry]:
         """
-        Every complete entry's manifest (unreadable ones are skipped, logged).
+        Complete entries (of C{name}, if given), oldest first.  Reads the
+        small manifests on the calling thread.
         """
         found = []
-        if not os.path.isdir(self.archive_dir):
+        try:
+            listing = os.listdir(self.archive_dir)
+        except FileNotFoundError:
             return found
-        for entry in sorted(os.listdir(self.archive_dir)):
-            if entry.startswith(_STAGING_PREFIX):
-                continue
+        for entry in listing:
             try:
-                with open(os.path.join(self.archive_dir, entry, MANIFEST), "rb") as handle:
-                    found.append(json.loads(handle.read()))
-            except (OSError, ValueError) as error:
-                _log.warn("unreadable archive entry", entry=entry, error=str(error))
-        return found
+                entry_name, archived_at = parse_entry_name(entry)
+            except ValueError:
+                continue
+            if name is not None and entry_name != name:
+                continue
+            directory = os.path.join(self.archive_dir, entry)
+            if os.path.isdir(directory):
+                found.append(ArchiveEntry(entry, entry_name, archived_at, _read_manifest(directory)))
+        return sorted(found, key=lambda e: (e.archived_at, e.entry))
+
+    def find(self, name: str, archived_at: str | None = None) -> ArchiveEntry:
+        """
+        The newest entry of C{name}, or the one archived at C{archived_at}.
+
+        @raise ArchiveRefused: 404 if there is none.
+        """
+        candidates = self.entries(name)
+        if archived_at is not None:
+            try:
+                wanted = from_rfc3339(archived_at)
+            except ValueError:
+                raise _refuse(400, "invalid_archived_at",
+                              f"archivedAt {archived_at!r} is not an RFC 3339 timestamp") from None
+            candidates = [e for e in candidates if abs(e.archived_at - wanted) < 0.0005]
+        if not candidates:
+            which = f" archived at {archived_at}" if archived_at else ""
+            raise _refuse(404, "archive_not_found", f"no archive entry of namespace {name!r}{which}")
+        return candidates[-1]
+
+    def restore(self, entry: ArchiveEntry) -> Deferred[dict[str, Any]]:
+        """
+        Verify C{entry} and move its files back into the data dir; fires with
+        the manifest.  Call L{finish_restore} once the state names the
+        namespace again.
+        """
+        return self.run_in_thread(_restore_files, self.data_dir, self.archive_dir, entry.entry, entry.name)
+
+    def finish_restore(self, entry: ArchiveEntry) -> Deferred[None]:
+        """
+        Drop what is left of a restored entry (its manifest).
+        """
+        restoring = os.path.join(self.archive_dir, _RESTORING_PREFIX + entry.entry)
+        return self.run_in_thread(_remove_tree, restoring)
+
+    def remove(self, entry: ArchiveEntry) -> Deferred[None]:
+        """
+        Delete an entry for good (retention, or an operator who needs space).
+        """
+        return self.run_in_thread(_remove_tree, os.path.join(self.archive_dir, entry.entry))
+
+    # -- start-up --------------------------------------------------------------
 
     def recover(self, live_ids: dict[str, str]) -> list[str]:
         """
-        Finish what a crash interrupted (at start-up, before serving).
+        Finish or undo what a crash interrupted (at start-up, before serving).
 
-        A staging directory is an archive that did not complete: its files go
-        back where they came from, so the namespace is live as before.  A
-        complete entry whose namespace id is still live (the crash came
-        before the state was saved) means the archive did complete: those
-        names are returned so the caller drops them from the state.
+          - A staging directory is an archive that did not complete: its
+            files go back where they came from; the namespace stays live.
+          - A complete entry whose namespace id is still live while the
+            namespace has no data files means the archive completed but the
+            state was not saved: those names are returned for the caller to
+            drop from the state.
+          - A restoring directory whose namespace is live (by id) completed:
+            it is removed.  Otherwise the restore is undone: files go back
+            into the entry.
 
         @param live_ids: name -> id of every namespace in the state.
         """
@@ -147,19 +323,17 @@ class Archiver:
             path = os.path.join(self.archive_dir, entry)
             if entry.startswith(_STAGING_PREFIX):
                 self._undo_staging(path)
-                continue
-            manifest_path = os.path.join(path, MANIFEST)
-            try:
-                with open(manifest_path, "rb") as handle:
-                    manifest = json.loads(handle.read())
-            except (OSError, ValueError):
-                continue
-            name, entry_id = manifest.get("name"), manifest.get("id")
-            if name in live_ids and live_ids[name] == entry_id and not any(
-                os.path.exists(p) for p in names.data_files(self.data_dir, name)
-            ):
-                _log.warn("completing an archive interrupted by a crash", name=name, entry=entry)
-                finished.append(name)
+            elif entry.startswith(_RESTORING_PREFIX):
+                self._settle_restoring(path, entry[len(_RESTORING_PREFIX):], live_ids)
+            else:
+                manifest = _read_manifest(path)
+                if manifest is None:
+                    continue
+                name, entry_id = manifest.get("name"), manifest.get("id")
+                if (isinstance(name, str) and live_ids.get(name) == entry_id
+                        and not any(os.path.exists(p) for p in names.data_files(self.data_dir, name))):
+                    _log.warn("completing an archive interrupted by a crash", name=name, entry=entry)
+                    finished.append(name)
         return finished
 
     def _undo_staging(self, staging: str) -> None:
@@ -179,3 +353,23 @@ class Archiver:
                     raise
         _log.warn("undid an archive interrupted by a crash", staging=os.path.basename(staging))
         shutil.rmtree(staging)
+
+    def _settle_restoring(self, path: str, entry: str, live_ids: dict[str, str]) -> None:
+        manifest = _read_manifest(path) or {}
+        name = manifest.get("name")
+        if not isinstance(name, str) or not names.is_valid(name):
+            _log.error("unreadable interrupted restore left as it is", directory=path)
+            return
+        if live_ids.get(name) == manifest.get("id"):
+            shutil.rmtree(path)
+            return
+        allowed = {os.path.basename(p) for p in names.data_files(self.data_dir, name)}
+        for item in manifest.get("files", []):
+            if item.get("name") not in allowed:
+                continue
+            live = os.path.join(self.data_dir, item["name"])
+            back = os.path.join(path, item["name"])
+            if os.path.exists(live) and not os.path.exists(back):
+                move_no_clobber(live, back)
+        os.rename(path, os.path.join(self.archive_dir, entry))
+        _log.warn("undid a restore interrupted by a crash", name=name, entry=entry)

@@ -20,13 +20,21 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredLock, ensureD
 from twisted.logger import Logger
 
 from . import names
-from .archive import Archiver
+from .archive import ArchiveEntry, Archiver
+from .config import parse_duration
 from .errors import ApiError, not_found
 from .process import TursodbProcess
 from .state import NamespaceRecord, Origin, StateStore
 from .supervisor import Supervisor
+from .timefmt import from_rfc3339
 
 T = TypeVar("T")
+
+
+def _found(manifest: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    if manifest is None:
+        raise not_found(name)
+    return manifest
 
 
 class LimitReached(ApiError):
@@ -202,17 +210,28 @@ class NamespaceManager:
 
         return self._locked(name, work)
 
-    def delete(self, name: str, reason: str = "deleted via admin API") -> Deferred[dict[str, Any]]:
+    def delete(self, name: str) -> Deferred[dict[str, Any]]:
         """
         Stop C{name} and move its files into the archive; fires with the
         archive manifest.
         """
+        return self.archive(name, "deleted via admin API").addCallback(_found, name)
+
+    def archive(self, name: str, reason: str,
+                still: Callable[[NamespaceRecord, float], bool] | None = None,
+                ) -> Deferred[dict[str, Any] | None]:
+        """
+        Stop C{name} and move its files into the archive; fires with the
+        manifest, or C{None} if C{name} is not live or C{still} (checked
+        again under the lock, so a request that came in meanwhile counts)
+        says no.
+        """
         names.validate(name)
 
-        async def work() -> dict[str, Any]:
+        async def work() -> dict[str, Any] | None:
             record = self.state.records.get(name)
-            if record is None:
-                raise not_found(name)
+            if record is None or (still is not None and not still(record, self.clock.seconds())):
+                return None
             await self._drained(name)
             await self.supervisor.stop(name)
             manifest = await self.archiver.archive(record, reason, self.clock.seconds())
@@ -223,6 +242,49 @@ class NamespaceManager:
             return manifest
 
         return self._locked(name, work)
+
+    def unarchive(self, name: str, archived_at: str | None = None,
+                  locked: bool = True) -> Deferred[NamespaceRecord]:
+        """
+        Bring back C{name}'s newest archive entry (or the one archived at
+        C{archived_at}) after checking its manifest and checksums.  The
+        namespace keeps its id, origin, creation time and ttl.
+        """
+        names.validate(name)
+
+        async def work() -> NamespaceRecord:
+            if name in self.state.records:
+                raise ApiError(409, "namespace_exists",
+                               f"namespace {name!r} is live; delete it before unarchiving")
+            self._check_capacity(409)
+            entry = self.archiver.find(name, archived_at)
+            manifest = await self.archiver.restore(entry)
+            record = NamespaceRecord(
+                name=name,
+                id=manifest["id"],
+                origin="auto" if manifest.get("origin") == "auto" else "explicit",
+                locked=locked,
+                ttl=None if manifest.get("ttl") is None else parse_duration(manifest["ttl"]),
+                created_at=from_rfc3339(manifest["createdAt"]),
+                last_access_at=self.clock.seconds(),
+            )
+            self.state.records[name] = record
+            self.state.save()
+            await self.archiver.finish_restore(entry)
+            self._log.info("namespace unarchived", name=name, id=record.id, entry=entry.entry)
+            return record
+
+        return self._locked(name, work)
+
+    def remove_archive_entry(self, entry: ArchiveEntry) -> Deferred[None]:
+        """
+        Delete one archive entry for good, under its namespace's lock.
+        """
+
+        async def work() -> None:
+            await self.archiver.remove(entry)
+
+        return self._locked(entry.name, work)
 
     def update(self, name: str, change: Callable[[NamespaceRecord], None]) -> Deferred[NamespaceRecord]:
         """

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from .admin import AdminAPI, Readiness
 from .archive import Archiver
 from .config import Config, ConfigError
+from .gc import GarbageCollector
 from .namespaces import NamespaceManager
 from .orphans import kill_orphans
 from .ports import PortAllocator
@@ -64,6 +65,13 @@ class TursoService(Service):
             max_namespaces=config.max_namespaces,
             allow_auto_provision=config.allow_auto_provision,
             drain_timeout=config.shutdown_timeout,
+        )
+        self.gc = GarbageCollector(
+            clock=reactor,
+            manager=self.manager,
+            interval=config.gc_interval,
+            auto_idle=config.auto_idle_duration,
+            retention=config.archive_retention,
         )
         self.readiness = Readiness(config.data_dir, state_loaded=True)
         self.admin = AdminAPI(self.manager, config.admin_token, self.readiness)
@@ -114,6 +122,7 @@ class TursoService(Service):
         for kind, port in self.ports.items():
             host = port.getHost()
             self._log.info("listening", listener=kind, host=host.host, port=host.port)
+        self.gc.start()
         self.readiness.listening = True
         self._log.info("turso-server ready", data_dir=self.config.data_dir,
                        namespaces=len(self.state.records))
@@ -131,6 +140,7 @@ class TursoService(Service):
         self._log.info("shutting down", inflight=self.manager.inflight())
         await DeferredList([port.stopListening() for port in self.ports.values()])
         self.ports = {}
+        await self.gc.stop()
         await self.manager.drain_all()
         await self.manager.stop_all()
         try:

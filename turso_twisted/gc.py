@@ -1,0 +1,144 @@
+"""
+The garbage collector: a L{LoopingCall} every C{TURSO_GC_INTERVAL} that
+applies the design note's lifecycle rules.
+
+  - locked namespaces are skipped by every rule;
+  - C{origin=auto} namespaces idle longer than C{TURSO_AUTO_IDLE_DURATION}
+    are archived (idle is judged on the in-memory C{lastAccessAt}, not the
+    debounced copy on disk, and never while a request is in flight);
+  - namespaces whose C{createdAt + ttl} has passed are archived, any origin;
+  - archive entries older than C{TURSO_ARCHIVE_RETENTION} are deleted.
+
+Times are wall-clock seconds from the injected clock, compared with the
+timestamps in the state, so a restart between sweeps changes nothing.  A
+rule is checked again under the namespace's lock before acting, and one
+failing namespace is logged and retried on the next sweep while the sweep
+goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .archive import ArchiveEntry
+from .config import format_duration
+from .namespaces import NamespaceManager
+from .state import NamespaceRecord
+
+
+@attrs.define(eq=False)
+class GarbageCollector:
+    clock: Any
+    manager: NamespaceManager
+    interval: float
+    auto_idle: float
+    retention: float
+    sweeps: int = 0
+    archives: int = 0
+    purges: int = 0
+    failures: int = 0
+    _loop: LoopingCall | None = None
+    _sweeping: Deferred[None] | None = None
+    _log = Logger()
+
+    def start(self) -> None:
+        loop = LoopingCall(self._sweep_in_background)
+        loop.clock = self.clock
+        loop.start(self.interval, now=False)
+        self._loop = loop
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop sweeping; fires when a sweep under way has finished.
+        """
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._sweeping is None:
+            return succeed(None)
+        finished: Deferred[None] = Deferred()
+
+        def release(result: object) -> object:
+            finished.callback(None)
+            return result
+
+        self._sweeping.addBoth(release)
+        return finished
+
+    def _sweep_in_background(self) -> Deferred[None]:
+        self._sweeping = Deferred.fromCoroutine(self.sweep())
+
+        def done(result: object) -> None:
+            self._sweeping = None
+
+        self._sweeping.addBoth(done)
+        return self._sweeping
+
+    # -- rules ---------------------------------------------------------------
+
+    def why_archive(self, record: NamespaceRecord, now: float) -> str | None:
+        """
+        Why C{record} should be archived at C{now}, or C{None}.
+        """
+        if record.locked:
+            return None
+        if record.ttl is not None and record.created_at + record.ttl < now:
+            return f"ttl {format_duration(record.ttl)} expired"
+        if (record.origin == "auto" and now - record.last_access_at > self.auto_idle
+                and not self.manager.inflight(record.name)):
+            return f"auto-created idle > {format_duration(self.auto_idle)}"
+        return None
+
+    def why_purge(self, entry: ArchiveEntry, now: float) -> str | None:
+        if entry.archived_at + self.retention < now:
+            return f"archive age > {format_duration(self.retention)}"
+        return None
+
+    # -- the sweep -------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """
+        Apply every rule once.  Never fails: problems are logged and the
+        namespace is tried again on the next sweep.
+        """
+        self.sweeps += 1
+        now = self.clock.seconds()
+        for record in list(self.manager.state):
+            reason = self.why_archive(record, now)
+            if reason is None:
+                continue
+            try:
+                manifest = await self.manager.archive(
+                    record.name, reason, still=lambda r, t: self.why_archive(r, t) is not None)
+            except Exception:
+                self.failures += 1
+                self._log.failure("gc archive failed; retrying next sweep", name=record.name)
+                continue
+            if manifest is not None:
+                self.archives += 1
+                self._log.info("gc archive", name=record.name, reason=reason, entry=manifest["entry"])
+
+        archiver = self.manager.archiver
+        try:
+            entries = await archiver.run_in_thread(archiver.entries)
+        except Exception:
+            self.failures += 1
+            self._log.failure("gc could not list the archive; retrying next sweep")
+            return
+        for entry in entries:
+            reason = self.why_purge(entry, now)
+            if reason is None:
+                continue
+            try:
+                await self.manager.remove_archive_entry(entry)
+            except Exception:
+                self.failures += 1
+                self._log.failure("gc purge failed; retrying next sweep", name=entry.name, entry=entry.entry)
+                continue
+            self.purges += 1
+            self._log.info("gc purge", name=entry.name, entry=entry.entry, reason=reason)
