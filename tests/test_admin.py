@@ -153,3 +153,53 @@ class AdminTests(SynchronousTestCase):
         self.assertError(result, 500, "internal")
         self.assertNotIn("secret", result[1]["message"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class ArchiveRouteTests(AdminTests):
+    """
+    /v1/archive and unarchive through the API (reusing the fixture above).
+    """
+
+    def archive(self, name: str) -> dict[str, Any]:
+        self.fx.reactor.exit_on_signal = True
+        self.call("POST", f"/v1/namespaces/{name}/create")
+        status, body, _ = self.call("DELETE", f"/v1/namespaces/{name}")
+        self.assertEqual(status, 200)
+        return body["archived"]
+
+    def test_list_archive(self) -> None:
+        first = self.archive("alpha")
+        self.fx.reactor.advance(1)
+        self.archive("beta")
+        status, body, _ = self.call("GET", "/v1/archive")
+        self.assertEqual([e["name"] for e in body["entries"]], ["alpha", "beta"])
+        status, body, _ = self.call("GET", "/v1/archive?name=alpha")
+        self.assertEqual(body["entries"], [first])
+        self.assertError(self.call("GET", "/v1/archive?name=../x"), 400, "invalid_name")
+        self.assertError(self.call("GET", "/v1/archive", headers={}), 401, "unauthorized")
+
+    def test_unarchive(self) -> None:
+        manifest = self.archive("alpha")
+        status, body, _ = self.call("POST", "/v1/namespaces/alpha/unarchive", {"locked": False})
+        self.assertEqual((status, body["id"], body["locked"], body["origin"]),
+                         (200, manifest["id"], False, "explicit"))
+        self.assertError(self.call("POST", "/v1/namespaces/alpha/unarchive"), 409, "namespace_exists")
+
+    def test_unarchive_bad_bodies_change_nothing(self) -> None:
+        self.archive("alpha")
+        for body in ({"locked": "yes"}, {"archivedAt": 5}, {"surprise": 1}):
+            status, error, _ = self.call("POST", "/v1/namespaces/alpha/unarchive", body)
+            self.assertEqual(status, 400, body)
+        self.assertError(self.call("POST", "/v1/namespaces/ghost/unarchive"), 404, "archive_not_found")
+        self.assertNotIn("alpha", self.fx.state.records)
+
+    def test_delete_entry(self) -> None:
+        manifest = self.archive("alpha")
+        self.assertError(self.call("DELETE", "/v1/archive/alpha"), 400, "invalid_entry")
+        # A decoded slash never reaches the handler: no route matches.
+        self.assertError(self.call("DELETE", "/v1/archive/..%2F..%2Fetc"), 404, "not_found")
+        self.assertError(self.call("DELETE", "/v1/archive/alpha.20000101T000000.000Z"), 404,
+                         "archive_not_found")
+        status, body, _ = self.call("DELETE", f"/v1/archive/{manifest['entry']}")
+        self.assertEqual((status, body), (200, {"deleted": manifest["entry"]}))
+        self.assertEqual(self.call("GET", "/v1/archive")[1], {"entries": []})
