@@ -4,6 +4,7 @@ Test doubles for unit tests: a reactor that records spawned processes.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -48,6 +49,11 @@ class ProcessReactor(MemoryReactorClock):
                      childFDs: Any = None) -> FakeProcessTransport:
         self._next_pid += 1
         transport = FakeProcessTransport(self._next_pid, protocol, self.exit_on_signal)
+        if "--sync-server" in args:
+            # Like tursodb: the database file exists once the child starts.
+            db = args[args.index("--sync-server") - 1]
+            if os.path.isdir(os.path.dirname(db)) and not os.path.exists(db):
+                open(db, "wb").close()
         protocol.makeConnection(transport)
         self.spawned.append((protocol, list(args), {"env": env, "path": path, "childFDs": childFDs}))
         return transport

@@ -60,14 +60,9 @@ class ManagerFixture:
 
     def settle(self) -> None:
         """
-        Let readiness polls run; a started child also writes its db file.
+        Let readiness polls run.
         """
         self.reactor.advance(0.05)
-        for protocol, args, _ in self.reactor.spawned:
-            if not protocol.has_ended:
-                db = args[args.index("--sync-server") - 1]
-                if not os.path.exists(db):
-                    open(db, "wb").close()
 
     def children(self, name: str) -> list[TursodbProcess]:
         return [p for p, _, _ in self.reactor.spawned if p.name == name]

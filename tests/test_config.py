@@ -162,6 +162,26 @@ class LoadTests(SynchronousTestCase):
         self.assertFails("cannot read", TURSO_ADMIN_TOKEN_FILE=os.path.join(self.dir, "none"))
         self.assertFails("both set", TURSO_AUTH_TOKEN="a", TURSO_AUTH_TOKEN_FILE=empty)
 
+    def test_option_token_beats_environment_file(self) -> None:
+        path = os.path.join(self.dir, "token")
+        with open(path, "w") as handle:
+            handle.write("from-file")
+        config = self.load({"auth-token": "from-option"}, TURSO_AUTH_TOKEN_FILE=path)
+        self.assertEqual(config.auth_token, "from-option")
+        config = self.load({"auth-token-file": path}, TURSO_AUTH_TOKEN="from-env")
+        self.assertEqual(config.auth_token, "from-file")
+
+    def test_absurd_durations_refused(self) -> None:
+        self.assertFails("longer than 100 years", TURSO_GC_INTERVAL="9" * 330 + "h")
+        self.assertFails("longer than 100 years", TURSO_GC_INTERVAL="1e20h".replace("e20", "0" * 20))
+
+    def test_data_dir_symlink_resolved(self) -> None:
+        real = os.path.abspath(os.path.join(self.dir, "real"))
+        os.makedirs(real)
+        link = os.path.abspath(os.path.join(self.dir, "link"))
+        os.symlink(real, link)
+        self.assertEqual(self.load(TURSO_DATA_DIR=link).data_dir, os.path.realpath(real))
+
     def test_same_token_for_both_ports_is_refused(self) -> None:
         message = self.assertFails("must not also be the admin token",
                                    TURSO_AUTH_TOKEN="same", TURSO_ADMIN_TOKEN="same")

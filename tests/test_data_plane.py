@@ -27,6 +27,9 @@ class CannedResponse:
     def __init__(self, code: int, body: bytes, headers: dict[bytes, list[bytes]]) -> None:
         self.code = code
         self.phrase = b"OK"
+        # Like Twisted's client: Content-Length moves out of the headers.
+        declared = headers.pop(b"content-length", None)
+        self.length = int(declared[0]) if declared else len(body)
         self.headers = Headers(headers)
         self.body = body
 

@@ -77,6 +77,25 @@ class LeaseTests(SynchronousTestCase):
         self.assertNotEqual(fx.state.records["alpha"].id, manifest["id"])
         self.assertIsNot(new_lease.child, lease.child)
 
+    def test_no_new_leases_while_stopping(self) -> None:
+        fx = ManagerFixture(self.mktemp())
+        fx.manager.stopping = True
+        failure = self.failureResultOf(fx.manager.lease("alpha"), ApiError)
+        self.assertEqual((failure.value.status, failure.value.code), (503, "shutting_down"))
+        self.assertEqual(self.failureResultOf(fx.manager.create("beta"), ApiError).value.code,
+                         "shutting_down")
+        self.assertEqual((fx.state.records, fx.reactor.spawned), ({}, []))
+
+    def test_failed_auto_provision_leaves_no_record(self) -> None:
+        fx = ManagerFixture(self.mktemp(), auto_serve=False)
+        leased = fx.manager.lease("alpha")
+        fx.reactor.advance(0.01)
+        end(fx.children("alpha")[0], code=1)
+        fx.reactor.advance(0.01)
+        self.assertEqual(self.failureResultOf(leased, ApiError).value.status, 503)
+        self.assertEqual(fx.state.records, {})
+        self.assertFalse(os.path.exists(os.path.join(fx.data_dir, "alpha.db")))
+
     def test_drain_all_waits_for_every_lease(self) -> None:
         fx = ManagerFixture(self.mktemp())
         first, second = fx.manager.lease("alpha"), fx.manager.lease("beta")
@@ -127,13 +146,13 @@ class AdminOperationTests(SynchronousTestCase):
         created = self.manager.create("alpha")
         self.fx.reactor.advance(0.01)
         # The child made its empty files, then died.
-        for suffix in (".db", ".db-wal"):
-            open(os.path.join(self.fx.data_dir, "alpha" + suffix), "wb").close()
+        open(os.path.join(self.fx.data_dir, "alpha.db-wal"), "wb").close()
         end(self.fx.children("alpha")[0], code=1)
         self.fx.reactor.advance(0.01)
         self.assertEqual(self.failureResultOf(created, ApiError).value.status, 503)
         self.assertEqual(self.fx.state.records, {})
-        self.assertEqual(sorted(os.listdir(self.fx.data_dir)), ["_state"])
+        self.assertEqual(sorted(os.listdir(self.fx.data_dir)), ["_state", "_tmp"])
+        self.assertEqual(os.listdir(os.path.join(self.fx.data_dir, "_tmp")), [])
 
     def test_delete_moves_files_with_manifest(self) -> None:
         self.create("alpha")
@@ -155,6 +174,36 @@ class AdminOperationTests(SynchronousTestCase):
         self.assertEqual(files["alpha.db"]["sha256"], sha256_of(os.path.join(entry, "alpha.db")))
         self.assertEqual(files["alpha.db"]["size"], 10)
         self.assertNotIn("alpha", self.fx.state.records)
+
+    def test_create_makes_an_auto_namespace_explicit(self) -> None:
+        leased = self.manager.lease("alpha")
+        self.fx.settle()
+        self.successResultOf(leased).release()
+        record, created = self.create("alpha")
+        self.assertFalse(created)
+        self.assertEqual((record.origin, record.locked), ("explicit", True))
+        self.assertEqual(self.fx.state.records["alpha"].origin, "explicit")
+
+    def test_missing_data_file_is_refused(self) -> None:
+        self.create("alpha")
+        child = self.fx.children("alpha")[0]
+        end(child, signal=9)
+        os.unlink(os.path.join(self.fx.data_dir, "alpha.db"))
+        failure = self.failureResultOf(self.manager.lease("alpha"), ApiError)
+        self.assertEqual((failure.value.status, failure.value.code), (503, "namespace_data_missing"))
+        self.assertEqual(len(self.fx.children("alpha")), 1, "no child started over nothing")
+
+    def test_failed_save_leaves_memory_as_on_disk(self) -> None:
+        self.create("alpha")
+
+        def broken_save() -> None:
+            raise OSError("disk full")
+
+        real = type(self.fx.state).save
+        self.patch(type(self.fx.state), "save", lambda store: broken_save())
+        self.failureResultOf(self.manager.update("alpha", lambda r: setattr(r, "locked", False)), OSError)
+        self.assertTrue(self.fx.state.records["alpha"].locked)
+        self.patch(type(self.fx.state), "save", real)
 
     def test_delete_unknown_is_404(self) -> None:
         failure = self.failureResultOf(self.manager.delete("ghost"), ApiError)
@@ -220,6 +269,23 @@ class ReconcileTests(SynchronousTestCase):
         self.fx.state.records["alpha"] = NamespaceRecord.new("alpha", "auto", 10)
         self.fx.manager.reconcile()
         self.assertIn("alpha", self.fx.state.records)
+
+    def test_undo_survives_a_crash_between_link_and_unlink(self) -> None:
+        self.fx.state.records["arc"] = NamespaceRecord.new("arc", "auto", 0)
+        staging = os.path.join(self.data_dir, "archive", ".staging-arc.20260101T000000.000Z")
+        os.makedirs(staging)
+        for suffix, content in ((".db", b"main"), (".db-wal", b"wal")):
+            with open(os.path.join(staging, "arc" + suffix), "wb") as handle:
+                handle.write(content)
+        # The last move got as far as the link: the file is in both places.
+        with open(os.path.join(staging, "arc.db-log"), "wb") as handle:
+            handle.write(b"log")
+        os.link(os.path.join(staging, "arc.db-log"), os.path.join(self.data_dir, "arc.db-log"))
+        self.fx.manager.reconcile()
+        for suffix, content in ((".db", b"main"), (".db-wal", b"wal"), (".db-log", b"log")):
+            with open(os.path.join(self.data_dir, "arc" + suffix), "rb") as handle:
+                self.assertEqual(handle.read(), content)
+        self.assertEqual(os.listdir(os.path.join(self.data_dir, "archive")), [])
 
     def test_move_never_clobbers(self) -> None:
         self.write("a", b"1")

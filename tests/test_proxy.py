@@ -7,6 +7,8 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -63,3 +65,22 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(sorted(k.lower() for k, _ in headers.getAllRawHeaders()),
                          [b"content-type", b"x-client"])
         self.assertEqual(producer.length, 2)
+
+
+class SplitTargetPropertyTests(SynchronousTestCase):
+    @given(st.from_regex(rb"\A[a-z0-9][a-z0-9_-]{0,62}\Z"), st.binary(max_size=40), st.binary(max_size=20))
+    def test_valid_names_route_the_rest_unchanged(self, name: bytes, rest: bytes, query: bytes) -> None:
+        rest = rest.replace(b"?", b"")
+        self.assertEqual(split_target(b"/" + name + b"/" + rest + b"?" + query),
+                         (name.decode(), b"/" + rest + b"?" + query))
+
+    @given(st.binary(min_size=1, max_size=70).filter(lambda b: b"/" not in b and b"?" not in b))
+    def test_anything_else_is_refused_without_decoding(self, first: bytes) -> None:
+        from turso_twisted.names import is_valid
+
+        if is_valid(first):
+            self.assertEqual(split_target(b"/" + first + b"/x")[0], first.decode())
+            return
+        with self.assertRaises(ApiError) as caught:
+            split_target(b"/" + first + b"/x")
+        self.assertEqual(caught.exception.status, 400)

@@ -5,6 +5,8 @@ crash backoff and the stop sequence.
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,10 +22,11 @@ class SupervisorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = ProcessReactor()
         self.serving: set[int] = set()
+        self.data_dir = os.path.abspath(self.mktemp())
         self.supervisor = Supervisor(
             reactor=self.reactor,
             tursodb_bin="/opt/tursodb",
-            data_dir="/data",
+            data_dir=self.data_dir,
             ports=PortAllocator(9000, 9002, is_free=lambda port: True),
             startup_timeout=5,
             child_env={"PATH": "/bin"},
@@ -46,9 +49,13 @@ class SupervisorTests(SynchronousTestCase):
     def test_command_line(self) -> None:
         self.start()
         protocol, args, extra = self.reactor.spawned[0]
-        self.assertEqual(args, ["/usr/bin/setsid", "/opt/tursodb", "/data/alpha.db",
+        self.assertEqual(args, ["/usr/bin/setsid", "/opt/tursodb", f"{self.data_dir}/alpha.db",
                                 "--sync-server", "127.0.0.1:9000"])
-        self.assertEqual(extra["env"], {"PATH": "/bin"})
+        scratch = f"{self.data_dir}/_tmp/tursodb-alpha-9000"
+        self.assertEqual(extra["env"], {"PATH": "/bin", "TMPDIR": scratch})
+        self.assertTrue(os.path.isdir(scratch))
+        end(protocol, signal=9)
+        self.assertFalse(os.path.exists(scratch), "the child's temp dir goes with it")
         self.assertTrue(protocol.transport.stdin_closed)
 
     def test_ready_only_when_serving(self) -> None:

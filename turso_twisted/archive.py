@@ -16,7 +16,6 @@ Every operation that touches entries of a name runs under that name's lock
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -337,20 +336,29 @@ class Archiver:
         return finished
 
     def _undo_staging(self, staging: str) -> None:
-        for file_name in sorted(os.listdir(staging)):
+        """
+        Move every data file of an interrupted archive back.  A crash
+        between the link and the unlink of a move leaves the same file in
+        both places: the staging copy is then just dropped.
+        """
+        kept = False
+        for file_name in os.listdir(staging):
             source = os.path.join(staging, file_name)
             if file_name == MANIFEST or file_name.startswith(MANIFEST + "."):
                 os.unlink(source)
                 continue
+            target = os.path.join(self.data_dir, file_name)
+            if os.path.exists(target) and os.path.samefile(source, target):
+                os.unlink(source)
+                continue
             try:
-                move_no_clobber(source, os.path.join(self.data_dir, file_name))
+                move_no_clobber(source, target)
             except FileExistsError:
-                _log.error("cannot undo interrupted archive: a file of that name is live; "
-                           "both are kept", staging=staging, file=file_name)
-                return
-            except OSError as error:
-                if error.errno != errno.ENOENT:
-                    raise
+                kept = True
+                _log.error("cannot undo interrupted archive for this file: a different file of "
+                           "that name is live; both are kept", staging=staging, file=file_name)
+        if kept:
+            return
         _log.warn("undid an archive interrupted by a crash", staging=os.path.basename(staging))
         shutil.rmtree(staging)
 

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 
 #: Headers that describe one hop, never forwarded either way (RFC 9110 7.6.1).
 HOP_BY_HOP = frozenset({
@@ -90,6 +90,10 @@ def relay(response: IResponse, request: IRequest) -> Deferred[None]:
     request.setResponseCode(response.code, response.phrase)
     for key, values in end_to_end(response.headers).getAllRawHeaders():
         request.responseHeaders.setRawHeaders(key, values)
+    # Twisted's client moves Content-Length out of the headers; put it back
+    # so the client gets the child's framing, not a chunked re-encoding.
+    if response.length is not UNKNOWN_LENGTH:
+        request.setHeader(b"content-length", b"%d" % response.length)
     done: Deferred[None] = Deferred()
     response.deliverBody(_Relay(request, done))
     return done

@@ -39,6 +39,9 @@ class Address:
         return f"{host}:{self.port}"
 
 
+#: Longer durations are refused: they would only overflow timestamps.
+MAX_DURATION = 100 * 365 * 86400.0
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
 _DURATION_UNITS = {
     "ns": 1e-9,
@@ -71,6 +74,8 @@ def parse_duration(text: str) -> float:
         position = match.end()
     if position != len(text):
         raise ValueError(f"not a duration: {text!r} (use e.g. 5s, 1h30m, 7d)")
+    if total > MAX_DURATION:
+        raise ValueError(f"duration {text!r} is longer than 100 years")
     return total
 
 
@@ -269,13 +274,20 @@ class Config:
 
         for kind in ("auth", "admin"):
             token_field, file_field = f"{kind}_token", f"{kind}_token_file"
-            if values[file_field]:
-                if values[token_field]:
-                    raise ConfigError(
-                        f"{_source(raw[token_field])} and {_source(raw[file_field])} are both set; "
-                        "give the token one way only"
-                    )
+            # An option (token or file) beats the environment (token or file);
+            # a token and a file from the same level are ambiguous.
+            levels = [(_level(raw[f]), f) for f in (token_field, file_field) if values[f]]
+            best = max((level for level, _ in levels), default=0)
+            chosen = [f for level, f in levels if level == best]
+            if len(chosen) == 2:
+                raise ConfigError(
+                    f"{_source(raw[token_field])} and {_source(raw[file_field])} are both set; "
+                    "give the token one way only"
+                )
+            if chosen == [file_field]:
                 values[token_field] = _read_token(_source(raw[file_field]), values[file_field])
+            elif not chosen:
+                values[token_field] = ""
             del values[file_field]
 
         if values["auth_token"] and values["auth_token"] == values["admin_token"]:
@@ -288,7 +300,9 @@ class Config:
                 f"TURSO_BACKEND_PORT_START={values['backend_port_start']} is above "
                 f"TURSO_BACKEND_PORT_END={values['backend_port_end']}: the range is inverted"
             )
-        values["data_dir"] = os.path.abspath(values["data_dir"])
+        # One spelling of the data dir, so that every comparison of paths
+        # (orphaned children, files) sees through symlinks.
+        values["data_dir"] = os.path.realpath(values["data_dir"])
         config = cls(**values)
         if check_files:
             config = config._checked_files(bin_was_given=bool(raw["tursodb_bin"][2]))
@@ -315,6 +329,14 @@ class Config:
         if not os.access(data_dir, os.W_OK | os.X_OK):
             raise ConfigError(f"TURSO_DATA_DIR={data_dir!r}: not writable by this user")
         return attrs.evolve(self, tursodb_bin=os.path.abspath(tursodb))
+
+
+def _level(raw: tuple[Setting, str, str]) -> int:
+    """
+    2 for a command-line option, 1 for the environment, 0 for a default.
+    """
+    source = raw[2]
+    return 2 if source.startswith("--") else 1 if source else 0
 
 
 def _source(raw: tuple[Setting, str, str]) -> str:

@@ -10,6 +10,7 @@ through its C{--logger} option, which the plugin sets by default.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -25,6 +26,9 @@ _LEVELS = {
     LogLevel.error: "ERROR",
     LogLevel.critical: "CRITICAL",
 }
+
+#: Twisted's own port announcements; we log "listening" ourselves.
+_PORT_CHATTER = re.compile(r"^(\S+ starting on \d+|\(\S+ Port \d+ Closed\))$")
 
 #: Namespaces whose chatter says nothing an operator needs.
 _QUIET_NAMESPACES = ("twisted.web.client", "twisted.internet.protocol", "twisted.web._newclient")
@@ -50,11 +54,14 @@ def event_as_json(event: LogEvent) -> str | None:
         return None
     if event.get("log_system") == "-" and event.get("log_format") is None and not event.get("message"):
         return None
+    text = formatEvent(event).strip()
+    if namespace == "log_legacy" and _PORT_CHATTER.match(text):
+        return None
     moment = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc)
     record: dict[str, Any] = {
         "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
         "level": _LEVELS.get(level, "INFO"),
-        "msg": formatEvent(event).strip(),
+        "msg": text,
         "logger": namespace,
     }
     for key, value in event.items():

@@ -31,6 +31,11 @@ from .timefmt import from_rfc3339
 T = TypeVar("T")
 
 
+def _make_explicit(record: NamespaceRecord) -> None:
+    record.origin = "explicit"
+    record.locked = True
+
+
 def _found(manifest: dict[str, Any] | None, name: str) -> dict[str, Any]:
     if manifest is None:
         raise not_found(name)
@@ -72,6 +77,8 @@ class NamespaceManager:
     max_namespaces: int
     allow_auto_provision: bool
     drain_timeout: float = 10.0
+    #: Set at shutdown: new leases and creates are refused with a 503.
+    stopping: bool = False
     _locks: dict[str, DeferredLock] = attrs.field(factory=dict)
     _inflight: dict[str, int] = attrs.field(factory=dict)
     _drain_waiters: dict[str, list[Deferred[None]]] = attrs.field(factory=dict)
@@ -106,30 +113,71 @@ class NamespaceManager:
 
     # -- data path ----------------------------------------------------------
 
-    def lease(self, name: str) -> Deferred[Lease]:
+    def lease(self, name: str, data_request: bool = True) -> Deferred[Lease]:
         """
-        Make sure C{name} exists (auto-provisioning it if allowed) and its
-        child runs; fire with a lease on that child.
+        Make sure C{name} exists and its child runs; fire with a lease on
+        that child.  A data request may auto-provision the name and counts
+        as an access; an admin task (a backup, say) does neither.
         """
         names.validate(name)
 
         async def work() -> Lease:
+            self._check_open()
             record = self.state.records.get(name)
+            created = False
             if record is None:
-                if not self.allow_auto_provision:
+                if not (data_request and self.allow_auto_provision):
                     raise ApiError(404, "namespace_not_found",
-                                   f"namespace {name!r} does not exist and auto-provisioning is off")
+                                   f"namespace {name!r} does not exist"
+                                   + (" and auto-provisioning is off" if data_request else ""))
                 self._check_capacity(503)
                 record = self._add(name, "auto")
-            child = self.supervisor.running(name) or await self.supervisor.start(name)
+                created = True
+            child = await self._running_child(name, created)
             self._inflight[name] = self._inflight.get(name, 0) + 1
             return Lease(self, name, child)
 
         def touched(lease: Lease) -> Lease:
-            self.state.touch(name)
+            if data_request:
+                self.state.touch(name)
             return lease
 
         return self._locked(name, work).addCallback(touched)
+
+    async def _running_child(self, name: str, created: bool) -> TursodbProcess:
+        """
+        The running child of C{name}, started if need be.  A namespace that
+        has run before must still have its data file: one that vanished is
+        refused, never started empty over.  A namespace created just now
+        that cannot start is removed again, with the empty files its child
+        made, so that a failure leaves nothing behind.
+        """
+        child = self.supervisor.running(name)
+        if child is not None:
+            return child
+        db_path = names.db_path(self.archiver.data_dir, name)
+        if not created and not os.path.exists(db_path):
+            self._log.error("namespace data file is missing; refusing to start it empty",
+                            name=name, path=db_path)
+            raise ApiError(503, "namespace_data_missing",
+                           f"namespace {name!r}: its data file is missing from the data dir; "
+                           "restore it, or delete the namespace")
+        new_files = [p for p in names.data_files(self.archiver.data_dir, name) if not os.path.exists(p)]
+        try:
+            return await self.supervisor.start(name)
+        except BaseException:
+            if created:
+                self.state.records.pop(name, None)
+                self.state.save()
+                for path in new_files:
+                    if os.path.exists(path) and os.path.getsize(path) == 0:
+                        os.unlink(path)
+            raise
+
+    def _check_open(self) -> None:
+        if self.stopping:
+            raise ApiError(503, "shutting_down", "turso-server is shutting down; retry shortly",
+                           retry_after=5)
 
     def _release(self, name: str) -> None:
         count = self._inflight.get(name, 0) - 1
@@ -176,36 +224,34 @@ class NamespaceManager:
     def _add(self, name: str, origin: Origin) -> NamespaceRecord:
         record = NamespaceRecord.new(name, origin, self.clock.seconds())
         self.state.records[name] = record
-        self.state.save()
+        try:
+            self.state.save()
+        except BaseException:
+            del self.state.records[name]
+            raise
         self._log.info("namespace created", name=name, origin=origin, id=record.id)
         return record
 
     def create(self, name: str) -> Deferred[tuple[NamespaceRecord, bool]]:
         """
-        Create C{name} as an explicit namespace and start it; an existing
-        name is returned as it is.  Fires with (record, created).
+        Create C{name} as an explicit namespace and start it.  An existing
+        explicit one is returned as it is; an auto-provisioned one becomes
+        explicit and locked (the operator wants to keep it).  Fires with
+        (record, created).
         """
         names.validate(name)
 
         async def work() -> tuple[NamespaceRecord, bool]:
+            self._check_open()
             existing = self.state.records.get(name)
             if existing is not None:
+                if existing.origin == "auto":
+                    self._change(existing, _make_explicit)
+                    self._log.info("namespace made explicit", name=name, id=existing.id)
                 return existing, False
             self._check_capacity(409)
-            files = names.data_files(self.archiver.data_dir, name)
-            new_files = [path for path in files if not os.path.exists(path)]
             record = self._add(name, "explicit")
-            try:
-                await self.supervisor.start(name)
-            except ApiError:
-                # A create whose child cannot start leaves nothing behind: no
-                # record, and none of the empty files the child made.
-                del self.state.records[name]
-                self.state.save()
-                for path in new_files:
-                    if os.path.exists(path) and os.path.getsize(path) == 0:
-                        os.unlink(path)
-                raise
+            await self._running_child(name, created=True)
             return record, True
 
         return self._locked(name, work)
@@ -296,11 +342,24 @@ class NamespaceManager:
             record = self.state.records.get(name)
             if record is None:
                 raise not_found(name)
-            change(record)
-            self.state.save()
+            self._change(record, change)
             return record
 
         return self._locked(name, work)
+
+    def _change(self, record: NamespaceRecord, change: Callable[[NamespaceRecord], None]) -> None:
+        """
+        Apply C{change} and save; if saving fails, memory goes back to what
+        the disk says, so the two never disagree.
+        """
+        before = attrs.evolve(record)
+        change(record)
+        try:
+            self.state.save()
+        except BaseException:
+            for field in attrs.fields(NamespaceRecord):
+                setattr(record, field.name, getattr(before, field.name))
+            raise
 
     def describe(self, record: NamespaceRecord) -> dict[str, Any]:
         """

@@ -26,6 +26,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+_BACKTRACE_FRAME = re.compile(r"^\s+(\d+:|at )|^stack backtrace:|^note: ")
 _RUST_LOG_LINE = re.compile(r"^\S+Z\s+(ERROR|WARN|INFO|DEBUG|TRACE)\s+(.*)$")
 _RUST_LEVELS = {
     "ERROR": LogLevel.error,
@@ -46,7 +47,7 @@ class TursodbProcess(ProcessProtocol):
         self.name = name
         self.port = port
         self.log = Logger(namespace=f"tursodb.{name}")
-        self.recent_stderr: deque[str] = deque(maxlen=20)
+        self.recent_stderr: deque[str] = deque(maxlen=60)
         self.ended: Deferred[TursodbProcess] = Deferred()
         self.exit_code: int | None = None
         self.exit_signal: int | None = None
@@ -89,6 +90,14 @@ class TursodbProcess(ProcessProtocol):
             self.exit_signal = value.signal
         self.has_ended = True
         self.ended.callback(self)
+
+    def stderr_summary(self, lines: int = 6) -> list[str]:
+        """
+        The last stderr lines that say something: Rust backtrace frames
+        (C{"  12: ..."}, C{"at src/..."}) are left out.
+        """
+        meaningful = [line for line in self.recent_stderr if not _BACKTRACE_FRAME.match(line)]
+        return meaningful[-lines:]
 
     def exit_description(self) -> str:
         if self.exit_signal is not None:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from .admin import AdminAPI, Readiness
 from .archive import Archiver
 from .config import Config, ConfigError
+from .datadir import DataDirBusy, clean_scratch, lock_data_dir
 from .gc import GarbageCollector
 from .namespaces import NamespaceManager
 from .orphans import kill_orphans
@@ -77,6 +78,8 @@ class TursoService(Service):
         self.admin = AdminAPI(self.manager, config.admin_token, self.readiness)
         self.data_plane = DataPlane(reactor, self.manager, config.auth_token)
         self.ports: dict[str, IListeningPort] = {}
+        #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
+        self.lock_fd: int | None = None
 
     def privilegedStartService(self) -> None:
         """
@@ -85,9 +88,10 @@ class TursoService(Service):
         """
         listeners = (
             ("data", "TURSO_DATA_ADDR", self.config.data_addr,
-             CappedSite(self.data_plane, self.config.max_body_bytes)),
+             CappedSite(self.data_plane, self.config.max_body_bytes, self.config.auth_token)),
             ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr,
-             CappedSite(self.admin.resource(), ADMIN_MAX_BODY)),
+             CappedSite(self.admin.resource(), ADMIN_MAX_BODY, self.config.admin_token,
+                        limit_name="the admin body limit")),
         )
         for kind, variable, address, site in listeners:
             try:
@@ -106,19 +110,21 @@ class TursoService(Service):
         super().startService()
         if not self.ports:
             self.privilegedStartService()
+        # We hold the data dir lock: any child still serving it is an orphan.
         killed = kill_orphans(self.config.data_dir, self.config.tursodb_bin)
+        clean_scratch(self.config.data_dir)
         if killed:
             self._log.warn("killed orphaned tursodb processes", pids=killed)
         self.manager.reconcile()
         if not any(w.endswith("setpriv") for w in self.supervisor.wrappers):
             self._log.warn("setpriv not found: children may outlive a daemon killed with SIGKILL "
                            "(they are cleaned up at the next start)")
-        for kind in ("auth", "admin"):
-            if not getattr(self.config, f"{kind}_token"):
-                port = "data" if kind == "auth" else "admin"
-                variable = f"TURSO_{kind.upper()}_TOKEN"
-                self._log.warn("auth is off on the {port} port: {variable} is empty (dev only)",
-                               port=port, variable=variable)
+        open_ports = [port for port, token in (("data", self.config.auth_token),
+                                               ("admin", self.config.admin_token)) if not token]
+        if open_ports:
+            self._log.warn("auth is off (dev only): no token for the {ports} port(s); set "
+                           "TURSO_AUTH_TOKEN / TURSO_ADMIN_TOKEN in production",
+                           ports=" and ".join(open_ports), open_ports=open_ports)
         for kind, port in self.ports.items():
             host = port.getHost()
             self._log.info("listening", listener=kind, host=host.host, port=host.port)
@@ -138,6 +144,8 @@ class TursoService(Service):
 
     async def _shutdown(self) -> None:
         self._log.info("shutting down", inflight=self.manager.inflight())
+        # Connections already open may still send requests: they get a 503.
+        self.manager.stopping = True
         await DeferredList([port.stopListening() for port in self.ports.values()])
         self.ports = {}
         await self.gc.stop()
@@ -145,8 +153,8 @@ class TursoService(Service):
         await self.manager.stop_all()
         try:
             self.state.flush_pending()
-        except OSError as error:
-            self._log.error("could not flush the state file at shutdown", error=str(error))
+        except Exception:
+            self._log.failure("could not flush the state file at shutdown")
         self._log.info("stopped")
 
 
@@ -168,9 +176,15 @@ def make_service(options: Mapping[str, str | None], reactor: Any = None,
         config = Config.load(options, environ)
     except ConfigError as error:
         _fatal(str(error))
+    try:
+        lock_fd = lock_data_dir(config.data_dir)
+    except (DataDirBusy, OSError) as error:
+        _fatal(str(error))
     state = StateStore.for_data_dir(config.data_dir, reactor)
     try:
         state.load()
     except (StateError, OSError) as error:
         _fatal(str(error))
-    return TursoService(config, reactor, state)
+    service = TursoService(config, reactor, state)
+    service.lock_fd = lock_fd
+    return service

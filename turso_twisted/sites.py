@@ -9,13 +9,15 @@ from io import BytesIO
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .errors import error_body
+from .auth import check_bearer
+from .errors import ApiError, error_body
 
 
 class CappedRequest(Request):
     """
-    A request whose body is refused with 413 as soon as it passes the
-    site's C{max_body_bytes}, without reading the rest.
+    A request whose body is refused without being read: with 401 when the
+    client lacks the site's token, with 413 as soon as it passes the site's
+    C{max_body_bytes}.
     """
 
     _rejected = False
@@ -26,17 +28,29 @@ class CappedRequest(Request):
         return self.channel.site.max_body_bytes
 
     def gotLength(self, length: int | None) -> None:
+        # Headers are complete: a body is read only for a client with the
+        # site's token, and only up to the limit.
+        if length != 0 and not self._authorized():
+            self._reject(401, b"Unauthorized", "unauthorized", "missing or invalid bearer token")
+            return
         if length is not None and length > self._limit:
-            self._reject()
+            self._reject_too_large()
             return
         super().gotLength(length)
+
+    def _authorized(self) -> bool:
+        try:
+            check_bearer(self, self.channel.site.body_token)
+        except ApiError:
+            return False
+        return True
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
         self._received += len(data)
         if self._received > self._limit:
-            self._reject()
+            self._reject_too_large()
             return
         super().handleContentChunk(data)
 
@@ -44,15 +58,22 @@ class CappedRequest(Request):
         if not self._rejected:
             super().process()
 
-    def _reject(self) -> None:
+    def _reject_too_large(self) -> None:
+        self._reject(413, b"Payload Too Large", "body_too_large",
+                     f"request body exceeds {self.channel.site.limit_name}={self._limit} bytes")
+
+    def _reject(self, status: int, phrase: bytes, code: str, message: str) -> None:
+        """
+        Answer at once and close, without reading the rest of the body.
+        """
         self._rejected = True
         self.content = BytesIO()
         self.requestHeaders.removeHeader(b"expect")
-        body = error_body("body_too_large",
-                          f"request body exceeds TURSO_MAX_BODY_BYTES={self._limit} bytes")
+        body = error_body(code, message)
+        extra = b'www-authenticate: Bearer realm="turso-server"\r\n' if status == 401 else b""
         self.channel.transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n%s"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, phrase, extra, len(body), body))
         self.channel.loseConnection()
 
 
@@ -75,6 +96,10 @@ class CappedSite(QuietSite):
 
     requestFactory = CappedRequest
 
-    def __init__(self, resource: Resource, max_body_bytes: int, timeout: float = 120.0) -> None:
+    def __init__(self, resource: Resource, max_body_bytes: int, body_token: str = "",
+                 limit_name: str = "TURSO_MAX_BODY_BYTES", timeout: float = 120.0) -> None:
         super().__init__(resource, timeout=timeout)
         self.max_body_bytes = max_body_bytes
+        #: Requests with a body must carry this bearer token (if set).
+        self.body_token = body_token
+        self.limit_name = limit_name

@@ -172,8 +172,12 @@ class StateStore:
             entries = document["namespaces"]
             if not isinstance(entries, dict):
                 raise ValueError("'namespaces' must be an object")
-            records = {name: NamespaceRecord.from_json(name, data) for name, data in entries.items()}
-        except (OSError, ValueError, KeyError, TypeError, names.InvalidName) as error:
+            records = {}
+            for name, data in entries.items():
+                if not isinstance(data, dict):
+                    raise ValueError(f"namespace {name!r}: expected an object")
+                records[name] = NamespaceRecord.from_json(name, data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, names.InvalidName) as error:
             hint = (
                 f"; the previous good copy is {self.previous_path}"
                 if os.path.exists(self.previous_path)

@@ -11,6 +11,8 @@ keeps no per-name locks.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from . import names
+from .datadir import temp_dir
 from .errors import ApiError
 from .ports import PortAllocator, PortsExhausted
 from .process import TursodbProcess, owns_listener, spawn_tursodb
@@ -96,8 +99,10 @@ class Supervisor:
             except PortsExhausted as error:
                 raise spawn_failed(name, str(error), retry_after=5) from None
             began = self.reactor.seconds()
+            scratch = self._scratch_dir(name, port)
             child = spawn_tursodb(self.reactor, self.tursodb_bin, names.db_path(self.data_dir, name),
-                                  port, name, self.wrappers, self.child_env)
+                                  port, name, self.wrappers, {**self.child_env, "TMPDIR": scratch})
+            child.ended.addBoth(self._remove_scratch, scratch)
             self.spawns += 1
             why = await self._wait_serving(child)
             if why is None:
@@ -118,8 +123,22 @@ class Supervisor:
         self.spawn_failures += 1
         self._note_failure(name)
         self._log.error("namespace failed to start", name=name, reason=why,
-                        stderr=list(child.recent_stderr)[-10:])
+                        stderr=child.stderr_summary())
         raise spawn_failed(name, why)
+
+    def _scratch_dir(self, name: str, port: int) -> str:
+        """
+        A temp dir for one child (tursodb puts its temp database there),
+        inside the data dir and removed when the child ends, so nothing of
+        a tenant lingers in the system's /tmp.
+        """
+        path = os.path.join(temp_dir(self.data_dir), f"tursodb-{name}-{port}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def _remove_scratch(self, result: object, path: str) -> object:
+        shutil.rmtree(path, ignore_errors=True)
+        return result
 
     def _wait_serving(self, child: TursodbProcess) -> Deferred[str | None]:
         """
@@ -159,7 +178,7 @@ class Supervisor:
                 self._log.error(
                     "tursodb exited unexpectedly", name=name, port=child.port, pid=child.pid,
                     status=child.exit_description(), uptime=round(uptime, 3),
-                    stderr=list(child.recent_stderr)[-10:])
+                    stderr=child.stderr_summary())
         return child
 
     def _note_failure(self, name: str, uptime: float = 0.0) -> None:
