@@ -98,3 +98,42 @@ class LifecycleTests(E2ETestCase):
         self.assertEqual(os.listdir(os.path.join(daemon.data_dir, "archive")), [])
         status, archive = yield self.admin(daemon, "GET", "/v1/archive")
         self.assertEqual(archive["entries"], [])
+
+
+class ReplicaHistoryTests(E2ETestCase):
+    @inlineCallbacks
+    def test_replica_of_a_deleted_namespace_cannot_touch_the_new_one(self) -> Any:
+        """
+        After DELETE, the name starts empty, and a replica of the old
+        incarnation is refused on push and on pull with a clear error,
+        instead of re-pushing archived rows into it or diverging silently;
+        after unarchive it works again.
+        """
+        daemon = yield Daemon(self).start()
+        old = yield self.replica(daemon, "alpha")
+        yield run_replica(old.run, "create table t (x text)", "insert into t values ('old')")
+        yield run_replica(old.push)
+        status, deleted = yield get_json(daemon.admin_url("/v1/namespaces/alpha"), "DELETE")
+        self.assertEqual(status, 200)
+
+        fresh = yield self.replica(daemon, "alpha")
+        self.assertEqual((yield run_replica(fresh.rows, "select name from sqlite_master where name='t'")), [])
+        yield run_replica(old.run, "insert into t values ('written offline')")
+        for action in (old.push, old.pull):
+            with self.assertRaises(Exception) as caught:
+                yield run_replica(action)
+            self.assertIn("stale_replica", str(caught.exception))
+            self.assertIn("connect again", str(caught.exception))
+        self.assertEqual((yield run_replica(fresh.rows, "select name from sqlite_master where name='t'")), [])
+        status, record = yield get_json(daemon.admin_url("/v1/namespaces/alpha"))
+        self.assertEqual(record["retiredReplicas"], 1)
+
+        # Bring the old files back: the old replica is good again.
+        yield get_json(daemon.admin_url("/v1/namespaces/alpha"), "DELETE")
+        status, restored = yield get_json(daemon.admin_url("/v1/namespaces/alpha/unarchive"), "POST",
+                                          data=json.dumps({"archivedAt": deleted["archived"]["archivedAt"]}).encode())
+        self.assertEqual(status, 200)
+        yield run_replica(old.push)
+        reader = yield self.replica(daemon, "alpha")
+        self.assertEqual((yield run_replica(reader.rows, "select x from t order by x")),
+                         [("old",), ("written offline",)])

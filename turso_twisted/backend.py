@@ -8,12 +8,13 @@ streamed back to the client as it arrives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
@@ -97,3 +98,22 @@ def relay(response: IResponse, request: IRequest) -> Deferred[None]:
     done: Deferred[None] = Deferred()
     response.deliverBody(_Relay(request, done))
     return done
+
+
+def relay_transformed(response: IResponse, request: IRequest,
+                      transform: Callable[[bytes], bytes]) -> Deferred[None]:
+    """
+    Like L{relay}, but the whole body is read, passed through C{transform}
+    and sent with its new length.
+    """
+    request.setResponseCode(response.code, response.phrase)
+    for key, values in end_to_end(response.headers).getAllRawHeaders():
+        request.responseHeaders.setRawHeaders(key, values)
+
+    def send_on(body: bytes) -> None:
+        body = transform(body)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.write(body)
+
+    return readBody(response).addCallback(send_on)

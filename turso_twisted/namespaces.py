@@ -24,7 +24,7 @@ from .archive import ArchiveEntry, Archiver
 from .config import parse_duration
 from .errors import ApiError, not_found
 from .process import TursodbProcess
-from .state import NamespaceRecord, Origin, StateStore
+from .state import NamespaceRecord, Origin, StateStore, new_history
 from .supervisor import Supervisor
 from .timefmt import from_rfc3339
 
@@ -223,6 +223,8 @@ class NamespaceManager:
 
     def _add(self, name: str, origin: Origin) -> NamespaceRecord:
         record = NamespaceRecord.new(name, origin, self.clock.seconds())
+        # Replicas of earlier incarnations of the name must not push here.
+        record.retired = set(self.state.tombstones.get(name, ()))
         self.state.records[name] = record
         try:
             self.state.save()
@@ -282,6 +284,8 @@ class NamespaceManager:
             await self.supervisor.stop(name)
             manifest = await self.archiver.archive(record, reason, self.clock.seconds())
             del self.state.records[name]
+            self.state.tombstones[name] = (self.state.tombstones.get(name, set())
+                                           | record.clients | record.retired)
             self.state.save()
             self._log.info("namespace archived", name=name, id=record.id, entry=manifest["entry"],
                            reason=reason)
@@ -305,6 +309,7 @@ class NamespaceManager:
             self._check_capacity(409)
             entry = self.archiver.find(name, archived_at)
             manifest = await self.archiver.restore(entry)
+            clients = set(manifest.get("clients") or [])
             record = NamespaceRecord(
                 name=name,
                 id=manifest["id"],
@@ -313,6 +318,12 @@ class NamespaceManager:
                 ttl=None if manifest.get("ttl") is None else parse_duration(manifest["ttl"]),
                 created_at=from_rfc3339(manifest["createdAt"]),
                 last_access_at=self.clock.seconds(),
+                # The files come back with their history: their replicas
+                # are good again, every other replica of the name is not.
+                history=manifest.get("history") or new_history(),
+                clients=clients,
+                retired=(self.state.tombstones.get(name, set())
+                         | set(manifest.get("retiredClients") or [])) - clients,
             )
             self.state.records[name] = record
             self.state.save()
@@ -361,6 +372,25 @@ class NamespaceManager:
                 setattr(record, field.name, getattr(before, field.name))
             raise
 
+    # -- replicas ------------------------------------------------------------------
+
+    def check_pushing_clients(self, name: str, client_ids: set[str]) -> None:
+        """
+        Refuse a push from a replica of an earlier history of C{name}; note
+        new replicas of the current one (saved at once: it is what retires
+        them should the files ever be replaced).
+        """
+        record = self.state.records[name]
+        stale = client_ids & record.retired
+        if stale:
+            raise ApiError(409, "stale_replica",
+                           f"this replica ({sorted(stale)[0]}) was made from other data than namespace "
+                           f"{name!r} now holds (it was deleted and created again, restored, or its files "
+                           "were replaced); delete the local replica files and connect again")
+        new = client_ids - record.clients
+        if new:
+            self._change(record, lambda r: r.clients.update(new))
+
     def describe(self, record: NamespaceRecord) -> dict[str, Any]:
         """
         A record as the admin API shows it: stored fields plus runtime ones.
@@ -370,6 +400,9 @@ class NamespaceManager:
         out["running"] = child is not None
         out["port"] = child.port if child else None
         out["pid"] = child.pid if child else None
+        # Client ids are for the daemon; the API shows how many there are.
+        out["replicas"] = len(out.pop("clients"))
+        out["retiredReplicas"] = len(out.pop("retiredClients"))
         return out
 
     # -- start-up and shutdown ---------------------------------------------
@@ -394,6 +427,7 @@ class NamespaceManager:
             if not os.path.isfile(os.path.join(data_dir, entry)):
                 continue
             record = NamespaceRecord.new(stem, "explicit", self.clock.seconds())
+            record.retired = set(self.state.tombstones.get(stem, ()))
             self.state.records[stem] = record
             changed = True
             self._log.warn("adopted a data file that had no state record (explicit, locked)",

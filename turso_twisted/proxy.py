@@ -9,7 +9,9 @@ decoding), then the namespace lease, then the child.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from io import BytesIO
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectError
@@ -23,9 +25,16 @@ from twisted.web.server import NOT_DONE_YET
 
 from . import names
 from .auth import check_bearer
-from .backend import make_agent, relay, send
+from .backend import make_agent, relay, relay_transformed, send
 from .errors import INTERNAL, ApiError, write_error
 from .namespaces import NamespaceManager
+from .syncproto import (
+    MalformedSyncMessage,
+    StaleReplica,
+    pushing_clients,
+    tag_pull_response,
+    untag_pull_request,
+)
 
 #: How long a request waits for a dying child to be noticed before retrying.
 DEATH_NOTICE_TIMEOUT = 2.0
@@ -87,10 +96,13 @@ class DataPlane(Resource):
     async def _serve(self, request: Request) -> None:
         check_bearer(request, self.auth_token)
         name, target = split_target(request.uri)
+        path = target.partition(b"?")[0]
+        is_pull = request.method == b"POST" and path == b"/pull-updates"
         for attempt in (1, 2):
             lease = await self.manager.lease(name)
             try:
-                response = await send(self.agent, lease.port, request, target, request.content)
+                body = self._checked_body(lease.name, path, is_pull, request)
+                response = await send(self.agent, lease.port, request, target, body)
             except ConnectError as error:
                 # Nothing reached the child, so a retry cannot duplicate a
                 # write: the child is gone; wait until that is noticed.
@@ -99,18 +111,47 @@ class DataPlane(Resource):
                     raise self._upstream_error(name, request, error) from None
                 await self._death_noticed(lease.child.ended)
                 continue
+            except ApiError:
+                lease.release()
+                raise
             except Exception as error:
                 lease.release()
                 raise self._upstream_error(name, request, error) from None
             try:
-                await relay(response, request)
-            except ResponseFailed as error:
+                if is_pull and response.code == 200:
+                    history = self.manager.state.records[name].history
+                    await relay_transformed(response, request, partial(tag_pull_response, history=history))
+                else:
+                    await relay(response, request)
+            except (ResponseFailed, MalformedSyncMessage) as error:
                 raise self._upstream_error(name, request, error) from None
             finally:
                 lease.release()
             if not request.finished and not getattr(request, "_disconnected", False):
                 request.finish()
             return
+
+    def _checked_body(self, name: str, path: bytes, is_pull: bool, request: Request) -> IO[bytes]:
+        """
+        The body to send: a pull's revisions untagged (refusing another
+        history's), a push checked against retired replicas.
+        """
+        content = request.content
+        if is_pull:
+            content.seek(0)
+            try:
+                untagged = untag_pull_request(content.read(), self.manager.state.records[name].history, name)
+            except StaleReplica as error:
+                raise ApiError(409, "stale_replica", str(error)) from None
+            except MalformedSyncMessage as error:
+                raise ApiError(400, "bad_request", f"malformed pull-updates request: {error}") from None
+            return BytesIO(untagged)
+        if path == b"/v2/pipeline":
+            content.seek(0)
+            clients = pushing_clients(content.read())
+            if clients:
+                self.manager.check_pushing_clients(name, clients)
+        return content
 
     def _death_noticed(self, ended: Deferred[Any]) -> Deferred[None]:
         """

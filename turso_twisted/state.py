@@ -29,6 +29,10 @@ Origin = Literal["explicit", "auto"]
 STATE_VERSION = 1
 
 
+def new_history() -> str:
+    return uuid.uuid4().hex[:16]
+
+
 class StateError(Exception):
     """
     The state file cannot be used; the message names it and says why.
@@ -52,6 +56,12 @@ class NamespaceRecord:
     last_access_at: float
     ttl: float | None = None
     id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    #: The history of the current files (see L{turso_twisted.syncproto}).
+    history: str = attrs.field(factory=new_history)
+    #: Replicas (client ids) that pushed to this history.
+    clients: set[str] = attrs.field(factory=set)
+    #: Replicas of earlier histories of this name: refused.
+    retired: set[str] = attrs.field(factory=set)
 
     @classmethod
     def new(cls, name: str, origin: Origin, now: float) -> NamespaceRecord:
@@ -72,6 +82,9 @@ class NamespaceRecord:
             "ttl": None if self.ttl is None else format_duration(self.ttl),
             "createdAt": to_rfc3339(self.created_at),
             "lastAccessAt": to_rfc3339(self.last_access_at),
+            "history": self.history,
+            "clients": sorted(self.clients),
+            "retiredClients": sorted(self.retired),
         }
 
     @classmethod
@@ -84,6 +97,9 @@ class NamespaceRecord:
         record_id = data.get("id")
         if not isinstance(record_id, str) or not record_id:
             raise ValueError("id must be a non-empty string")
+        history = data.get("history")
+        if not isinstance(history, str) or not history.isalnum():
+            raise ValueError("history must be a non-empty alphanumeric string")
         return cls(
             name=names.validate(name),
             id=record_id,
@@ -92,7 +108,16 @@ class NamespaceRecord:
             ttl=None if ttl is None else parse_duration(ttl),
             created_at=from_rfc3339(data["createdAt"]),
             last_access_at=from_rfc3339(data["lastAccessAt"]),
+            history=history,
+            clients=_strings(data.get("clients", []), "clients"),
+            retired=_strings(data.get("retiredClients", []), "retiredClients"),
         )
+
+
+def _strings(value: Any, what: str) -> set[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{what} must be a list of strings")
+    return set(value)
 
 
 def write_atomically(path: str, payload: bytes, keep_previous: str | None = None) -> None:
@@ -135,6 +160,8 @@ class StateStore:
     clock: IReactorTime
     flush_delay: float = 60.0
     records: dict[str, NamespaceRecord] = attrs.field(factory=dict)
+    #: name -> client ids of every archived history of that name.
+    tombstones: dict[str, set[str]] = attrs.field(factory=dict)
     writes: int = 0
     _pending_flush: IDelayedCall | None = attrs.field(default=None, init=False)
     _log = Logger()
@@ -163,6 +190,7 @@ class StateStore:
                     "(or remove it to start with no namespaces)"
                 )
             self.records = {}
+            self.tombstones = {}
             return
         try:
             with open(self.path, "rb") as handle:
@@ -177,6 +205,11 @@ class StateStore:
                 if not isinstance(data, dict):
                     raise ValueError(f"namespace {name!r}: expected an object")
                 records[name] = NamespaceRecord.from_json(name, data)
+            raw_tombstones = document.get("tombstones", {})
+            if not isinstance(raw_tombstones, dict):
+                raise ValueError("'tombstones' must be an object")
+            tombstones = {names.validate(name): _strings(ids, f"tombstones of {name!r}")
+                          for name, ids in raw_tombstones.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, names.InvalidName) as error:
             hint = (
                 f"; the previous good copy is {self.previous_path}"
@@ -185,6 +218,7 @@ class StateStore:
             )
             raise StateError(f"state file {self.path} is unusable: {error}{hint}") from None
         self.records = records
+        self.tombstones = tombstones
 
     def save(self) -> None:
         """
@@ -196,6 +230,7 @@ class StateStore:
         document = {
             "version": STATE_VERSION,
             "namespaces": {name: record.to_json() for name, record in sorted(self.records.items())},
+            "tombstones": {name: sorted(ids) for name, ids in sorted(self.tombstones.items()) if ids},
         }
         payload = json.dumps(document, indent=1).encode("utf-8") + b"\n"
         write_atomically(self.path, payload, keep_previous=self.previous_path)

@@ -1,0 +1,173 @@
+"""
+The few bits of the sync protocol the proxy must read, so that a replica is
+only ever served by the history of the database it was made from.
+
+A namespace's files have a I{history}: a random id given when the files
+are created, kept while they live (across restarts, archive and unarchive)
+and replaced when they are replaced (a new incarnation of the name, a
+restore, a fork).  tursodb's sync revisions are WAL frame numbers, which
+mean nothing in another history, so the proxy tags every revision it hands
+out as C{<history>-<frame>} and refuses any replica that presents a
+revision of another history: it would otherwise pull nonsense, or nothing,
+silently.
+
+Pushes carry no revision, only the replica's client id (in the statements
+on C{turso_sync_last_change_id}): the proxy notes the ids that push to a
+history, and refuses ids retired from earlier histories of the name.
+
+Only what is needed is parsed: protobuf fields 2 and 3 of a pull request,
+field 1 of a pull response's first (length-delimited) message, and the
+arguments of pipeline statements on the sync table.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SYNC_TABLE = b"turso_sync_last_change_id"
+
+_WIRE_VARINT, _WIRE_64, _WIRE_BYTES, _WIRE_32 = 0, 1, 2, 5
+
+
+class StaleReplica(Exception):
+    """
+    The replica was made from another history of this namespace.
+    """
+
+
+class MalformedSyncMessage(ValueError):
+    pass
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise MalformedSyncMessage("truncated varint")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, position
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def parse_fields(data: bytes) -> list[tuple[int, int, Any]]:
+    """
+    A protobuf message as (field number, wire type, value): C{int} for
+    varints, C{bytes} otherwise.
+    """
+    fields = []
+    position = 0
+    while position < len(data):
+        key, position = _read_varint(data, position)
+        number, wire = key >> 3, key & 7
+        if wire == _WIRE_VARINT:
+            value, position = _read_varint(data, position)
+        elif wire == _WIRE_BYTES:
+            length, position = _read_varint(data, position)
+            if position + length > len(data):
+                raise MalformedSyncMessage("truncated field")
+            value = data[position:position + length]
+            position += length
+        elif wire in (_WIRE_64, _WIRE_32):
+            size = 8 if wire == _WIRE_64 else 4
+            value = data[position:position + size]
+            position += size
+        else:
+            raise MalformedSyncMessage(f"unsupported wire type {wire}")
+        fields.append((number, wire, value))
+    return fields
+
+
+def serialize_fields(fields: list[tuple[int, int, Any]]) -> bytes:
+    out = bytearray()
+    for number, wire, value in fields:
+        out += _varint(number << 3 | wire)
+        if wire == _WIRE_VARINT:
+            out += _varint(value)
+        elif wire == _WIRE_BYTES:
+            out += _varint(len(value)) + value
+        else:
+            out += value
+    return bytes(out)
+
+
+def tag(history: str, revision: bytes) -> bytes:
+    return history.encode("ascii") + b"-" + revision
+
+
+def untag_pull_request(body: bytes, history: str, name: str) -> bytes:
+    """
+    The pull request with its revisions turned back into tursodb's frame
+    numbers.
+
+    @raise StaleReplica: if a revision belongs to another history.
+    """
+    fields = parse_fields(body)
+    prefix = history.encode("ascii") + b"-"
+    out = []
+    for number, wire, value in fields:
+        if number in (2, 3) and wire == _WIRE_BYTES and value:
+            if not value.startswith(prefix) or not value[len(prefix):].isdigit():
+                raise StaleReplica(
+                    f"this replica of namespace {name!r} was synced with other data than the "
+                    "namespace now holds (it was deleted and created again, restored, or its "
+                    "files were replaced); delete the local replica files and connect again")
+            value = value[len(prefix):]
+        out.append((number, wire, value))
+    return serialize_fields(out)
+
+
+def tag_pull_response(body: bytes, history: str) -> bytes:
+    """
+    The pull response with the revision in its header message tagged.
+    """
+    length, position = _read_varint(body, 0)
+    header = body[position:position + length]
+    if len(header) != length:
+        raise MalformedSyncMessage("truncated pull-updates header")
+    fields = [(n, w, tag(history, v) if n == 1 and w == _WIRE_BYTES and v else v)
+              for n, w, v in parse_fields(header)]
+    new_header = serialize_fields(fields)
+    return _varint(len(new_header)) + new_header + body[position + length:]
+
+
+def pushing_clients(body: bytes) -> set[str]:
+    """
+    The client ids named by statements on the sync table in a pipeline
+    request (what a replica's push sends); empty for anything else.
+    """
+    if SYNC_TABLE not in body:
+        return set()
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return set()
+    found: set[str] = set()
+    for request in document.get("requests", []) if isinstance(document, dict) else []:
+        if not isinstance(request, dict):
+            continue
+        statements = [request.get("stmt")]
+        batch = request.get("batch")
+        if isinstance(batch, dict):
+            statements += [step.get("stmt") for step in batch.get("steps", []) if isinstance(step, dict)]
+        for statement in statements:
+            if not isinstance(statement, dict) or SYNC_TABLE.decode() not in str(statement.get("sql")):
+                continue
+            # The sync table's statements bind pull_gen and change_id as
+            # integers: their one text argument is the client id.
+            for arg in statement.get("args") or []:
+                if isinstance(arg, dict) and arg.get("type") == "text" and isinstance(arg.get("value"), str):
+                    found.add(arg["value"])
+    return found
