@@ -130,8 +130,9 @@ class ReplicaHistoryTests(E2ETestCase):
 
         # Bring the old files back: the old replica is good again.
         yield get_json(daemon.admin_url("/v1/namespaces/alpha"), "DELETE")
+        choice = json.dumps({"archivedAt": deleted["archived"]["archivedAt"]}).encode()
         status, restored = yield get_json(daemon.admin_url("/v1/namespaces/alpha/unarchive"), "POST",
-                                          data=json.dumps({"archivedAt": deleted["archived"]["archivedAt"]}).encode())
+                                          data=choice)
         self.assertEqual(status, 200)
         yield run_replica(old.push)
         reader = yield self.replica(daemon, "alpha")
