@@ -11,6 +11,7 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.admin import AdminAPI, Readiness
+from turso_twisted.backup import Backups
 
 from .fakes import end
 from .support import ManagerFixture
@@ -23,7 +24,8 @@ class AdminTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp(), max_namespaces=3)
         self.readiness = Readiness(self.fx.data_dir, state_loaded=True, listening=True)
-        self.api = AdminAPI(self.fx.manager, TOKEN, self.readiness)
+        self.api = AdminAPI(self.fx.manager, TOKEN, self.readiness,
+                            Backups(self.fx.reactor, self.fx.manager, agent=None))
         self.stub = StubTreq(self.api.resource())
 
     def call(self, method: str, path: str, body: Any = None, headers: Any = AUTH,

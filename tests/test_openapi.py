@@ -11,6 +11,7 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.admin import AdminAPI, Readiness
+from turso_twisted.backup import Backups
 
 from .support import ManagerFixture
 
@@ -29,7 +30,7 @@ class OpenAPITests(SynchronousTestCase):
 
     def routed(self) -> set[tuple[str, str]]:
         fx = ManagerFixture(self.mktemp())
-        api = AdminAPI(fx.manager, "", Readiness(fx.data_dir))
+        api = AdminAPI(fx.manager, "", Readiness(fx.data_dir), Backups(fx.reactor, fx.manager, agent=None))
         found = set()
         for rule in api.app.url_map.iter_rules():
             path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
@@ -49,7 +50,7 @@ class OpenAPITests(SynchronousTestCase):
                 self.assertIn("responses", operation, (path, method))
                 self.assertIn("operationId", operation, (path, method))
             if "{name}" in path:
-                self.assertEqual(item["parameters"], [{"$ref": "#/components/parameters/name"}])
+                self.assertEqual(item["parameters"][0], {"$ref": "#/components/parameters/name"})
             if "{entry}" in path:
                 self.assertEqual([p["name"] for p in item["parameters"]], ["entry"])
 

@@ -19,12 +19,14 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.static import File
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import names
 from .archive import parse_entry_name
 from .auth import check_bearer
-from .config import format_duration, parse_duration
+from .backup import Backups, remove_file
+from .config import format_duration, parse_bool, parse_duration
 from .errors import INTERNAL, ApiError, error_body
 from .namespaces import LimitReached, NamespaceManager
 from .state import NamespaceRecord
@@ -89,6 +91,7 @@ class AdminAPI:
     manager: NamespaceManager
     admin_token: str
     readiness: Readiness
+    backups: Backups
     app: Klein = attrs.field(factory=Klein, init=False)
     _log = Logger()
 
@@ -107,6 +110,9 @@ class AdminAPI:
         route("/v1/namespaces/<name>/ttl", methods=["POST"])(self._admin(self.ttl))
         route("/v1/namespaces/<name>/access", methods=["POST"])(self._admin(self.access))
         route("/v1/namespaces/<name>/unarchive", methods=["POST"])(self._admin(self.unarchive))
+        route("/v1/namespaces/<name>/backup", methods=["GET"])(self._admin(self.backup))
+        route("/v1/namespaces/<name>/restore", methods=["POST"])(self._admin(self.restore))
+        route("/v1/namespaces/<name>/fork/<target>", methods=["POST"])(self._admin(self.fork))
         route("/v1/archive", methods=["GET"])(self._admin(self.list_archive))
         route("/v1/archive/<entry>", methods=["DELETE"])(self._admin(self.delete_archive_entry))
 
@@ -280,3 +286,36 @@ class AdminAPI:
         await self.manager.remove_archive_entry(found[0])
         self._log.info("archive entry removed", name=name, entry=entry, reason="deleted via admin API")
         return _json(request, {"deleted": entry})
+
+    # -- backup, restore, fork ----------------------------------------------------
+
+    async def backup(self, request: IRequest, name: str) -> Any:
+        """A consistent copy of the namespace as a SQLite file, with its identity inside."""
+        taken = await self.backups.take(_valid(name))
+        # The temp copy goes when the download ends, however it ends.
+        request.notifyFinish().addBoth(lambda _: remove_file(taken.path))
+        request.setHeader(b"content-disposition", f'attachment; filename="{taken.filename}"'.encode())
+        request.setHeader(b"x-backup-sha256", taken.sha256.encode())
+        request.setHeader(b"x-backup-namespace-id", taken.namespace_id.encode())
+        return File(taken.path, defaultType="application/vnd.sqlite3")
+
+    async def restore(self, request: IRequest, name: str) -> bytes:
+        """Replace the namespace's data with the SQLite file in the body, after checking it."""
+        name = _valid(name)
+        raw_source = request.args.get(b"source", [None])[0]
+        source = None if raw_source is None else _valid(raw_source.decode("utf-8", "replace"))
+        raw_foreign = request.args.get(b"allow_foreign", [b"false"])[0].decode("utf-8", "replace")
+        try:
+            allow_foreign = parse_bool(raw_foreign)
+        except ValueError:
+            raise ApiError(400, "bad_request", "allow_foreign must be true or false") from None
+        record = await self.backups.restore(name, request.content, source, allow_foreign)
+        return _json(request, self._describe(record))
+
+    async def fork(self, request: IRequest, name: str, target: str) -> bytes:
+        """Make a new explicit namespace from a consistent copy of this one."""
+        try:
+            record = await self.backups.fork(_valid(name), _valid(target))
+        except LimitReached as error:
+            raise ApiError(409, error.code, error.message) from None
+        return _json(request, self._describe(record), 201)

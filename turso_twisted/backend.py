@@ -8,7 +8,9 @@ streamed back to the client as it arrives.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from io import BytesIO
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
@@ -117,3 +119,41 @@ def relay_transformed(response: IResponse, request: IRequest,
             request.write(body)
 
     return readBody(response).addCallback(send_on)
+
+
+class ChildSQLError(Exception):
+    """
+    A child refused a statement we sent it ourselves (not a client's).
+    """
+
+
+async def pipeline(agent: Agent, port: int, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Send Hrana C{requests} (C{execute} or C{batch}) to the child on C{port}
+    and return their results.
+
+    @raise ChildSQLError: if any statement failed.
+    """
+    body = json.dumps({"requests": requests}).encode("utf-8")
+    response = await agent.request(b"POST", b"http://127.0.0.1:%d/v2/pipeline" % port,
+                                   Headers({b"content-type": [b"application/json"]}),
+                                   FileBodyProducer(BytesIO(body)))
+    data = await readBody(response)
+    if response.code != 200:
+        raise ChildSQLError(f"status {response.code}: {data[:300].decode('utf-8', 'replace')}")
+    results = json.loads(data)["results"]
+    out = []
+    for result in results:
+        if result.get("type") != "ok":
+            raise ChildSQLError(result.get("error", {}).get("message", "unknown error"))
+        response_body = result["response"]
+        if response_body.get("type") == "batch":
+            errors = [e for e in response_body["result"].get("step_errors", []) if e]
+            if errors:
+                raise ChildSQLError(errors[0].get("message", "unknown error"))
+        out.append(response_body.get("result", {}))
+    return out
+
+
+def execute(sql: str, args: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "execute", "stmt": {"sql": sql, "args": args or [], "want_rows": True}}

@@ -208,6 +208,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Archive entries older than this are deleted"),
     Setting("TURSO_MAX_BODY_BYTES", "max-body-bytes", "64MiB", parse_size,
             "Largest request body the data port accepts (larger: 413)"),
+    Setting("TURSO_MAX_RESTORE_BYTES", "max-restore-bytes", "4GiB", parse_size,
+            "Largest body the admin port accepts (a database file to restore)"),
     Setting("TURSO_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", parse_duration,
             "How long a graceful shutdown waits for in-flight requests"),
 )
@@ -236,6 +238,7 @@ class Config:
     auto_idle_duration: float
     archive_retention: float
     max_body_bytes: int
+    max_restore_bytes: int
     shutdown_timeout: float
 
     @classmethod

@@ -16,19 +16,30 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from . import names
-from .archive import ArchiveEntry, Archiver
+from .archive import ArchiveEntry, Archiver, move_no_clobber
 from .config import parse_duration
 from .errors import ApiError, not_found
+from .locks import KeyedLocks
 from .process import TursodbProcess
-from .state import NamespaceRecord, Origin, StateStore, new_history
+from .state import NamespaceRecord, Origin, StateStore, fsync_directory, new_history
 from .supervisor import Supervisor
 from .timefmt import from_rfc3339
 
 T = TypeVar("T")
+
+
+def _move_files_in(build_dir: str, data_dir: str, name: str) -> None:
+    """
+    Move a built database's files into the data dir, never over a file.
+    """
+    for source in names.data_files(build_dir, name):
+        if os.path.exists(source):
+            move_no_clobber(source, os.path.join(data_dir, os.path.basename(source)))
+    fsync_directory(data_dir)
 
 
 def _make_explicit(record: NamespaceRecord) -> None:
@@ -79,7 +90,7 @@ class NamespaceManager:
     drain_timeout: float = 10.0
     #: Set at shutdown: new leases and creates are refused with a 503.
     stopping: bool = False
-    _locks: dict[str, DeferredLock] = attrs.field(factory=dict)
+    _locks: KeyedLocks = attrs.field(factory=KeyedLocks)
     _inflight: dict[str, int] = attrs.field(factory=dict)
     _drain_waiters: dict[str, list[Deferred[None]]] = attrs.field(factory=dict)
     _log = Logger()
@@ -88,21 +99,9 @@ class NamespaceManager:
 
     def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
         """
-        Run C{work} holding C{name}'s lock; forget the lock when idle so
-        that thousands of names cost nothing between uses.
+        Run C{work} holding C{name}'s lock.
         """
-        lock = self._locks.setdefault(name, DeferredLock())
-
-        async def run() -> T:
-            await lock.acquire()
-            try:
-                return await work()
-            finally:
-                lock.release()
-                if not lock.locked and not lock.waiting and self._locks.get(name) is lock:
-                    del self._locks[name]
-
-        return ensureDeferred(run())
+        return self._locks.run(name, work)
 
     def _check_capacity(self, status: int) -> None:
         if self.max_namespaces and len(self.state.records) >= self.max_namespaces:
@@ -332,6 +331,72 @@ class NamespaceManager:
             return record
 
         return self._locked(name, work)
+
+    def replace_files(self, name: str, build_dir: str, retired: set[str], namespace_id: str | None,
+                      reason: str) -> Deferred[NamespaceRecord]:
+        """
+        Swap C{name}'s files for the database built in C{build_dir} (a
+        restore).  The current files go to the archive; the namespace keeps
+        its id, origin, lock and ttl and gets a new history, so every
+        replica of the old data is refused.  A name that is not live is
+        created (explicit, locked).
+        """
+        names.validate(name)
+
+        async def work() -> NamespaceRecord:
+            self._check_open()
+            record = self.state.records.get(name)
+            if record is None:
+                return await self._install(name, build_dir, retired, namespace_id, reason)
+            await self._drained(name)
+            await self.supervisor.stop(name)
+            if any(os.path.exists(p) for p in names.data_files(self.archiver.data_dir, name)):
+                manifest = await self.archiver.archive(record, reason, self.clock.seconds())
+                self._log.info("namespace archived", name=name, id=record.id, entry=manifest["entry"],
+                               reason=reason)
+            tombstones = self.state.tombstones.get(name, set()) | record.clients | record.retired
+            self.state.tombstones[name] = tombstones
+            record.history = new_history()
+            record.clients = set()
+            record.retired = tombstones | retired
+            record.last_access_at = self.clock.seconds()
+            # The new history is saved before the new files arrive: a crash
+            # in between can never pair old replicas with new data.
+            self.state.save()
+            await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
+            return record
+
+        return self._locked(name, work)
+
+    def install_new(self, name: str, build_dir: str, reason: str) -> Deferred[NamespaceRecord]:
+        """
+        Make C{name} a new explicit namespace from the database built in
+        C{build_dir} (a fork); 409 if it exists.
+        """
+        names.validate(name)
+
+        async def work() -> NamespaceRecord:
+            self._check_open()
+            if name in self.state.records:
+                raise ApiError(409, "namespace_exists", f"namespace {name!r} exists already")
+            return await self._install(name, build_dir, set(), None, reason)
+
+        return self._locked(name, work)
+
+    async def _install(self, name: str, build_dir: str, retired: set[str], namespace_id: str | None,
+                       reason: str) -> NamespaceRecord:
+        self._check_capacity(409)
+        # Files first: a crash before the state is saved leaves files that
+        # the next start adopts (explicit, locked, a new history).
+        await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
+        record = NamespaceRecord.new(name, "explicit", self.clock.seconds())
+        if namespace_id:
+            record.id = namespace_id
+        record.retired = set(self.state.tombstones.get(name, ())) | retired
+        self.state.records[name] = record
+        self.state.save()
+        self._log.info("namespace created", name=name, origin="explicit", id=record.id, reason=reason)
+        return record
 
     def remove_archive_entry(self, entry: ArchiveEntry) -> Deferred[None]:
         """

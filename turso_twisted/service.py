@@ -21,8 +21,9 @@ from twisted.logger import Logger
 
 from .admin import AdminAPI, Readiness
 from .archive import Archiver
+from .backup import Backups
 from .config import Config, ConfigError
-from .datadir import DataDirBusy, clean_scratch, lock_data_dir
+from .datadir import DataDirBusy, clean_scratch, lock_data_dir, temp_dir
 from .gc import GarbageCollector
 from .namespaces import NamespaceManager
 from .orphans import kill_orphans
@@ -32,9 +33,6 @@ from .proxy import DataPlane
 from .sites import CappedSite
 from .state import StateError, StateStore
 from .supervisor import Supervisor
-
-#: Admin bodies are small today; the cap only stops abuse.
-ADMIN_MAX_BODY = 1 << 20
 
 
 class TursoService(Service):
@@ -75,8 +73,9 @@ class TursoService(Service):
             retention=config.archive_retention,
         )
         self.readiness = Readiness(config.data_dir, state_loaded=True)
-        self.admin = AdminAPI(self.manager, config.admin_token, self.readiness)
         self.data_plane = DataPlane(reactor, self.manager, config.auth_token)
+        self.backups = Backups(reactor, self.manager, self.data_plane.agent)
+        self.admin = AdminAPI(self.manager, config.admin_token, self.readiness, self.backups)
         self.ports: dict[str, IListeningPort] = {}
         #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
         self.lock_fd: int | None = None
@@ -86,12 +85,15 @@ class TursoService(Service):
         Bind both listeners before the reactor runs; a taken address ends
         start-up with one line and exit status 1.
         """
+        scratch = temp_dir(self.config.data_dir)
+        os.makedirs(scratch, exist_ok=True)
         listeners = (
             ("data", "TURSO_DATA_ADDR", self.config.data_addr,
-             CappedSite(self.data_plane, self.config.max_body_bytes, self.config.auth_token)),
+             CappedSite(self.data_plane, self.config.max_body_bytes, self.config.auth_token,
+                        scratch_dir=scratch)),
             ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr,
-             CappedSite(self.admin.resource(), ADMIN_MAX_BODY, self.config.admin_token,
-                        limit_name="the admin body limit")),
+             CappedSite(self.admin.resource(), self.config.max_restore_bytes, self.config.admin_token,
+                        limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)),
         )
         for kind, variable, address, site in listeners:
             try:

@@ -4,6 +4,7 @@ The HTTP sites both ports run on: quiet, with a cap on request bodies.
 
 from __future__ import annotations
 
+import tempfile
 from io import BytesIO
 
 from twisted.web.resource import Resource
@@ -11,6 +12,9 @@ from twisted.web.server import Request, Site
 
 from .auth import check_bearer
 from .errors import ApiError, error_body
+
+#: Bodies up to this size stay in memory (as in Twisted).
+_IN_MEMORY = 100_000
 
 
 class CappedRequest(Request):
@@ -35,6 +39,11 @@ class CappedRequest(Request):
             return
         if length is not None and length > self._limit:
             self._reject_too_large()
+            return
+        scratch = self.channel.site.scratch_dir
+        if scratch is not None and (length is None or length > _IN_MEMORY):
+            # Large bodies wait in the data dir, not in the system's /tmp.
+            self.content = tempfile.TemporaryFile(dir=scratch)
             return
         super().gotLength(length)
 
@@ -97,9 +106,11 @@ class CappedSite(QuietSite):
     requestFactory = CappedRequest
 
     def __init__(self, resource: Resource, max_body_bytes: int, body_token: str = "",
-                 limit_name: str = "TURSO_MAX_BODY_BYTES", timeout: float = 120.0) -> None:
+                 limit_name: str = "TURSO_MAX_BODY_BYTES", scratch_dir: str | None = None,
+                 timeout: float = 120.0) -> None:
         super().__init__(resource, timeout=timeout)
         self.max_body_bytes = max_body_bytes
+        self.scratch_dir = scratch_dir
         #: Requests with a body must carry this bearer token (if set).
         self.body_token = body_token
         self.limit_name = limit_name

@@ -93,38 +93,64 @@ class Supervisor:
             raise spawn_failed(
                 name, f"its tursodb child failed {backoff.failures} times in a row; "
                 "retrying after a backoff (see the server log)", backoff.retry_at - now)
+        try:
+            child, startup = await self._spawn(name, names.db_path(self.data_dir, name))
+        except SpawnFailed:
+            self.spawn_failures += 1
+            self._note_failure(name)
+            raise
+        self.children[name] = child
+        self.started_at[name] = self.reactor.seconds()
+        child.ended.addCallback(self._ended)
+        self._log.info("namespace running", name=name, port=child.port, pid=child.pid,
+                       startup_ms=round(startup * 1000, 1))
+        return child
+
+    async def start_scratch(self, label: str, db_path: str) -> TursodbProcess:
+        """
+        Start a child on C{db_path} outside any namespace (to build a
+        database for a restore or a fork); stop it with L{stop_scratch}.
+        """
+        child, _ = await self._spawn(label, db_path)
+        child.ended.addCallback(lambda ended: (self.ports.release(ended.port), ended)[1])
+        return child
+
+    def stop_scratch(self, child: TursodbProcess) -> Deferred[None]:
+        """
+        Stop a scratch child (SIGTERM, SIGKILL after the grace period).
+        """
+        return self._terminate(child, child.name)
+
+    async def _spawn(self, label: str, db_path: str) -> tuple[TursodbProcess, float]:
+        """
+        Start a child on C{db_path} and wait until it serves, moving to
+        another port if its port turns out to be taken.
+        """
         for _ in range(PORT_ATTEMPTS):
             try:
                 port = self.ports.acquire()
             except PortsExhausted as error:
-                raise spawn_failed(name, str(error), retry_after=5) from None
+                raise spawn_failed(label, str(error), retry_after=5) from None
             began = self.reactor.seconds()
-            scratch = self._scratch_dir(name, port)
-            child = spawn_tursodb(self.reactor, self.tursodb_bin, names.db_path(self.data_dir, name),
-                                  port, name, self.wrappers, {**self.child_env, "TMPDIR": scratch})
+            scratch = self._scratch_dir(label, port)
+            child = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, self.wrappers,
+                                  {**self.child_env, "TMPDIR": scratch})
             child.ended.addBoth(self._remove_scratch, scratch)
             self.spawns += 1
             why = await self._wait_serving(child)
             if why is None:
-                self.children[name] = child
-                self.started_at[name] = self.reactor.seconds()
-                child.ended.addCallback(self._ended)
-                self._log.info("namespace running", name=name, port=port, pid=child.pid,
-                               startup_ms=round((self.started_at[name] - began) * 1000, 1))
-                return child
+                return child, self.reactor.seconds() - began
             self.ports.release(port)
             if child.has_ended and child.port_was_taken():
                 self._log.warn("backend port taken by another process; trying another",
-                               name=name, port=port)
+                               name=label, port=port)
                 continue
             break
         else:
             why = f"{PORT_ATTEMPTS} ports in a row were taken by other processes"
-        self.spawn_failures += 1
-        self._note_failure(name)
-        self._log.error("namespace failed to start", name=name, reason=why,
+        self._log.error("namespace failed to start", name=label, reason=why,
                         stderr=child.stderr_summary())
-        raise spawn_failed(name, why)
+        raise spawn_failed(label, why)
 
     def _scratch_dir(self, name: str, port: int) -> str:
         """
@@ -196,15 +222,19 @@ class Supervisor:
         if child is None:
             return succeed(None)
         self._stopping.add(name)
+        return self._terminate(child, name).addCallback(lambda _: self._stopping.discard(name))
+
+    def _terminate(self, child: TursodbProcess, name: str) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        if child.has_ended:
+            done.callback(None)
+            return done
         child.signal("TERM")
         kill = self.reactor.callLater(self.stop_grace, child.signal, "KILL")
-
-        done: Deferred[None] = Deferred()
 
         def stopped(ended: TursodbProcess) -> TursodbProcess:
             if kill.active():
                 kill.cancel()
-            self._stopping.discard(name)
             self._log.info("namespace stopped", name=name, pid=ended.pid,
                            status=ended.exit_description())
             done.callback(None)

@@ -1,0 +1,320 @@
+"""
+Hot backups, verified restores and forks.
+
+A backup is C{VACUUM INTO} a file in C{_tmp/} through the live child (a
+consistent copy while the namespace keeps serving), stamped with an
+identity table (C{turso_server_backup}: namespace, id, history, times,
+server version) that any SQLite tool can read.  A restore checks the file
+(SQLite, integrity, identity of this namespace) before anything changes,
+builds the new database by replaying the file into a scratch child (see
+L{turso_twisted.replay}), and only then swaps it in, archiving the current
+files.  A fork builds a new namespace the same way from a backup of
+another.  Every swap gives the files a new history, so replicas of the
+old data are refused rather than left to diverge.
+
+Backups, restores and forks of one namespace run one at a time; different
+namespaces' run side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import uuid
+from typing import IO, Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.web.client import Agent
+
+from . import __version__, names
+from .backend import ChildSQLError, execute, pipeline
+from .datadir import temp_dir
+from .errors import ApiError, not_found
+from .locks import KeyedLocks
+from .namespaces import NamespaceManager
+from .replay import SqliteSource, next_request, open_read_only
+from .timefmt import compact, to_rfc3339
+
+IDENTITY_TABLE = "turso_server_backup"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@attrs.frozen
+class BackupFile:
+    path: str
+    name: str
+    namespace_id: str
+    filename: str
+    sha256: str
+    size: int
+
+
+@attrs.frozen
+class Identity:
+    namespace: str
+    namespace_id: str
+    history: str
+    backup_at: str
+
+
+def _sha256_and_size(path: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _stamp(path: str, identity: dict[str, str]) -> tuple[str, int]:
+    """
+    Write the identity table into a fresh backup copy; return its sha256
+    and size.
+    """
+    connection = sqlite3.connect(path)
+    try:
+        with connection:
+            connection.execute(f"DROP TABLE IF EXISTS {IDENTITY_TABLE}")
+            columns = ", ".join(f"{key} TEXT NOT NULL" for key in identity)
+            connection.execute(f"CREATE TABLE {IDENTITY_TABLE} ({columns})")
+            connection.execute(f"INSERT INTO {IDENTITY_TABLE} VALUES ({', '.join('?' for _ in identity)})",
+                               list(identity.values()))
+    finally:
+        connection.close()
+    return _sha256_and_size(path)
+
+
+def inspect_backup(path: str) -> tuple[Identity | None, set[str]]:
+    """
+    Check that C{path} is a sound SQLite file and read its identity and the
+    client ids of replicas that had pushed to it.
+
+    @raise ApiError: 422 when it is not a SQLite file or fails its
+        integrity check.
+    """
+    with open(path, "rb") as handle:
+        if handle.read(16) != SQLITE_MAGIC:
+            raise ApiError(422, "not_sqlite", "the body is not a SQLite database file")
+    try:
+        connection = open_read_only(path)
+        try:
+            problems = [row[0] for row in connection.execute("PRAGMA integrity_check")]
+            if problems != ["ok"]:
+                raise ApiError(422, "integrity_check_failed",
+                               f"the file fails PRAGMA integrity_check: {'; '.join(problems[:3])}")
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+            identity = None
+            if IDENTITY_TABLE in tables:
+                row = connection.execute(
+                    f"SELECT namespace, namespace_id, history, backup_at FROM {IDENTITY_TABLE}").fetchone()
+                if row is not None and all(isinstance(v, str) and v for v in row):
+                    identity = Identity(*row)
+            clients: set[str] = set()
+            if "turso_sync_last_change_id" in tables:
+                clients = {row[0] for row in connection.execute(
+                    "SELECT client_id FROM turso_sync_last_change_id") if isinstance(row[0], str)}
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        raise ApiError(422, "not_sqlite", f"the file cannot be read as SQLite: {error}") from None
+    return identity, clients
+
+
+def _save_upload(content: IO[bytes], path: str) -> None:
+    content.seek(0)
+    with open(path, "wb") as target:
+        shutil.copyfileobj(content, target, 1 << 20)
+
+
+def remove_file(path: str) -> None:
+    """
+    Remove C{path} if it is there (a finished download's temp copy).
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+@attrs.define(eq=False)
+class Backups:
+    reactor: Any
+    manager: NamespaceManager
+    agent: Agent
+    run_in_thread: Any = deferToThread
+    backups: int = 0
+    backup_bytes: int = 0
+    restores: int = 0
+    forks: int = 0
+    _jobs: KeyedLocks = attrs.field(factory=KeyedLocks)
+    _log = Logger()
+
+    @property
+    def scratch(self) -> str:
+        return temp_dir(self.manager.archiver.data_dir)
+
+    def _scratch_path(self, kind: str, name: str) -> str:
+        return os.path.join(self.scratch, f"{kind}-{name}-{uuid.uuid4().hex}")
+
+    # -- backup ----------------------------------------------------------------
+
+    def take(self, name: str) -> Deferred[BackupFile]:
+        """
+        A consistent copy of C{name}, stamped with its identity, in a temp
+        file the caller must remove.
+        """
+        names.validate(name)
+        return self._jobs.run(name, lambda: self._take(name))
+
+    async def _take(self, name: str) -> BackupFile:
+        record = self.manager.state.records.get(name)
+        if record is None:
+            raise not_found(name)
+        path = self._scratch_path("backup", name) + ".db"
+        now = self.reactor.seconds()
+        try:
+            lease = await self.manager.lease(name, data_request=False)
+            try:
+                quoted = path.replace("'", "''")
+                await pipeline(self.agent, lease.port, [execute(f"VACUUM INTO '{quoted}'")])
+            except ChildSQLError as error:
+                raise ApiError(500, "backup_failed",
+                               f"namespace {name!r}: VACUUM INTO failed: {error}") from None
+            finally:
+                lease.release()
+            identity = {
+                "namespace": name,
+                "namespace_id": record.id,
+                "history": record.history,
+                "created_at": to_rfc3339(record.created_at),
+                "backup_at": to_rfc3339(now),
+                "server_version": f"turso-server {__version__}",
+            }
+            sha256, size = await self.run_in_thread(_stamp, path, identity)
+        except BaseException:
+            _remove(path)
+            raise
+        self.backups += 1
+        self.backup_bytes += size
+        self._log.info("backup taken", name=name, id=record.id, bytes=size, sha256=sha256)
+        return BackupFile(path=path, name=name, namespace_id=record.id,
+                          filename=f"{name}.{compact(now)}.db", sha256=sha256, size=size)
+
+    # -- restore and fork ------------------------------------------------------
+
+    def restore(self, name: str, content: IO[bytes], source: str | None = None,
+                allow_foreign: bool = False) -> Deferred[Any]:
+        """
+        Replace C{name}'s data with the SQLite file in C{content}, after
+        checking it; fires with the namespace record.
+        """
+        names.validate(name)
+        if source is not None:
+            names.validate(source)
+        return self._jobs.run(name, lambda: self._restore(name, content, source, allow_foreign))
+
+    async def _restore(self, name: str, content: IO[bytes], source: str | None,
+                       allow_foreign: bool) -> Any:
+        upload = self._scratch_path("upload", name) + ".db"
+        try:
+            await self.run_in_thread(_save_upload, content, upload)
+            identity, clients = await self.run_in_thread(inspect_backup, upload)
+            expected = source or name
+            if identity is None:
+                if not allow_foreign:
+                    raise ApiError(422, "backup_without_identity",
+                                   "the file carries no turso-server backup identity; pass "
+                                   "?allow_foreign=true to restore it anyway")
+            elif identity.namespace != expected:
+                hint = (f"; pass ?source={identity.namespace} to restore it into {name!r} on purpose"
+                        if source is None else "")
+                raise ApiError(409, "backup_of_another_namespace",
+                               f"this backup is of namespace {identity.namespace!r}, not {expected!r}"
+                               + hint)
+            build = await self._build(name, upload)
+            try:
+                keep_id = identity.namespace_id if identity and identity.namespace == name else None
+                origin = (f"backup of {identity.namespace!r} taken {identity.backup_at}"
+                          if identity else "a file without identity")
+                record = await self.manager.replace_files(
+                    name, build, retired=clients, namespace_id=keep_id,
+                    reason=f"replaced by a restore from {origin}")
+            finally:
+                _remove(build)
+        finally:
+            _remove(upload)
+        self.restores += 1
+        self._log.info("namespace restored", name=name, id=record.id, history=record.history,
+                       source=identity.namespace if identity else None)
+        return record
+
+    def fork(self, source: str, target: str) -> Deferred[Any]:
+        """
+        Make C{target} a new explicit namespace holding a consistent copy of
+        C{source}; fires with the new record.
+        """
+        names.validate(source)
+        names.validate(target)
+        return self._jobs.run(target, lambda: self._fork(source, target))
+
+    async def _fork(self, source: str, target: str) -> Any:
+        if target in self.manager.state.records:
+            raise ApiError(409, "namespace_exists", f"namespace {target!r} exists already")
+        if source == target:
+            raise ApiError(400, "bad_request", "a namespace cannot be forked onto itself")
+        backup = await self.take(source)
+        try:
+            build = await self._build(target, backup.path)
+            try:
+                record = await self.manager.install_new(target, build, reason=f"fork of {source!r}")
+            finally:
+                _remove(build)
+        finally:
+            _remove(backup.path)
+        self.forks += 1
+        self._log.info("namespace forked", name=target, source=source, id=record.id)
+        return record
+
+    async def _build(self, name: str, source_path: str) -> str:
+        """
+        Replay C{source_path} into a new database for C{name} in a scratch
+        directory, with a scratch child; return the directory.
+        """
+        build = self._scratch_path("build", name)
+        os.makedirs(build)
+        child = None
+        source = None
+        try:
+            child = await self.manager.supervisor.start_scratch(f"build-{name}", names.db_path(build, name))
+            source = await self.run_in_thread(SqliteSource, source_path)
+            requests = iter(source.requests())
+            while (request := await self.run_in_thread(next_request, requests)) is not None:
+                await pipeline(self.agent, child.port, [request])
+        except ChildSQLError as error:
+            _remove(build)
+            raise ApiError(422, "replay_failed",
+                           f"tursodb refused the backup's content while rebuilding it: {error}") from None
+        except BaseException:
+            _remove(build)
+            raise
+        finally:
+            if source is not None:
+                source.close()
+            if child is not None:
+                await self.manager.supervisor.stop_scratch(child)
+        return build
