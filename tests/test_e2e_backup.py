@@ -61,7 +61,8 @@ class BackupTests(BackupTestCase):
         self.assertEqual(response.code, 200)
         headers = response.headers
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/vnd.sqlite3"])
-        self.assertEqual(headers.getRawHeaders(b"x-backup-sha256"), [hashlib.sha256(body).hexdigest().encode()])
+        digest = hashlib.sha256(body).hexdigest().encode()
+        self.assertEqual(headers.getRawHeaders(b"x-backup-sha256"), [digest])
         self.assertRegex(headers.getRawHeaders(b"content-disposition")[0].decode(),
                          r'^attachment; filename="alpha\.\d{8}T\d{6}\.\d{3}Z\.db"$')
         status, record = yield get_json(daemon.admin_url("/v1/namespaces/alpha"))
@@ -150,8 +151,7 @@ class RestoreTests(BackupTestCase):
         fresh = yield self.replica(daemon, "alpha")
         rows = yield run_replica(fresh.rows, "select x from t order by id")
         self.assertEqual(rows, [(f"alpha-{i}",) for i in range(10)])
-        for replica, action in ((synced, synced.pull), (synced, synced.push), (reader, reader.pull),
-                                (offline, offline.pull)):
+        for action in (synced.pull, synced.push, reader.pull, offline.pull):
             with self.assertRaises(Exception) as caught:
                 yield run_replica(action)
             self.assertIn("stale_replica", str(caught.exception))
