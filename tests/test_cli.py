@@ -1,0 +1,108 @@
+"""
+turso-server-admin against the real daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+
+from .daemon import Daemon, run_replica
+from .test_e2e import E2ETestCase
+
+CLI = os.path.join(os.path.dirname(sys.executable), "turso-server-admin")
+
+
+class CLITests(E2ETestCase):
+    @inlineCallbacks
+    def cli(self, daemon: Daemon | None, *args: str, token: str = "admin-token") -> Any:
+        env = {"PATH": os.environ.get("PATH", ""), "TURSO_SERVER_ADMIN_TOKEN": token,
+               "TURSO_SERVER_ADMIN_URL": daemon.admin_url() if daemon else "http://127.0.0.1:9"}
+        out, err, code = yield getProcessOutputAndValue(CLI, args, env=env)
+        return out.decode(), err.decode(), code
+
+    @inlineCallbacks
+    def test_namespace_commands(self) -> Any:
+        daemon = yield Daemon(self, TURSO_ADMIN_TOKEN="admin-token").start()
+        out, err, code = yield self.cli(daemon, "create", "alpha")
+        self.assertEqual(code, 0, err)
+        self.assertIn("origin", out)
+        out, err, code = yield self.cli(daemon, "ttl", "alpha", "30d")
+        self.assertEqual(code, 0, err)
+        self.assertIn("720h0m0s", out)
+        out, err, code = yield self.cli(daemon, "list")
+        self.assertEqual(out.splitlines()[0].split()[:3], ["NAME", "ORIGIN", "LOCKED"])
+        self.assertEqual(out.splitlines()[1].split()[:3], ["alpha", "explicit", "True"])
+        out, err, code = yield self.cli(daemon, "--json", "show", "alpha")
+        self.assertEqual(json.loads(out)["ttl"], "720h0m0s")
+        out, err, code = yield self.cli(daemon, "show", "ghost")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err.strip(),
+                         "turso-server-admin: namespace_not_found: namespace 'ghost' does not exist")
+        out, err, code = yield self.cli(daemon, "list", token="wrong")
+        self.assertEqual(code, 1)
+        self.assertIn("unauthorized", err)
+        out, err, code = yield self.cli(None, "list")
+        self.assertEqual(code, 3)
+        self.assertIn("cannot reach", err)
+        out, err, code = yield self.cli(daemon, "frobnicate")
+        self.assertEqual(code, 2)
+        out, err, code = yield self.cli(daemon, "delete", "alpha")
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.cli(daemon, "archive")
+        self.assertIn("alpha", out)
+        out, err, code = yield self.cli(daemon, "unarchive", "alpha", "--unlocked")
+        self.assertEqual(code, 0, err)
+
+    @inlineCallbacks
+    def test_backup_all_keep_and_restore(self) -> Any:
+        daemon = yield Daemon(self, TURSO_ADMIN_TOKEN="admin-token").start()
+        for name in ("alpha", "beta"):
+            replica = yield self.replica(daemon, name)
+            yield run_replica(replica.run, "create table t (x)", f"insert into t values ('{name}')")
+            yield run_replica(replica.push)
+        dest = os.path.abspath(self.mktemp())
+        for _ in range(3):
+            out, err, code = yield self.cli(daemon, "backup-all", "--dest", dest, "--keep", "2")
+            self.assertEqual(code, 0, err)
+        self.assertIn("2 of 2 namespaces backed up", out)
+        for name in ("alpha", "beta"):
+            files = sorted(os.listdir(os.path.join(dest, name)))
+            self.assertEqual(len(files), 2, files)
+            self.assertTrue(all(f.startswith(name + ".") and f.endswith(".db") for f in files))
+        out, err, code = yield self.cli(daemon, "--json", "backup-all", "--dest", dest)
+        summary = json.loads(out)
+        for result in summary["backups"]:
+            with open(result["file"], "rb") as handle:
+                self.assertEqual(hashlib.sha256(handle.read()).hexdigest(), result["sha256"])
+
+        newest = os.path.join(dest, "alpha", sorted(os.listdir(os.path.join(dest, "alpha")))[-1])
+        out, err, code = yield self.cli(daemon, "restore", "beta", newest)
+        self.assertEqual(code, 1)
+        self.assertIn("backup_of_another_namespace", err)
+        out, err, code = yield self.cli(daemon, "restore", "beta", newest, "--source", "alpha")
+        self.assertEqual(code, 0, err)
+        reader = yield self.replica(daemon, "beta")
+        self.assertEqual((yield run_replica(reader.rows, "select x from t")), [("alpha",)])
+
+    @inlineCallbacks
+    def test_backup_all_reports_failures(self) -> Any:
+        daemon = yield Daemon(self, TURSO_ADMIN_TOKEN="admin-token").start()
+        yield self.cli(daemon, "create", "good")
+        yield self.cli(daemon, "create", "broken")
+        out, err, code = yield self.cli(daemon, "--json", "show", "broken")
+        os.kill(json.loads(out)["pid"], 9)
+        os.unlink(os.path.join(daemon.data_dir, "broken.db"))
+        dest = os.path.abspath(self.mktemp())
+        out, err, code = yield self.cli(daemon, "backup-all", "--dest", dest)
+        self.assertEqual(code, 1)
+        self.assertIn("broken: FAILED: namespace_data_missing", out)
+        self.assertIn("1 of 2 namespaces backed up", out)
+        self.assertIn("backup failed for broken", err)
+        self.assertEqual(len(os.listdir(os.path.join(dest, "good"))), 1)

@@ -1,0 +1,332 @@
+"""
+C{turso-server-admin}: the admin API from a shell.
+
+Reads C{TURSO_SERVER_ADMIN_URL} and C{TURSO_SERVER_ADMIN_TOKEN} (the names
+the design note's chart wires in); C{--url} and C{--token} override them.
+Human-readable output by default, C{--json} for scripts.  Exit status: 0
+done, 1 the server refused or something failed, 2 bad usage, 3 the server
+could not be reached.  Errors are one line on stderr.
+
+It is a short-lived tool, so it talks plain blocking HTTP (urllib); the
+daemon is the one that must never block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import IO, Any
+
+DEFAULT_URL = "http://127.0.0.1:8081"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+_BACKUP_FILE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\.\d{8}T\d{6}\.\d{3}Z\.db$")
+
+
+class CommandFailed(Exception):
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Client:
+    def __init__(self, url: str, token: str | None, timeout: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: bytes | IO[bytes] | None = None,
+                 length: int | None = None) -> Any:
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        if length is not None:
+            request.add_header("Content-Length", str(length))
+            request.add_header("Content-Type", "application/vnd.sqlite3")
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as error:
+            raise CommandFailed(_describe_error(error)) from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise CommandFailed(f"cannot reach {self.url}: {reason}", EXIT_UNREACHABLE) from None
+
+    def json(self, method: str, path: str, payload: Any = None) -> Any:
+        body = None if payload is None else json.dumps(payload).encode()
+        with self._request(method, path, body) as response:
+            return json.loads(response.read() or b"null")
+
+    def stream(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def upload(self, path: str, file_path: str) -> Any:
+        size = os.path.getsize(file_path)
+        with open(file_path, "rb") as handle, self._request("POST", path, handle, size) as response:
+            return json.loads(response.read())
+
+
+def _describe_error(error: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(error.read())
+        return f"{body['error']}: {body['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {error.code} {error.reason}"
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+# -- output ---------------------------------------------------------------------
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], out: IO[str]) -> None:
+    cells = [[title for title, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else str(row.get(key)) for _, key in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n")
+
+
+NAMESPACE_COLUMNS = [("NAME", "name"), ("ORIGIN", "origin"), ("LOCKED", "locked"), ("TTL", "ttl"),
+                     ("RUNNING", "running"), ("LAST ACCESS", "lastAccessAt")]
+
+
+def _show(record: dict[str, Any], out: IO[str]) -> None:
+    width = max(len(key) for key in record)
+    for key, value in record.items():
+        out.write(f"{key.ljust(width)}  {'-' if value is None else value}\n")
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def cmd_list(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    result = client.json("GET", "/v1/namespaces")
+    if not args.json:
+        _table(result["namespaces"], NAMESPACE_COLUMNS, out)
+    return result
+
+
+def _record_command(method: str, suffix: str, payload: Any = None) -> Any:
+    def command(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+        record = client.json(method, f"/v1/namespaces/{_quote(args.name)}{suffix}", payload(args)
+                             if callable(payload) else payload)
+        if not args.json:
+            _show(record.get("archived", record), out)
+        return record
+
+    return command
+
+
+def _ttl_body(args: argparse.Namespace) -> dict[str, Any]:
+    return {"ttl": None if args.ttl.lower() in ("none", "null", "off") else args.ttl}
+
+
+def _unarchive_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"locked": not args.unlocked}
+    if args.archived_at:
+        body["archivedAt"] = args.archived_at
+    return body
+
+
+def cmd_archive(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    query = f"?name={_quote(args.name)}" if args.name else ""
+    result = client.json("GET", f"/v1/archive{query}")
+    if not args.json:
+        _table(result["entries"], [("ENTRY", "entry"), ("NAME", "name"), ("ARCHIVED", "archivedAt"),
+                                   ("REASON", "reason")], out)
+    return result
+
+
+def cmd_fork(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    record = client.json("POST", f"/v1/namespaces/{_quote(args.name)}/fork/{_quote(args.target)}")
+    if not args.json:
+        _show(record, out)
+    return record
+
+
+def cmd_restore(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    query = []
+    if args.source:
+        query.append(f"source={_quote(args.source)}")
+    if args.allow_foreign:
+        query.append("allow_foreign=true")
+    path = f"/v1/namespaces/{_quote(args.name)}/restore" + ("?" + "&".join(query) if query else "")
+    record = client.upload(path, args.file)
+    if not args.json:
+        _show(record, out)
+    return record
+
+
+def download_backup(client: Client, name: str, directory: str) -> dict[str, Any]:
+    """
+    Download C{name}'s backup into C{directory}, checking its sha256 on the
+    way; the file appears under its final name only when it is whole.
+    """
+    os.makedirs(directory, exist_ok=True)
+    with client.stream(f"/v1/namespaces/{_quote(name)}/backup") as response:
+        disposition = response.headers.get("Content-Disposition", "")
+        match = re.search(r'filename="([^"/]+)"', disposition)
+        expected = response.headers.get("X-Backup-Sha256", "")
+        if not match or not _BACKUP_FILE.match(match.group(1)) or not expected:
+            raise CommandFailed(f"{name}: the server sent no backup file name or checksum")
+        final = os.path.join(directory, match.group(1))
+        partial = final + ".partial"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(partial, "wb") as handle:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    handle.write(block)
+                    digest.update(block)
+                    size += len(block)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if digest.hexdigest() != expected:
+                raise CommandFailed(f"{name}: checksum mismatch (got {digest.hexdigest()}, "
+                                    f"server said {expected})")
+            os.replace(partial, final)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return {"name": name, "file": final, "bytes": size, "sha256": expected}
+
+
+def prune(directory: str, keep: int) -> list[str]:
+    """
+    Delete all but the newest C{keep} backups in C{directory}.
+    """
+    backups = sorted(f for f in os.listdir(directory) if _BACKUP_FILE.match(f))
+    doomed = backups[:-keep] if keep > 0 else []
+    for file_name in doomed:
+        os.unlink(os.path.join(directory, file_name))
+    return doomed
+
+
+def cmd_backup(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    result = download_backup(client, args.name, args.dest)
+    if not args.json:
+        out.write(f"{result['file']}  {result['bytes']} bytes  sha256 {result['sha256']}\n")
+    return result
+
+
+def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    namespaces = [r["name"] for r in client.json("GET", "/v1/namespaces")["namespaces"]]
+    results = []
+    progress = sys.stderr if sys.stderr.isatty() and not args.json else None
+    for index, name in enumerate(namespaces, 1):
+        if progress:
+            progress.write(f"\r[{index}/{len(namespaces)}] {name} ...\x1b[K")
+            progress.flush()
+        try:
+            result = download_backup(client, name, os.path.join(args.dest, name))
+            result["pruned"] = prune(os.path.join(args.dest, name), args.keep) if args.keep else []
+            result["ok"] = True
+        except CommandFailed as error:
+            if error.status == EXIT_UNREACHABLE:
+                raise
+            result = {"name": name, "ok": False, "error": str(error)}
+        results.append(result)
+        if not args.json:
+            line = (f"{name}: {result['bytes']} bytes -> {result['file']}" if result["ok"]
+                    else f"{name}: FAILED: {result['error']}")
+            if progress:
+                progress.write("\r\x1b[K")
+            out.write(line + "\n")
+    failed = [r["name"] for r in results if not r["ok"]]
+    summary = {"backups": results, "failed": failed}
+    if not args.json:
+        out.write(f"{len(results) - len(failed)} of {len(results)} namespaces backed up\n")
+    if failed:
+        if args.json:
+            out.write(json.dumps(summary, indent=1) + "\n")
+        raise CommandFailed(f"backup failed for {', '.join(failed)}", EXIT_FAILED)
+    return summary
+
+
+# -- wiring ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turso-server-admin",
+                                     description="Operate a turso-server through its admin API.")
+    parser.add_argument("--url", default=os.environ.get("TURSO_SERVER_ADMIN_URL", DEFAULT_URL),
+                        help="admin API URL [env TURSO_SERVER_ADMIN_URL, default %(default)s]")
+    parser.add_argument("--token", default=None,
+                        help="admin token [env TURSO_SERVER_ADMIN_TOKEN; prefer the env var: "
+                             "options are visible in process lists]")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Any, help_text: str, with_name: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if with_name:
+            sub.add_argument("name", help="namespace name")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("list", cmd_list, "list live namespaces", with_name=False)
+    command("show", _record_command("GET", ""), "show one namespace")
+    command("create", _record_command("POST", "/create"), "create an explicit namespace")
+    command("delete", _record_command("DELETE", ""), "archive a namespace")
+    command("lock", _record_command("POST", "/lock"), "exempt a namespace from the GC")
+    command("unlock", _record_command("POST", "/unlock"), "subject a namespace to the GC again")
+    ttl = command("ttl", _record_command("POST", "/ttl", _ttl_body), "set or clear a TTL")
+    ttl.add_argument("ttl", help='a duration such as "30d", or "none" to clear it')
+    unarchive = command("unarchive", _record_command("POST", "/unarchive", _unarchive_body),
+                        "bring back an archived namespace")
+    unarchive.add_argument("--archived-at", help="the entry's archivedAt (default: the newest)")
+    unarchive.add_argument("--unlocked", action="store_true", help="do not lock it")
+    archive = command("archive", cmd_archive, "list archive entries", with_name=False)
+    archive.add_argument("--name", help="only this namespace's entries")
+    backup = command("backup", cmd_backup, "download one namespace's backup")
+    backup.add_argument("--dest", default=".", help="directory (default: here)")
+    restore = command("restore", cmd_restore, "restore a namespace from a backup file")
+    restore.add_argument("file", help="the SQLite backup file")
+    restore.add_argument("--source", help="accept a backup of this other namespace")
+    restore.add_argument("--allow-foreign", action="store_true", help="accept a file without identity")
+    fork = command("fork", cmd_fork, "copy a namespace into a new one")
+    fork.add_argument("target", help="the new namespace")
+    backup_all = command("backup-all", cmd_backup_all, "back up every namespace into DEST/<name>/",
+                         with_name=False)
+    backup_all.add_argument("--dest", required=True, help="destination directory")
+    backup_all.add_argument("--keep", type=int, default=0, help="keep this many backups per namespace")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_USAGE if exit_.code else EXIT_OK
+    if getattr(args, "keep", 0) < 0:
+        sys.stderr.write("turso-server-admin: --keep must be 0 or more\n")
+        return EXIT_USAGE
+    token = args.token or os.environ.get("TURSO_SERVER_ADMIN_TOKEN") or None
+    client = Client(args.url, token)
+    try:
+        result = args.handler(client, args, out)
+    except CommandFailed as error:
+        sys.stderr.write(f"turso-server-admin: {error}\n")
+        return error.status
+    except KeyboardInterrupt:
+        sys.stderr.write("turso-server-admin: interrupted\n")
+        return EXIT_FAILED
+    if args.json:
+        out.write(json.dumps(result, indent=1) + "\n")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
