@@ -93,7 +93,8 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], out: IO[s
         cells.append(["-" if row.get(key) is None else str(row.get(key)) for _, key in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for line in cells:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n")
+        padded = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        out.write("  ".join(padded).rstrip() + "\n")
 
 
 NAMESPACE_COLUMNS = [("NAME", "name"), ("ORIGIN", "origin"), ("LOCKED", "locked"), ("TTL", "ttl"),
