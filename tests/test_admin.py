@@ -25,7 +25,7 @@ class AdminTests(SynchronousTestCase):
         self.fx = ManagerFixture(self.mktemp(), max_namespaces=3)
         self.readiness = Readiness(self.fx.data_dir, state_loaded=True, listening=True)
         self.api = AdminAPI(self.fx.manager, TOKEN, self.readiness,
-                            Backups(self.fx.reactor, self.fx.manager, agent=None))
+                            Backups(self.fx.reactor, self.fx.manager))
         self.stub = StubTreq(self.api.resource())
 
     def call(self, method: str, path: str, body: Any = None, headers: Any = AUTH,

@@ -1,6 +1,7 @@
 """
-The data-port resource through StubTreq, with a stand-in for the child's
-HTTP side: relaying, the retry after a refused connection, and 502s.
+The data-port resource through StubTreq, with a scripted stand-in for the
+child's channel: relaying, the retry after a refused connection, 502s and
+503s.
 """
 
 from __future__ import annotations
@@ -10,56 +11,29 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
-from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import ResponseNeverReceived
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http_headers import Headers
 
+from turso_twisted import supervisor
+from turso_twisted.channel import BackendResponse, QueueFull, ResponseIncomplete
 from turso_twisted.proxy import DataPlane
 
 from .fakes import end
 from .support import ManagerFixture
 
 
-class CannedResponse:
-    def __init__(self, code: int, body: bytes, headers: dict[bytes, list[bytes]]) -> None:
-        self.code = code
-        self.phrase = b"OK"
-        # Like Twisted's client: Content-Length moves out of the headers.
-        declared = headers.pop(b"content-length", None)
-        self.length = int(declared[0]) if declared else len(body)
-        self.headers = Headers(headers)
-        self.body = body
-
-    def deliverBody(self, protocol: Any) -> None:
-        if self.body:
-            protocol.dataReceived(self.body)
-        protocol.connectionLost(Failure(self.end))
-
-    end: Exception = ResponseDone()
-
-
-class BrokenResponse(CannedResponse):
-    """
-    The child died while sending its body.
-    """
-
-    end = ResponseFailed([Failure(ConnectionLost())])
-
-
-class ScriptedAgent:
+class ScriptedChannel:
     """
     Answers each request with the next scripted outcome.
     """
 
-    def __init__(self, *outcomes: Any) -> None:
-        self.outcomes = list(outcomes)
-        self.calls: list[tuple[bytes, bytes, Headers]] = []
+    def __init__(self, outcomes: list[Any]) -> None:
+        self.outcomes = outcomes
+        self.calls: list[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]] = []
 
-    def request(self, method: bytes, uri: bytes, headers: Headers, producer: Any) -> Deferred[Any]:
-        self.calls.append((method, uri, headers))
+    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                body: bytes) -> Deferred[Any]:
+        self.calls.append((method, target, headers, body))
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
             return fail(outcome)
@@ -67,9 +41,21 @@ class ScriptedAgent:
             return outcome()
         return succeed(outcome)
 
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
 
 class DataPlaneTests(SynchronousTestCase):
     def setUp(self) -> None:
+        self.outcomes: list[Any] = []
+        self.channels: list[ScriptedChannel] = []
+
+        def scripted(*args: Any, **kwargs: Any) -> ScriptedChannel:
+            channel = ScriptedChannel(self.outcomes)
+            self.channels.append(channel)
+            return channel
+
+        self.patch(supervisor, "BackendChannel", scripted)
         self.fx = ManagerFixture(self.mktemp())
         self.plane = DataPlane(self.fx.reactor, self.fx.manager, "data-token")
         self.stub = StubTreq(self.plane)
@@ -83,23 +69,24 @@ class DataPlaneTests(SynchronousTestCase):
             self.stub.flush()
         return pending
 
-    def result(self, pending: Any) -> tuple[int, bytes, Headers]:
+    def result(self, pending: Any) -> tuple[int, bytes, Any]:
         response = self.successResultOf(pending)
-        return response.code, self.successResultOf(response.content()), response.headers
+        return response.code, self.successResultOf(response.content()), response
 
     def test_relays_status_headers_and_body(self) -> None:
-        self.plane.agent = ScriptedAgent(CannedResponse(
-            200, b'{"ok": 1}', {b"content-type": [b"application/json"], b"connection": [b"close"],
-                                b"access-control-allow-origin": [b"*"]}))
-        code, body, headers = self.result(self.post("/alpha/v2/pipeline?x=1"))
+        self.outcomes.append(BackendResponse(200, b"OK", [
+            (b"Content-Type", b"application/json"), (b"Connection", b"close"),
+            (b"Content-Length", b"9"), (b"Access-Control-Allow-Origin", b"*")], b'{"ok": 1}'))
+        code, body, response = self.result(self.post("/alpha/v2/pipeline?x=1"))
         self.assertEqual((code, body), (200, b'{"ok": 1}'))
-        self.assertEqual(headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
-        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
-        method, uri, sent = self.plane.agent.calls[0]
-        self.assertEqual((method, uri), (b"POST", b"http://127.0.0.1:9000/v2/pipeline?x=1"))
-        self.assertEqual(sent.getRawHeaders(b"x-client"), [b"py"])
-        self.assertIsNone(sent.getRawHeaders(b"authorization"))
-        self.assertIsNone(sent.getRawHeaders(b"connection"))
+        self.assertEqual(response.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(response.length, 9)
+        method, target, sent, payload = self.channels[0].calls[0]
+        self.assertEqual((method, target, payload), (b"POST", b"/v2/pipeline?x=1", b'{"requests": []}'))
+        sent_names = {key.lower() for key, _ in sent}
+        self.assertIn(b"x-client", sent_names)
+        self.assertFalse(sent_names & {b"authorization", b"connection", b"host", b"content-length"})
         self.assertEqual(self.fx.manager.inflight(), 0)
 
     def test_refused_connection_is_retried_on_a_fresh_child(self) -> None:
@@ -111,38 +98,22 @@ class DataPlaneTests(SynchronousTestCase):
             end(child, signal=9)
             return fail(ConnectionRefusedError())
 
-        self.plane.agent = ScriptedAgent(refuse_and_die, CannedResponse(200, b"fine", {}))
+        self.outcomes += [refuse_and_die, BackendResponse(200, b"OK", [], b"fine")]
         code, body, _ = self.result(self.post("/alpha/v2/pipeline"))
         self.assertEqual((code, body), (200, b"fine"))
         self.assertEqual(len(self.fx.children("alpha")), 2)
         self.assertIsNot(self.fx.supervisor.running("alpha"), first_child[0])
 
     def test_child_dying_mid_request_is_a_502(self) -> None:
-        self.plane.agent = ScriptedAgent(ResponseNeverReceived([Failure(ConnectionRefusedError())]))
+        self.outcomes.append(ResponseIncomplete("connection lost"))
         code, body, _ = self.result(self.post("/alpha/v2/pipeline"))
         error = json.loads(body)
         self.assertEqual((code, error["error"]), (502, "upstream_error"))
         self.assertIn("'alpha'", error["message"])
         self.assertEqual(self.fx.manager.inflight(), 0)
 
-    def test_body_lost_before_any_byte_is_a_clean_502(self) -> None:
-        self.plane.agent = ScriptedAgent(BrokenResponse(200, b"", {b"content-length": [b"100"]}))
-        response = self.successResultOf(self.post("/alpha/v2/pipeline"))
-        body = self.successResultOf(response.content())
-        self.assertEqual((response.code, json.loads(body)["error"]), (502, "upstream_error"))
-        # The child's Content-Length did not leak into the error.
-        self.assertEqual(response.length, len(body))
-
-    def test_body_lost_midway_drops_the_connection(self) -> None:
-        self.plane.agent = ScriptedAgent(BrokenResponse(200, b"partial", {b"content-length": [b"100"]}))
-        pending = self.post("/alpha/v2/pipeline")
-        response = self.successResultOf(pending)
-        self.assertEqual(response.code, 200)
-        self.failureResultOf(response.content())
-        self.assertEqual(self.fx.manager.inflight(), 0)
-
     def test_refused_twice_is_a_502(self) -> None:
-        self.plane.agent = ScriptedAgent(ConnectionRefusedError(), ConnectionRefusedError())
+        self.outcomes += [ConnectionRefusedError(), ConnectionRefusedError()]
         pending = self.post("/alpha/v2/pipeline")
         self.fx.reactor.advance(2)
         self.stub.flush()
@@ -151,14 +122,20 @@ class DataPlaneTests(SynchronousTestCase):
         code, body, _ = self.result(pending)
         self.assertEqual((code, json.loads(body)["error"]), (502, "upstream_error"))
 
+    def test_full_queue_is_a_503_with_retry_after(self) -> None:
+        self.outcomes.append(QueueFull("128 requests already wait"))
+        code, body, response = self.result(self.post("/alpha/v2/pipeline"))
+        self.assertEqual((code, json.loads(body)["error"]), (503, "namespace_busy"))
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertEqual(self.plane.rejected, 1)
+
     def test_auth_comes_before_anything(self) -> None:
-        self.plane.agent = ScriptedAgent()
-        code, body, headers = self.result(self.post("/alpha/v2/pipeline", token="wrong"))
+        code, body, _ = self.result(self.post("/alpha/v2/pipeline", token="wrong"))
         self.assertEqual((code, json.loads(body)["error"]), (401, "unauthorized"))
         self.assertEqual(self.fx.state.records, {})
 
     def test_unexpected_error_is_a_500_without_details(self) -> None:
-        self.plane.agent = ScriptedAgent(lambda: succeed(object()))
+        self.outcomes.append(lambda: succeed(object()))
         code, body, _ = self.result(self.post("/alpha/v2/pipeline"))
         self.assertEqual((code, json.loads(body)["error"]), (500, "internal"))
         self.assertEqual(len(self.flushLoggedErrors()), 1)

@@ -30,7 +30,7 @@ class OpenAPITests(SynchronousTestCase):
 
     def routed(self) -> set[tuple[str, str]]:
         fx = ManagerFixture(self.mktemp())
-        api = AdminAPI(fx.manager, "", Readiness(fx.data_dir), Backups(fx.reactor, fx.manager, agent=None))
+        api = AdminAPI(fx.manager, "", Readiness(fx.data_dir), Backups(fx.reactor, fx.manager))
         found = set()
         for rule in api.app.url_map.iter_rules():
             path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)

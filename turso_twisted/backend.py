@@ -1,25 +1,22 @@
 """
-Talking to one child over HTTP: the forwarded request and the relayed body.
+Requests to a child and answers back: what crosses the proxy, and the SQL
+the daemon sends on its own.
 
 The request body is complete in memory or a temp file before this module is
-used (a slow client never holds a serial child); the child's answer is
-streamed back to the client as it arrives.
+used (a slow client never holds a serial child).  Everything goes through
+the child's L{BackendChannel}.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from io import BytesIO
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, readBody
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
+from twisted.web.iweb import IRequest
+
+from .channel import BackendChannel, BackendResponse
 
 #: Headers that describe one hop, never forwarded either way (RFC 9110 7.6.1).
 HOP_BY_HOP = frozenset({
@@ -29,96 +26,50 @@ HOP_BY_HOP = frozenset({
 
 #: Request headers we set or must not pass: tokens never reach children.
 _NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect"}
+#: Response headers we set ourselves.
+_NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
 
 
-def end_to_end(headers: Headers, also_drop: frozenset[bytes] = HOP_BY_HOP) -> Headers:
+def end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes] = HOP_BY_HOP,
+               ) -> list[tuple[bytes, bytes]]:
     """
-    A copy of C{headers} without hop-by-hop ones (and those the
-    C{Connection} header names) or any in C{also_drop}.
+    C{headers} without hop-by-hop ones (and those the C{Connection} header
+    names) or any in C{also_drop}.
     """
     named = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        named.update(token.strip().lower() for token in value.split(b","))
-    out = Headers()
-    for key, values in headers.getAllRawHeaders():
-        lowered = key.lower()
-        if lowered in also_drop or lowered in named:
-            continue
-        out.setRawHeaders(key, values)
-    return out
+    for key, value in headers:
+        if key.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return [(key, value) for key, value in headers
+            if key.lower() not in also_drop and key.lower() not in named]
 
 
-def make_agent(reactor: Any, connect_timeout: float = 5.0) -> Agent:
+def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(key, value) for key, values in headers.getAllRawHeaders() for value in values]
+
+
+def forward(channel: BackendChannel, request: IRequest, target: bytes,
+            body: IO[bytes]) -> Deferred[BackendResponse]:
     """
-    An agent for children: one fresh connection per request, since tursodb
-    answers every request with C{Connection: close}.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory.noisy = False
-    return Agent(reactor, connectTimeout=connect_timeout, pool=pool)
-
-
-def send(agent: Agent, port: int, request: IRequest, target: bytes,
-         body: IO[bytes]) -> Deferred[IResponse]:
-    """
-    Send C{request} to the child on C{port} as C{target} (path and query).
+    Send C{request} to the child as C{target} (path and query).
     """
     body.seek(0)
-    headers = end_to_end(request.requestHeaders, _NOT_FORWARDED)
-    producer = FileBodyProducer(body)
-    return agent.request(request.method, b"http://127.0.0.1:%d%s" % (port, target), headers, producer)
+    headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
+    return channel.request(request.method, target, headers, body.read())
 
 
-class _Relay(Protocol):
-    def __init__(self, request: IRequest, done: Deferred[None]) -> None:
-        self.request = request
-        self.done = done
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.request.finished and not getattr(self.request, "_disconnected", False):
-            self.request.write(data)
-
-    def connectionLost(self, reason: Failure) -> None:
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-
-def relay(response: IResponse, request: IRequest) -> Deferred[None]:
+def respond(request: IRequest, response: BackendResponse, body: bytes | None = None) -> None:
     """
-    Copy C{response}'s status, end-to-end headers and body onto C{request};
-    fires when the whole body has been passed on.
+    Give the client the child's status, end-to-end headers and body (or
+    C{body}, when the proxy rewrote it).
     """
+    body = response.body if body is None else body
     request.setResponseCode(response.code, response.phrase)
-    for key, values in end_to_end(response.headers).getAllRawHeaders():
-        request.responseHeaders.setRawHeaders(key, values)
-    # Twisted's client moves Content-Length out of the headers; put it back
-    # so the client gets the child's framing, not a chunked re-encoding.
-    if response.length is not UNKNOWN_LENGTH:
-        request.setHeader(b"content-length", b"%d" % response.length)
-    done: Deferred[None] = Deferred()
-    response.deliverBody(_Relay(request, done))
-    return done
-
-
-def relay_transformed(response: IResponse, request: IRequest,
-                      transform: Callable[[bytes], bytes]) -> Deferred[None]:
-    """
-    Like L{relay}, but the whole body is read, passed through C{transform}
-    and sent with its new length.
-    """
-    request.setResponseCode(response.code, response.phrase)
-    for key, values in end_to_end(response.headers).getAllRawHeaders():
-        request.responseHeaders.setRawHeaders(key, values)
-
-    def send_on(body: bytes) -> None:
-        body = transform(body)
-        request.setHeader(b"content-length", b"%d" % len(body))
-        if not request.finished and not getattr(request, "_disconnected", False):
-            request.write(body)
-
-    return readBody(response).addCallback(send_on)
+    for key, value in end_to_end(response.headers, _NOT_RETURNED):
+        request.responseHeaders.addRawHeader(key, value)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    if not request.finished and not getattr(request, "_disconnected", False):
+        request.write(body)
 
 
 class ChildSQLError(Exception):
@@ -127,31 +78,28 @@ class ChildSQLError(Exception):
     """
 
 
-async def pipeline(agent: Agent, port: int, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def pipeline(channel: BackendChannel, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
-    Send Hrana C{requests} (C{execute} or C{batch}) to the child on C{port}
-    and return their results.
+    Send Hrana C{requests} (C{execute} or C{batch}) to the child and return
+    their results.
 
     @raise ChildSQLError: if any statement failed.
     """
     body = json.dumps({"requests": requests}).encode("utf-8")
-    response = await agent.request(b"POST", b"http://127.0.0.1:%d/v2/pipeline" % port,
-                                   Headers({b"content-type": [b"application/json"]}),
-                                   FileBodyProducer(BytesIO(body)))
-    data = await readBody(response)
+    response = await channel.request(b"POST", b"/v2/pipeline",
+                                     [(b"Content-Type", b"application/json")], body)
     if response.code != 200:
-        raise ChildSQLError(f"status {response.code}: {data[:300].decode('utf-8', 'replace')}")
-    results = json.loads(data)["results"]
+        raise ChildSQLError(f"status {response.code}: {response.body[:300].decode('utf-8', 'replace')}")
     out = []
-    for result in results:
+    for result in json.loads(response.body)["results"]:
         if result.get("type") != "ok":
             raise ChildSQLError(result.get("error", {}).get("message", "unknown error"))
-        response_body = result["response"]
-        if response_body.get("type") == "batch":
-            errors = [e for e in response_body["result"].get("step_errors", []) if e]
+        answer = result["response"]
+        if answer.get("type") == "batch":
+            errors = [e for e in answer["result"].get("step_errors", []) if e]
             if errors:
                 raise ChildSQLError(errors[0].get("message", "unknown error"))
-        out.append(response_body.get("result", {}))
+        out.append(answer.get("result", {}))
     return out
 
 

@@ -29,7 +29,6 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.web.client import Agent
 
 from . import __version__, names
 from .backend import ChildSQLError, execute, pipeline
@@ -155,7 +154,6 @@ def _remove(*paths: str) -> None:
 class Backups:
     reactor: Any
     manager: NamespaceManager
-    agent: Agent
     run_in_thread: Any = deferToThread
     backups: int = 0
     backup_bytes: int = 0
@@ -191,7 +189,7 @@ class Backups:
             lease = await self.manager.lease(name, data_request=False)
             try:
                 quoted = path.replace("'", "''")
-                await pipeline(self.agent, lease.port, [execute(f"VACUUM INTO '{quoted}'")])
+                await pipeline(lease.child.channel, [execute(f"VACUUM INTO '{quoted}'")])
             except ChildSQLError as error:
                 raise ApiError(500, "backup_failed",
                                f"namespace {name!r}: VACUUM INTO failed: {error}") from None
@@ -304,7 +302,7 @@ class Backups:
             source = await self.run_in_thread(SqliteSource, source_path)
             requests = iter(source.requests())
             while (request := await self.run_in_thread(next_request, requests)) is not None:
-                await pipeline(self.agent, child.port, [request])
+                await pipeline(child.channel, [request])
         except ChildSQLError as error:
             _remove(build)
             raise ApiError(422, "replay_failed",

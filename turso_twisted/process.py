@@ -18,6 +18,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
@@ -53,6 +54,8 @@ class TursodbProcess(ProcessProtocol):
         self.exit_signal: int | None = None
         self.has_ended = False
         self.pid: int | None = None
+        #: The one way to talk to this child, once it serves.
+        self.channel: Any = None
         self.transport: IProcessTransport | None = None
         self._partial = {1: b"", 2: b""}
 

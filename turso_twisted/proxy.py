@@ -9,7 +9,6 @@ decoding), then the namespace lease, then the child.
 
 from __future__ import annotations
 
-from functools import partial
 from io import BytesIO
 from typing import IO, Any
 
@@ -17,7 +16,6 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
 from twisted.web.http import Request
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -25,7 +23,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from . import names
 from .auth import check_bearer
-from .backend import make_agent, relay, relay_transformed, send
+from .backend import forward, respond
+from .channel import ChannelClosed, QueueFull, QueueTimeout
 from .errors import INTERNAL, ApiError, write_error
 from .namespaces import NamespaceManager
 from .syncproto import (
@@ -72,7 +71,7 @@ class DataPlane(Resource):
         self.reactor = reactor
         self.manager = manager
         self.auth_token = auth_token
-        self.agent = make_agent(reactor)
+        self.rejected = 0
 
     def render(self, request: Request) -> Any:
         done = ensureDeferred(self._serve(request))
@@ -102,31 +101,35 @@ class DataPlane(Resource):
             lease = await self.manager.lease(name)
             try:
                 body = self._checked_body(lease.name, path, is_pull, request)
-                response = await send(self.agent, lease.port, request, target, body)
-            except ConnectError as error:
+                response = await forward(lease.child.channel, request, target, body)
+            except (ConnectError, ChannelClosed) as error:
                 # Nothing reached the child, so a retry cannot duplicate a
-                # write: the child is gone; wait until that is noticed.
+                # write: the child is gone or going; wait until that is done.
                 lease.release()
                 if attempt == 2:
                     raise self._upstream_error(name, request, error) from None
                 await self._death_noticed(lease.child.ended)
                 continue
+            except (QueueFull, QueueTimeout) as error:
+                lease.release()
+                self.rejected += 1
+                raise ApiError(503, "namespace_busy", f"namespace {name!r} is overloaded: {error}",
+                               retry_after=1) from None
             except ApiError:
                 lease.release()
                 raise
             except Exception as error:
                 lease.release()
                 raise self._upstream_error(name, request, error) from None
+            lease.release()
             try:
                 if is_pull and response.code == 200:
                     history = self.manager.state.records[name].history
-                    await relay_transformed(response, request, partial(tag_pull_response, history=history))
+                    respond(request, response, tag_pull_response(response.body, history))
                 else:
-                    await relay(response, request)
-            except (ResponseFailed, MalformedSyncMessage) as error:
+                    respond(request, response)
+            except MalformedSyncMessage as error:
                 raise self._upstream_error(name, request, error) from None
-            finally:
-                lease.release()
             if not request.finished and not getattr(request, "_disconnected", False):
                 request.finish()
             return

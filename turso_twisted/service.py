@@ -74,7 +74,7 @@ class TursoService(Service):
         )
         self.readiness = Readiness(config.data_dir, state_loaded=True)
         self.data_plane = DataPlane(reactor, self.manager, config.auth_token)
-        self.backups = Backups(reactor, self.manager, self.data_plane.agent)
+        self.backups = Backups(reactor, self.manager)
         self.admin = AdminAPI(self.manager, config.admin_token, self.readiness, self.backups)
         self.ports: dict[str, IListeningPort] = {}
         #: The data dir lock (see L{turso_twisted.datadir}), held until exit.

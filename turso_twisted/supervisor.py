@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from . import names
+from .channel import BackendChannel
 from .datadir import temp_dir
 from .errors import ApiError
 from .ports import PortAllocator, PortsExhausted
@@ -64,6 +65,9 @@ class Supervisor:
     wrappers: list[str] = attrs.field(factory=list)
     stop_grace: float = 5.0
     is_serving: Callable[[int, int], bool] = owns_listener
+    #: Settings of each child's channel (see L{BackendChannel}).
+    queue_depth: int = 128
+    queue_timeout: float = 30.0
     children: dict[str, TursodbProcess] = attrs.field(factory=dict)
     started_at: dict[str, float] = attrs.field(factory=dict)
     spawns: int = 0
@@ -139,6 +143,9 @@ class Supervisor:
             self.spawns += 1
             why = await self._wait_serving(child)
             if why is None:
+                child.channel = BackendChannel(self.reactor, port, max_queue=self.queue_depth,
+                                               queue_timeout=self.queue_timeout)
+                child.ended.addBoth(self._close_channel, child.channel)
                 return child, self.reactor.seconds() - began
             self.ports.release(port)
             if child.has_ended and child.port_was_taken():
@@ -224,11 +231,26 @@ class Supervisor:
         self._stopping.add(name)
         return self._terminate(child, name).addCallback(lambda _: self._stopping.discard(name))
 
+    def _close_channel(self, result: object, channel: BackendChannel) -> object:
+        channel.close()
+        return result
+
     def _terminate(self, child: TursodbProcess, name: str) -> Deferred[None]:
         done: Deferred[None] = Deferred()
         if child.has_ended:
             done.callback(None)
             return done
+        # Drop the channel's spare first, so the child logs no noise.
+        quiet = child.channel.close() if child.channel is not None else succeed(None)
+        quiet.addTimeout(1.0, self.reactor, onTimeoutCancel=lambda *_: None)
+        quiet.addCallback(lambda _: self._signal_stop(child, name, done))
+        return done
+
+    def _signal_stop(self, child: TursodbProcess, name: str, done: Deferred[None]) -> None:
+        if child.has_ended:
+            if not done.called:
+                done.callback(None)
+            return
         child.signal("TERM")
         kill = self.reactor.callLater(self.stop_grace, child.signal, "KILL")
 
@@ -241,7 +263,6 @@ class Supervisor:
             return ended
 
         child.ended.addCallback(stopped)
-        return done
 
     def stop_all(self) -> Deferred[Any]:
         return DeferredList([self.stop(name) for name in list(self.children)])

@@ -1,0 +1,119 @@
+"""
+The backend channel with a memory reactor: one request at a time, the
+spare connection, quiet drops, and the bounded queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from turso_twisted.channel import (
+    BackendChannel,
+    BackendResponse,
+    QueueFull,
+    QueueTimeout,
+    ResponseIncomplete,
+)
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+class ChannelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.channel = BackendChannel(self.reactor, 9000, max_queue=2, queue_timeout=10, spare_idle=5)
+        self.connected = 0
+
+    def connect_next(self) -> tuple[Any, StringTransport]:
+        """
+        Let the oldest pending connection attempt succeed.
+        """
+        host, port, factory, _, _ = self.reactor.tcpClients[self.connected]
+        self.connected += 1
+        self.assertEqual((host, port), ("127.0.0.1", 9000))
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_request_then_spare_carries_the_next(self) -> None:
+        first = self.channel.request(b"POST", b"/v2/pipeline", [(b"X-A", b"1")], b"{}")
+        protocol, transport = self.connect_next()
+        self.assertEqual(transport.value(), b"POST /v2/pipeline HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n"
+                         b"Content-Length: 2\r\nConnection: close\r\nX-A: 1\r\n\r\n{}")
+        # A spare is on its way as soon as the request is sent.
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        spare, spare_transport = self.connect_next()
+        second = self.channel.request(b"GET", b"/x", [], b"")
+        self.assertEqual(spare_transport.value(), b"", "one request at a time")
+        protocol.dataReceived(OK)
+        self.assertEqual(self.successResultOf(first),
+                         BackendResponse(200, b"OK", [(b"Content-Type", b"text/plain"),
+                                                      (b"Content-Length", b"2"), (b"Connection", b"close")],
+                                         b"ok"))
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(spare_transport.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        self.assertEqual(self.channel.spare_hits, 1)
+        spare.dataReceived(OK)
+        self.successResultOf(second)
+
+    def test_quiet_spare_is_dropped_with_options(self) -> None:
+        done = self.channel.request(b"GET", b"/", [], b"")
+        protocol, _ = self.connect_next()
+        spare, spare_transport = self.connect_next()
+        protocol.dataReceived(OK)
+        self.successResultOf(done)
+        self.reactor.advance(4.9)
+        self.assertEqual(spare_transport.value(), b"")
+        self.reactor.advance(0.1)
+        self.assertTrue(spare_transport.value().startswith(b"OPTIONS * HTTP/1.1\r\n"))
+        spare.dataReceived(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        self.assertTrue(spare_transport.disconnecting)
+        # Idle now: no more connections are opened.
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_queue_is_bounded(self) -> None:
+        self.channel.request(b"GET", b"/1", [], b"")
+        self.channel.request(b"GET", b"/2", [], b"")
+        self.channel.request(b"GET", b"/3", [], b"")
+        self.failureResultOf(self.channel.request(b"GET", b"/4", [], b""), QueueFull)
+        self.assertEqual(self.channel.rejected, 1)
+
+    def test_queue_wait_has_a_deadline(self) -> None:
+        self.channel.request(b"GET", b"/1", [], b"")
+        waiting = self.channel.request(b"GET", b"/2", [], b"")
+        self.reactor.advance(10)
+        self.failureResultOf(waiting, QueueTimeout)
+
+    def test_child_dying_mid_answer(self) -> None:
+        done = self.channel.request(b"GET", b"/", [], b"")
+        protocol, _ = self.connect_next()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(done, ResponseIncomplete)
+
+    def test_close_fails_waiting_requests_and_drops_the_spare(self) -> None:
+        first = self.channel.request(b"GET", b"/1", [], b"")
+        waiting = self.channel.request(b"GET", b"/2", [], b"")
+        protocol, _ = self.connect_next()
+        spare, spare_transport = self.connect_next()
+        protocol.dataReceived(OK)
+        self.successResultOf(first)
+        # /2 went out on the spare; close while it is answered.
+        spare.dataReceived(OK)
+        self.successResultOf(waiting)
+        third, third_transport = self.connect_next()
+        closed = self.channel.close()
+        self.assertTrue(third_transport.value().startswith(b"OPTIONS *"))
+        third.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.successResultOf(closed)
+        self.assertTrue(spare_transport.disconnecting)
+        refused = self.channel.request(b"GET", b"/3", [], b"")
+        self.failureResultOf(refused)

@@ -1,0 +1,287 @@
+"""
+The one way to talk to a child: a per-namespace channel that sends one
+request at a time and keeps a spare connection ready.
+
+tursodb serves one connection at a time: it accepts, reads a whole
+request, answers with C{Connection: close}, and accepts again; when no
+connection is pending it sleeps 10 ms before it looks again.  A client that
+connects per request therefore waits ~6-10 ms, while a connection that is
+already accepted when the request is written is answered in ~0.15 ms.  So
+while a namespace is busy the channel keeps one I{spare} connection open:
+opened as soon as a request is sent, it waits in the child's backlog, is
+accepted the moment the child finishes, and carries the next request with
+no sleep in between.
+
+A spare is dropped once the namespace has been quiet for C{spare_idle}
+(well within tursodb's 30 s read timeout), by sending it a harmless
+C{OPTIONS *} rather than closing it, which tursodb would log as an
+error: an idle child sees no traffic and logs nothing.
+
+Every user of a child must go through its channel: a connection made
+beside it would wait behind the spare the child is reading.
+
+Requests wait in a bounded queue; past its length, or past the wait
+deadline, they fail with L{QueueFull} / L{QueueTimeout}.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+_DROP_REQUEST = b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+class ChannelClosed(ConnectionLost):
+    """
+    The channel was closed (its child is stopping) before the request went out.
+    """
+
+
+@attrs.frozen
+class BackendResponse:
+    code: int
+    phrase: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class ResponseIncomplete(ConnectionLost):
+    """
+    The child closed the connection before its answer was complete.
+    """
+
+
+class _Exchange(Protocol):
+    """
+    One connection to a child, for exactly one request and its response.
+    """
+
+    def __init__(self) -> None:
+        self.response: Deferred[BackendResponse] = Deferred()
+        self.lost = False
+        self.sent = False
+        self._buffer = b""
+        self._head: tuple[int, bytes, list[tuple[bytes, bytes]], int | None] | None = None
+
+    def send(self, request: bytes) -> Deferred[BackendResponse]:
+        self.sent = True
+        self.transport.write(request)
+        return self.response
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if self._head is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            try:
+                self._head = _parse_head(self._buffer[:end])
+            except ValueError as error:
+                self.response.errback(Failure(ResponseIncomplete(str(error))))
+                self.transport.loseConnection()
+                return
+            self._buffer = self._buffer[end + 4:]
+        length = self._head[3]
+        if length is not None and len(self._buffer) >= length:
+            self._finish(self._buffer[:length])
+            self.transport.loseConnection()
+
+    def _finish(self, body: bytes) -> None:
+        if not self.response.called and self._head is not None:
+            code, phrase, headers, _ = self._head
+            self.response.callback(BackendResponse(code, phrase, headers, body))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        if self.response.called:
+            return
+        if self._head is not None and self._head[3] is None:
+            self._finish(self._buffer)  # answer delimited by the close
+        else:
+            self.response.errback(Failure(ResponseIncomplete(reason.getErrorMessage())))
+
+
+def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], int | None]:
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP response: {lines[0][:80]!r}")
+    headers = []
+    length = None
+    for line in lines[1:]:
+        key, _, value = line.partition(b":")
+        key, value = key.strip(), value.strip()
+        if key.lower() == b"content-length":
+            length = int(value)
+        headers.append((key, value))
+    code = int(parts[1])
+    if code in (204, 304) or code < 200:
+        length = 0
+    return code, parts[2] if len(parts) > 2 else b"", headers, length
+
+
+@attrs.define(eq=False)
+class _Pending:
+    request: bytes
+    result: Deferred[BackendResponse]
+    timer: Any = None
+
+
+@attrs.define(eq=False)
+class BackendChannel:
+    """
+    The serial, spare-keeping connection to one child on C{port}.
+    """
+
+    reactor: Any
+    port: int
+    max_queue: int = 128
+    queue_timeout: float = 30.0
+    spare_idle: float = 5.0
+    requests: int = 0
+    spare_hits: int = 0
+    rejected: int = 0
+    _queue: deque[_Pending] = attrs.field(factory=deque)
+    _busy: bool = False
+    _closed: bool = False
+    _spare: Deferred[_Exchange] | None = None
+    _idle_timer: Any = None
+    _log = Logger()
+
+    # -- public --------------------------------------------------------------------
+
+    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                body: bytes) -> Deferred[BackendResponse]:
+        """
+        Send one request when the child is free; fire with its response.
+        """
+        if self._closed:
+            return _failed(ChannelClosed("channel closed"))
+        if len(self._queue) >= self.max_queue:
+            self.rejected += 1
+            return _failed(QueueFull(f"{len(self._queue)} requests already wait for this namespace"))
+        head = [b"%s %s HTTP/1.1" % (method, target), b"Host: 127.0.0.1:%d" % self.port,
+                b"Content-Length: %d" % len(body), b"Connection: close"]
+        head += [b"%s: %s" % (key, value) for key, value in headers]
+        pending = _Pending(b"\r\n".join(head) + b"\r\n\r\n" + body, Deferred())
+        if self.queue_timeout:
+            pending.timer = self.reactor.callLater(self.queue_timeout, self._expire, pending)
+        self._queue.append(pending)
+        self._next()
+        return pending.result
+
+    def close(self) -> Deferred[None]:
+        """
+        Refuse new requests, fail queued ones, and drop the spare quietly;
+        fires when the child may be stopped without logging noise.
+        """
+        self._closed = True
+        while self._queue:
+            pending = self._queue.popleft()
+            _cancel(pending.timer)
+            pending.result.errback(Failure(ChannelClosed("the namespace is stopping")))
+        return self._drop_spare()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _expire(self, pending: _Pending) -> None:
+        if pending in self._queue:
+            self._queue.remove(pending)
+            self.rejected += 1
+            pending.result.errback(Failure(QueueTimeout(
+                f"waited {self.queue_timeout:g}s for the namespace's earlier requests")))
+
+    def _connect(self) -> Deferred[_Exchange]:
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port, timeout=5)
+        return connectProtocol(endpoint, _Exchange())
+
+    def _next(self) -> None:
+        if self._busy or not self._queue:
+            return
+        pending = self._queue.popleft()
+        _cancel(pending.timer)
+        self._busy = True
+        _cancel(self._idle_timer)
+        self._idle_timer = None
+        self.requests += 1
+        connection, self._spare = self._spare, None
+        if connection is None:
+            connection = self._connect()
+        else:
+            self.spare_hits += 1
+        connection.addCallback(self._send, pending)
+        connection.addErrback(self._done, pending)
+
+    def _send(self, exchange: _Exchange, pending: _Pending) -> None:
+        if exchange.lost:
+            # The spare died unused (the child restarted): nothing was sent.
+            self._connect().addCallback(self._send, pending).addErrback(self._done, pending)
+            return
+        answered = exchange.send(pending.request)
+        # The next request's connection waits in the child's backlog now.
+        if not self._closed:
+            self._spare = self._connect()
+            self._spare.addErrback(lambda _: None)
+        answered.addBoth(self._done, pending)
+
+    def _done(self, result: Any, pending: _Pending) -> None:
+        self._busy = False
+        if isinstance(result, Failure):
+            pending.result.errback(result)
+        else:
+            pending.result.callback(result)
+        if self._queue:
+            self._next()
+        elif not self._closed:
+            self._idle_timer = self.reactor.callLater(self.spare_idle, self._drop_spare)
+
+    def _drop_spare(self) -> Deferred[None]:
+        _cancel(self._idle_timer)
+        self._idle_timer = None
+        spare, self._spare = self._spare, None
+        if spare is None or self._busy:
+            if spare is not None:
+                self._spare = spare
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+
+        def drop(exchange: _Exchange) -> None:
+            if exchange.lost:
+                done.callback(None)
+                return
+            exchange.send(_DROP_REQUEST).addBoth(lambda _: done.callback(None))
+
+        spare.addCallbacks(drop, lambda _: done.callback(None))
+        return done
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    result: Deferred[Any] = Deferred()
+    result.errback(Failure(error))
+    return result
+
+
+def _cancel(call: Any) -> None:
+    if call is not None and call.active():
+        call.cancel()
