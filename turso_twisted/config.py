@@ -147,6 +147,17 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("expected a whole number of 1 or more")
+    return value
+
+
+def _optional_count(text: str) -> int | None:
+    return None if not text.strip() else _non_negative_int(text)
+
+
 def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -210,6 +221,18 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest request body the data port accepts (larger: 413)"),
     Setting("TURSO_MAX_RESTORE_BYTES", "max-restore-bytes", "4GiB", parse_size,
             "Largest body the admin port accepts (a database file to restore)"),
+    Setting("TURSO_HIBERNATE_AFTER", "hibernate-after", "10m", parse_duration,
+            "Stop the child of a namespace idle this long; files stay, the next request wakes it "
+            "(0 = never)"),
+    Setting("TURSO_MAX_RUNNING", "max-running", "", _optional_count,
+            "Cap on resident children; at the cap the least recently used idle one is hibernated "
+            "(empty: same as TURSO_MAX_NAMESPACES; 0 = unlimited)"),
+    Setting("TURSO_QUEUE_DEPTH", "queue-depth", "128", _positive_int,
+            "Requests that may wait for one namespace's child; more get 503"),
+    Setting("TURSO_QUEUE_TIMEOUT", "queue-timeout", "30s", _positive_duration,
+            "How long a request may wait for its namespace's child; longer gets 503"),
+    Setting("TURSO_CLIENT_IDLE_TIMEOUT", "client-idle-timeout", "2m", _positive_duration,
+            "Idle keep-alive client connections are closed after this"),
     Setting("TURSO_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", parse_duration,
             "How long a graceful shutdown waits for in-flight requests"),
 )
@@ -239,6 +262,11 @@ class Config:
     archive_retention: float
     max_body_bytes: int
     max_restore_bytes: int
+    hibernate_after: float
+    max_running: int
+    queue_depth: int
+    queue_timeout: float
+    client_idle_timeout: float
     shutdown_timeout: float
 
     @classmethod
@@ -306,6 +334,8 @@ class Config:
         # One spelling of the data dir, so that every comparison of paths
         # (orphaned children, files) sees through symlinks.
         values["data_dir"] = os.path.realpath(values["data_dir"])
+        if values["max_running"] is None:
+            values["max_running"] = values["max_namespaces"]
         config = cls(**values)
         if check_files:
             config = config._checked_files(bin_was_given=bool(raw["tursodb_bin"][2]))

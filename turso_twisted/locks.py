@@ -35,5 +35,9 @@ class KeyedLocks:
 
         return ensureDeferred(locked())
 
+    def is_locked(self, key: str) -> bool:
+        lock = self._locks.get(key)
+        return lock is not None and bool(lock.locked or lock.waiting)
+
     def __len__(self) -> int:
         return len(self._locks)

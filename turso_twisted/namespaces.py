@@ -90,6 +90,9 @@ class NamespaceManager:
     drain_timeout: float = 10.0
     #: Set at shutdown: new leases and creates are refused with a 503.
     stopping: bool = False
+    #: Cap on resident children (0: none); see L{_make_room}.
+    max_running: int = 0
+    hibernations: int = 0
     _locks: KeyedLocks = attrs.field(factory=KeyedLocks)
     _inflight: dict[str, int] = attrs.field(factory=dict)
     _drain_waiters: dict[str, list[Deferred[None]]] = attrs.field(factory=dict)
@@ -163,6 +166,7 @@ class NamespaceManager:
                            "restore it, or delete the namespace")
         new_files = [p for p in names.data_files(self.archiver.data_dir, name) if not os.path.exists(p)]
         try:
+            await self._make_room(name)
             return await self.supervisor.start(name)
         except BaseException:
             if created:
@@ -172,6 +176,47 @@ class NamespaceManager:
                     if os.path.exists(path) and os.path.getsize(path) == 0:
                         os.unlink(path)
             raise
+
+    async def _make_room(self, name: str) -> None:
+        """
+        At C{max_running} resident children, hibernate the least recently
+        used idle one (under its own lock) to make room for C{name}.
+        """
+        while self.max_running and len(self.supervisor.children) >= self.max_running:
+            idle = [other for other in self.supervisor.children
+                    if other != name and not self._inflight.get(other)
+                    and not self._locks.is_locked(other)]
+            if not idle:
+                raise ApiError(503, "too_many_running",
+                               f"TURSO_MAX_RUNNING={self.max_running} namespaces are busy; retry shortly",
+                               retry_after=1)
+            victim = min(idle, key=self._last_used)
+            await self.hibernate(victim, reason="making room (TURSO_MAX_RUNNING)")
+
+    def _last_used(self, name: str) -> float:
+        record = self.state.records.get(name)
+        return record.last_access_at if record is not None else 0.0
+
+    def hibernate(self, name: str, reason: str, idle_for: float | None = None) -> Deferred[bool]:
+        """
+        Stop C{name}'s child, keeping its files and record, unless it is
+        serving a request (or, with C{idle_for}, was used more recently than
+        that); the next request wakes it.  Fires with whether it stopped.
+        """
+
+        async def work() -> bool:
+            record = self.state.records.get(name)
+            if self.supervisor.running(name) is None or self._inflight.get(name):
+                return False
+            if idle_for is not None and record is not None and \
+                    self.clock.seconds() - record.last_access_at <= idle_for:
+                return False
+            await self.supervisor.stop(name)
+            self.hibernations += 1
+            self._log.info("namespace hibernated", name=name, reason=reason)
+            return True
+
+        return self._locked(name, work)
 
     def _check_open(self) -> None:
         if self.stopping:

@@ -25,6 +25,7 @@ from .backup import Backups
 from .config import Config, ConfigError
 from .datadir import DataDirBusy, clean_scratch, lock_data_dir, temp_dir
 from .gc import GarbageCollector
+from .hibernation import Hibernator
 from .namespaces import NamespaceManager
 from .orphans import kill_orphans
 from .ports import PortAllocator
@@ -55,6 +56,8 @@ class TursoService(Service):
             startup_timeout=config.startup_timeout,
             child_env=child_environment(os.environ),
             wrappers=child_wrappers(),
+            queue_depth=config.queue_depth,
+            queue_timeout=config.queue_timeout,
         )
         self.manager = NamespaceManager(
             clock=reactor,
@@ -64,7 +67,9 @@ class TursoService(Service):
             max_namespaces=config.max_namespaces,
             allow_auto_provision=config.allow_auto_provision,
             drain_timeout=config.shutdown_timeout,
+            max_running=config.max_running,
         )
+        self.hibernator = Hibernator(reactor, self.manager, config.hibernate_after)
         self.gc = GarbageCollector(
             clock=reactor,
             manager=self.manager,
@@ -90,7 +95,7 @@ class TursoService(Service):
         listeners = (
             ("data", "TURSO_DATA_ADDR", self.config.data_addr,
              CappedSite(self.data_plane, self.config.max_body_bytes, self.config.auth_token,
-                        scratch_dir=scratch)),
+                        scratch_dir=scratch, timeout=self.config.client_idle_timeout)),
             ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr,
              CappedSite(self.admin.resource(), self.config.max_restore_bytes, self.config.admin_token,
                         limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)),
@@ -131,6 +136,7 @@ class TursoService(Service):
             host = port.getHost()
             self._log.info("listening", listener=kind, host=host.host, port=host.port)
         self.gc.start()
+        self.hibernator.start()
         self.readiness.listening = True
         self._log.info("turso-server ready", data_dir=self.config.data_dir,
                        namespaces=len(self.state.records))
@@ -151,6 +157,7 @@ class TursoService(Service):
         await DeferredList([port.stopListening() for port in self.ports.values()])
         self.ports = {}
         await self.gc.stop()
+        await self.hibernator.stop()
         await self.manager.drain_all()
         await self.manager.stop_all()
         try:

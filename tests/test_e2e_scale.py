@@ -1,0 +1,60 @@
+"""
+End to end: scale to zero with real children and pyturso replicas.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from turso_twisted.orphans import find_orphans
+
+from .daemon import Daemon, run_replica, wait_for
+from .test_e2e import E2ETestCase, get_json, treq
+
+
+def pipeline(*sql: str) -> bytes:
+    return json.dumps({"requests": [{"type": "execute", "stmt": {"sql": s}} for s in sql]}).encode()
+
+
+class ScaleToZeroTests(E2ETestCase):
+    @inlineCallbacks
+    def test_replica_keeps_its_data_across_hibernation(self) -> Any:
+        daemon = yield Daemon(self, TURSO_HIBERNATE_AFTER="1s").start()
+        replica = yield self.replica(daemon, "sleepy")
+        yield run_replica(replica.run, "create table t (x)", "insert into t values (1)")
+        yield run_replica(replica.push)
+        yield wait_for(lambda: daemon.events("namespace hibernated", name="sleepy"), "hibernation")
+        status, record = yield get_json(daemon.admin_url("/v1/namespaces/sleepy"))
+        self.assertEqual((record["running"], record["pid"]), (False, None))
+        self.assertEqual(find_orphans(daemon.data_dir), [])
+        # The next sync wakes it, with everything it had.
+        yield run_replica(replica.run, "insert into t values (2)")
+        yield run_replica(replica.push)
+        yield run_replica(replica.pull)
+        fresh = yield self.replica(daemon, "sleepy")
+        self.assertEqual((yield run_replica(fresh.rows, "select x from t order by x")), [(1,), (2,)])
+        self.assertEqual([e for e in daemon.logs() if e.get("logger", "").startswith("tursodb.")
+                          and e.get("level") == "ERROR" and "turso_sync_last_change_id" not in e["msg"]],
+                         [], "children log no noise")
+
+    @inlineCallbacks
+    def test_max_running_keeps_a_bounded_set_resident(self) -> Any:
+        daemon = yield Daemon(self, TURSO_MAX_RUNNING="2", TURSO_MAX_NAMESPACES="0").start()
+        names = [f"n{i}" for i in range(6)]
+        for round_ in range(2):
+            for name in names:
+                statements = ("create table if not exists t (x)", f"insert into t values ({round_})")
+                response = yield treq.post(daemon.data_url(f"/{name}/v2/pipeline"), pipeline(*statements))
+                self.assertEqual(response.code, 200)
+                yield response.content()
+                self.assertLessEqual(len(find_orphans(daemon.data_dir)), 2)
+        for name in names:
+            response = yield treq.post(daemon.data_url(f"/{name}/v2/pipeline"), pipeline("select count(*) from t"))
+            body = json.loads((yield response.content()))
+            self.assertEqual(body["results"][0]["response"]["result"]["rows"][0][0]["value"], "2")
+        self.assertGreaterEqual(len(daemon.events("namespace hibernated")), 10)
+        status, listed = yield get_json(daemon.admin_url("/v1/namespaces"))
+        self.assertEqual(sum(r["running"] for r in listed["namespaces"]), 2)

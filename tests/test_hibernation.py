@@ -1,0 +1,96 @@
+"""
+Scale to zero: hibernation after idle, waking on request, and making room
+at TURSO_MAX_RUNNING by hibernating the least recently used idle child.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from turso_twisted.errors import ApiError
+from turso_twisted.hibernation import Hibernator
+
+from .support import ManagerFixture
+
+
+class HibernationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fx = ManagerFixture(self.mktemp())
+        self.fx.reactor.exit_on_signal = True
+        self.hibernator = Hibernator(self.fx.reactor, self.fx.manager, idle_after=600)
+
+    def lease(self, name: str) -> Any:
+        leased = self.fx.manager.lease(name)
+        self.fx.settle()
+        return self.successResultOf(leased)
+
+    def use(self, name: str) -> None:
+        self.lease(name).release()
+
+    def running(self) -> list[str]:
+        return sorted(self.fx.supervisor.children)
+
+    def test_idle_children_stop_and_wake_on_request(self) -> None:
+        self.use("alpha")
+        self.use("beta")
+        self.hibernator.start()
+        self.assertEqual(self.hibernator.interval, 30)
+        self.fx.reactor.advance(300)
+        self.use("beta")
+        self.fx.reactor.advance(330)
+        self.assertEqual(self.running(), ["beta"])
+        self.assertEqual(sorted(self.fx.state.records), ["alpha", "beta"], "records stay")
+        self.assertFalse(self.fx.manager.describe(self.fx.state.records["alpha"])["running"])
+        self.use("alpha")
+        self.assertEqual(self.running(), ["alpha", "beta"])
+        self.assertEqual(len(self.fx.children("alpha")), 2)
+        self.successResultOf(self.hibernator.stop())
+
+    def test_busy_children_are_not_hibernated(self) -> None:
+        lease = self.lease("alpha")
+        self.fx.reactor.advance(700)
+        self.successResultOf(self.hibernator.sweep())
+        self.assertEqual(self.running(), ["alpha"])
+        lease.release()
+        self.successResultOf(self.hibernator.sweep())
+        self.assertEqual(self.running(), [])
+
+    def test_zero_means_never(self) -> None:
+        Hibernator(self.fx.reactor, self.fx.manager, idle_after=0).start()
+        self.use("alpha")
+        self.fx.reactor.advance(10**6)
+        self.assertEqual(self.running(), ["alpha"])
+
+
+class MaxRunningTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.fx = ManagerFixture(self.mktemp())
+        self.fx.reactor.exit_on_signal = True
+        self.fx.manager.max_running = 2
+
+    def lease(self, name: str) -> Any:
+        leased = self.fx.manager.lease(name)
+        self.fx.settle()
+        return leased
+
+    def test_least_recently_used_idle_child_makes_room(self) -> None:
+        for name in ("a", "b"):
+            self.successResultOf(self.lease(name)).release()
+            self.fx.reactor.advance(10)
+        self.successResultOf(self.lease("a")).release()
+        self.fx.reactor.advance(10)
+        self.successResultOf(self.lease("c")).release()
+        self.assertEqual(sorted(self.fx.supervisor.children), ["a", "c"])
+        self.assertEqual(self.fx.manager.hibernations, 1)
+        self.assertEqual(sorted(self.fx.state.records), ["a", "b", "c"])
+
+    def test_all_busy_is_a_503(self) -> None:
+        held = [self.successResultOf(self.lease(name)) for name in ("a", "b")]
+        failure = self.failureResultOf(self.lease("c"), ApiError)
+        self.assertEqual((failure.value.status, failure.value.code), (503, "too_many_running"))
+        self.assertNotIn("c", self.fx.state.records, "a refused first request leaves no record")
+        for lease in held:
+            lease.release()
+        self.successResultOf(self.lease("c"))
