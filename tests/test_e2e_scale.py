@@ -52,7 +52,8 @@ class ScaleToZeroTests(E2ETestCase):
                 yield response.content()
                 self.assertLessEqual(len(find_orphans(daemon.data_dir)), 2)
         for name in names:
-            response = yield treq.post(daemon.data_url(f"/{name}/v2/pipeline"), pipeline("select count(*) from t"))
+            url = daemon.data_url(f"/{name}/v2/pipeline")
+            response = yield treq.post(url, pipeline("select count(*) from t"))
             body = json.loads((yield response.content()))
             self.assertEqual(body["results"][0]["response"]["result"]["rows"][0][0]["value"], "2")
         self.assertGreaterEqual(len(daemon.events("namespace hibernated")), 10)
