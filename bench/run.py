@@ -1,0 +1,499 @@
+"""
+Benchmark: direct tursodb against turso-server, side by side in one run.
+
+    ./dev bench [--quick] [--scale N] [--out FILE]
+
+Prints a table and writes JSON (default bench/results/latest.json).  The
+machine has 2 cores and the load generator (this process) competes with
+the daemon and the children for them: every figure says so.
+
+Scenarios (see docs/performance.md):
+  1. sequential single client: new connection per request, and keep-alive
+     (proxy only: tursodb closes every connection); SELECT 1, a 100-row
+     INSERT batch, a pyturso push+pull cycle;
+  2. throughput: 1, 8 and 32 concurrent clients over 1 and 8 namespaces,
+     and the daemon's CPU time per request;
+  3. cold paths: first request to a new namespace; wake from hibernation;
+  4. scale: N auto namespaces touched in random order, 256 resident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+TOKEN = "bench-token"
+SELECT_1 = json.dumps({"requests": [{"type": "execute", "stmt": {"sql": "select 1"}}]}).encode()
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def insert_batch(rows: int = 100) -> bytes:
+    steps = [{"stmt": {"sql": "insert into t (x) values (?)",
+                       "args": [{"type": "text", "value": f"row-{i}"}]}} for i in range(rows)]
+    return json.dumps({"requests": [{"type": "batch", "batch": {"steps": steps}}]}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(values) * 1000, 3),
+            "p99_ms": round(percentile(values, 0.99) * 1000, 3), "n": len(values)}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+# -- the systems under test ----------------------------------------------------------
+
+
+class Direct:
+    """
+    Plain tursodb sync servers, one per database.
+    """
+
+    def __init__(self, tursodb: str, workdir: str) -> None:
+        self.tursodb, self.workdir = tursodb, workdir
+        self.processes: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+
+    def start(self, name: str) -> int:
+        port = free_port()
+        process = subprocess.Popen([self.tursodb, os.path.join(self.workdir, f"{name}.db"),
+                                    "--sync-server", f"127.0.0.1:{port}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes[name] = (process, port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.005)
+        # The probe above left tursodb reading an empty connection: settle it.
+        http_request(port, b"OPTIONS", b"*", b"")
+        return port
+
+    def url(self, name: str) -> tuple[int, bytes]:
+        return self.processes[name][1], b""
+
+    def stop(self) -> None:
+        for process, _ in self.processes.values():
+            process.kill()
+            process.wait()
+
+
+class Daemon:
+    def __init__(self, tursodb: str, workdir: str, **env: str) -> None:
+        self.data_port, self.admin_port = free_port(), free_port()
+        os.makedirs(workdir, exist_ok=True)
+        self.data_dir = os.path.join(workdir, "data")
+        base = random.randrange(20000, 50000, 1000)
+        environment = {"PATH": os.environ.get("PATH", ""), "TURSODB_BIN": tursodb,
+                       "TURSO_DATA_DIR": self.data_dir, "TURSO_AUTH_TOKEN": TOKEN,
+                       "TURSO_DATA_ADDR": f"127.0.0.1:{self.data_port}",
+                       "TURSO_ADMIN_ADDR": f"127.0.0.1:{self.admin_port}",
+                       "TURSO_BACKEND_PORT_START": str(base), "TURSO_BACKEND_PORT_END": str(base + 999),
+                       **env}
+        self.log = open(os.path.join(workdir, "daemon.log"), "wb")
+        self.process = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "turso-server"],
+                                        env=environment, cwd=workdir, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the daemon did not become ready")
+
+    def url(self, name: str) -> tuple[int, bytes]:
+        return self.data_port, b"/" + name.encode()
+
+    def admin(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+# -- clients ---------------------------------------------------------------------------
+
+
+def http_request(port: int, method: bytes, target: bytes, body: bytes, sock: socket.socket | None = None,
+                 token: str | None = None) -> tuple[int, bytes]:
+    """
+    One request; with C{sock}, on that kept-alive connection.
+    """
+    own = sock is None
+    if own:
+        sock = socket.create_connection(("127.0.0.1", port))
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    sock.sendall(b"%s %s HTTP/1.1\r\nHost: bench\r\n%sContent-Length: %d\r\n%s\r\n%s" % (
+        method, target, auth, len(body), b"Connection: close\r\n" if own else b"", body))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed before the answer")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    if own:
+        sock.close()
+    return int(head.split(b" ")[1]), rest
+
+
+def sequential(port: int, prefix: bytes, body: bytes, count: int, keep_alive: bool, token: str | None,
+               ) -> dict[str, float]:
+    times = []
+    sock = socket.create_connection(("127.0.0.1", port)) if keep_alive else None
+    for _ in range(count):
+        started = time.perf_counter()
+        status, _ = http_request(port, b"POST", prefix + b"/v2/pipeline", body, sock, token)
+        times.append(time.perf_counter() - started)
+        if status != 200:
+            raise RuntimeError(f"status {status}")
+    if sock:
+        sock.close()
+    return summary(times)
+
+
+def sync_cycles(url: str, token: str | None, path: str, count: int) -> dict[str, float]:
+    import turso.sync
+
+    replica = turso.sync.connect(path, remote_url=url, auth_token=token)
+    replica.execute("create table if not exists s (x)")
+    replica.commit()
+    replica.push()
+    times = []
+    for i in range(count):
+        started = time.perf_counter()
+        replica.execute(f"insert into s values ({i})")
+        replica.commit()
+        replica.push()
+        replica.pull()
+        times.append(time.perf_counter() - started)
+    replica.close()
+    return summary(times)
+
+
+async def _client(port: int, target: bytes, keep_alive: bool, token: str | None, stop_at: float,
+                  counts: list[int], errors: list[int]) -> None:
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    request = b"POST %s HTTP/1.1\r\nHost: bench\r\n%sContent-Length: %d\r\n%s\r\n%s" % (
+        target, auth, len(SELECT_1), b"" if keep_alive else b"Connection: close\r\n", SELECT_1)
+    reader = writer = None
+    while time.perf_counter() < stop_at:
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors[0] += 1
+            counts[0] += 1
+            if not keep_alive:
+                writer.close()
+                writer = None
+        except (OSError, asyncio.IncompleteReadError):
+            errors[0] += 1
+            writer = None
+    if writer is not None:
+        writer.close()
+
+
+def throughput(targets: list[tuple[int, bytes]], clients: int, seconds: float, keep_alive: bool,
+               token: str | None, pid: int | None) -> dict[str, float]:
+    counts, errors = [0], [0]
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+
+    async def run() -> None:
+        stop_at = time.perf_counter() + seconds
+        await asyncio.gather(*[
+            _client(targets[i % len(targets)][0], targets[i % len(targets)][1] + b"/v2/pipeline", keep_alive,
+                    token, stop_at, counts, errors) for i in range(clients)])
+
+    started = time.perf_counter()
+    asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    result = {"requests_per_s": round(counts[0] / elapsed), "errors": errors[0]}
+    if pid:
+        result["daemon_cpu_us_per_request"] = round((cpu_seconds(pid) - cpu_before) / max(1, counts[0]) * 1e6, 1)
+    return result
+
+
+# -- the scenarios --------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tursodb = os.environ["TURSODB_BIN"]
+    workdir = tempfile.mkdtemp(prefix="turso-bench-")
+    quick = args.quick
+    count = 100 if quick else 400
+    seconds = 2.0 if quick else 5.0
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                                           "note": "load generator, daemon and children share these cores"}}
+    direct = Direct(tursodb, os.path.join(workdir, "direct"))
+    os.makedirs(direct.workdir)
+    daemon = Daemon(tursodb, os.path.join(workdir, "proxy"))
+    try:
+        names = [f"bench{i}" for i in range(8)]
+        for name in names:
+            direct.start(name)
+            for system in (direct, daemon):
+                port, prefix = system.url(name)
+                token = TOKEN if system is daemon else None
+                http_request(port, b"POST", prefix + b"/v2/pipeline", json.dumps({"requests": [
+                    {"type": "execute", "stmt": {"sql": "create table if not exists t (x)"}}]}).encode(),
+                    token=token)
+
+        seq: dict[str, Any] = {}
+        for label, body in (("select_1", SELECT_1), ("insert_100_rows", insert_batch())):
+            d_port, d_prefix = direct.url("bench0")
+            p_port, p_prefix = daemon.url("bench0")
+            row = {"direct": sequential(d_port, d_prefix, body, count, False, None),
+                   "proxy_new_connection": sequential(p_port, p_prefix, body, count, False, TOKEN),
+                   "proxy_keep_alive": sequential(p_port, p_prefix, body, count, True, TOKEN)}
+            row["ratio_new_connection"] = round(row["proxy_new_connection"]["p50_ms"] / row["direct"]["p50_ms"], 3)
+            row["ratio_keep_alive"] = round(row["proxy_keep_alive"]["p50_ms"] / row["direct"]["p50_ms"], 3)
+            seq[label] = row
+        cycles = 20 if quick else 60
+        row = {"direct": sync_cycles(f"http://127.0.0.1:{direct.url('bench1')[0]}", None,
+                                     os.path.join(workdir, "r-direct.db"), cycles),
+               "proxy_new_connection": sync_cycles(f"http://127.0.0.1:{daemon.data_port}/bench1", TOKEN,
+                                                   os.path.join(workdir, "r-proxy.db"), cycles)}
+        row["ratio_new_connection"] = round(row["proxy_new_connection"]["p50_ms"] / row["direct"]["p50_ms"], 3)
+        seq["pyturso_push_pull"] = row
+        results["sequential"] = seq
+
+        tput = {}
+        for spread in (1, 8):
+            for clients in (1, 8, 32):
+                key = f"{clients}_clients_{spread}_namespaces"
+                d = throughput([direct.url(n) for n in names[:spread]], clients, seconds, False, None, None)
+                p = throughput([daemon.url(n) for n in names[:spread]], clients, seconds, True, TOKEN,
+                               daemon.process.pid)
+                tput[key] = {"direct": d, "proxy": p,
+                             "ratio": round(p["requests_per_s"] / max(1, d["requests_per_s"]), 2)}
+        results["throughput"] = tput
+    finally:
+        direct.stop()
+        daemon.stop()
+
+    cold_dir = os.path.join(workdir, "cold")
+    cold = Daemon(tursodb, cold_dir, TURSO_HIBERNATE_AFTER="1s")
+    try:
+        firsts = []
+        for i in range(30 if quick else 100):
+            started = time.perf_counter()
+            status, _ = http_request(cold.data_port, b"POST", b"/cold%d/v2/pipeline" % i, SELECT_1, token=TOKEN)
+            firsts.append(time.perf_counter() - started)
+            assert status == 200, status
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(r["running"] for r in cold.admin("/v1/namespaces")["namespaces"]):
+            time.sleep(0.2)
+        wakes = []
+        for i in range(len(firsts)):
+            started = time.perf_counter()
+            status, _ = http_request(cold.data_port, b"POST", b"/cold%d/v2/pipeline" % i, SELECT_1, token=TOKEN)
+            wakes.append(time.perf_counter() - started)
+            assert status == 200, status
+        results["cold"] = {"first_request_new_namespace": summary(firsts), "wake_from_hibernation": summary(wakes)}
+    finally:
+        cold.stop()
+
+    results["scale"] = scale(tursodb, os.path.join(workdir, "scale"), args.scale)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def scale(tursodb: str, workdir: str, total: int) -> dict[str, Any]:
+    daemon = Daemon(tursodb, workdir, TURSO_MAX_RUNNING="256", TURSO_MAX_NAMESPACES="0")
+    names = [f"s{i}" for i in range(total)]
+    order = names[:] + random.sample(names, min(len(names), total // 5))
+    random.shuffle(order[:total])
+    times: list[float] = []
+    errors = [0]
+    peak = {"daemon_rss_kib": 0, "total_rss_kib": 0, "children": 0}
+
+    async def worker(queue: asyncio.Queue[str]) -> None:
+        reader = writer = None
+        while not queue.empty():
+            name = queue.get_nowait()
+            request = (b"POST /%s/v2/pipeline HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (name.encode(), TOKEN.encode(), len(SELECT_1), SELECT_1))
+            started = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.data_port)
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    errors[0] += 1
+            except (OSError, asyncio.IncompleteReadError, StopIteration):
+                errors[0] += 1
+                writer = None
+            times.append(time.perf_counter() - started)
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(1)
+            kids = children_of(daemon.process.pid)
+            own = rss_kib(daemon.process.pid)
+            peak["daemon_rss_kib"] = max(peak["daemon_rss_kib"], own)
+            peak["total_rss_kib"] = max(peak["total_rss_kib"], own + sum(rss_kib(k) for k in kids))
+            peak["children"] = max(peak["children"], len(kids))
+
+    async def main() -> None:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        for name in order:
+            queue.put_nowait(name)
+        sampler = asyncio.ensure_future(sample())
+        await asyncio.gather(*[worker(queue) for _ in range(4)])
+        sampler.cancel()
+
+    started = time.perf_counter()
+    try:
+        asyncio.run(main())
+        elapsed = time.perf_counter() - started
+        listed = daemon.admin("/v1/namespaces")["namespaces"]
+        state_path = os.path.join(daemon.data_dir, "_state", "namespaces.json")
+        sys.path.insert(0, ROOT)
+        from twisted.internet.task import Clock
+
+        from turso_twisted.state import StateStore
+
+        store = StateStore(state_path + ".bench-copy", Clock())
+        shutil.copy(state_path, store.path)
+        store.load()
+        store.save()  # the first write encodes every record
+        store.records[next(iter(store.records))].last_access_at += 1
+        began = time.perf_counter()
+        store.save()
+        write_ms = (time.perf_counter() - began) * 1000
+        return {"namespaces": total, "requests": len(order), "errors": errors[0],
+                "latency": summary(times), "seconds": round(elapsed, 1),
+                "live": len(listed), "resident_at_end": sum(r["running"] for r in listed),
+                "peak_daemon_rss_mib": round(peak["daemon_rss_kib"] / 1024, 1),
+                "peak_total_rss_mib": round(peak["total_rss_kib"] / 1024, 1),
+                "peak_children": peak["children"],
+                "state_file_bytes": os.path.getsize(state_path),
+                "state_file_write_ms": round(write_ms, 1)}
+    finally:
+        daemon.stop()
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["turso-server benchmark (2 cores shared by load generator, daemon and children)", ""]
+    lines.append("sequential, one client            direct p50/p99 ms   proxy new-conn p50/p99   "
+                 "proxy keep-alive p50/p99   ratio (new-conn, keep-alive)")
+    for label, row in results["sequential"].items():
+        d, n = row["direct"], row["proxy_new_connection"]
+        k = row.get("proxy_keep_alive")
+        lines.append(f"  {label:<32} {d['p50_ms']:>7} / {d['p99_ms']:<8} {n['p50_ms']:>7} / {n['p99_ms']:<12} "
+                     + (f"{k['p50_ms']:>7} / {k['p99_ms']:<14}" if k else f"{'-':>25}  ")
+                     + f"{row['ratio_new_connection']}" + (f", {row['ratio_keep_alive']}" if k else ""))
+    lines += ["", "throughput, SELECT 1                direct req/s   proxy req/s   ratio   proxy CPU us/req"]
+    for label, row in results["throughput"].items():
+        lines.append(f"  {label:<34} {row['direct']['requests_per_s']:>9}   {row['proxy']['requests_per_s']:>11}"
+                     f"   {row['ratio']:>5}   {row['proxy'].get('daemon_cpu_us_per_request', '-'):>8}")
+    cold = results["cold"]
+    lines += ["", "cold paths                          p50 ms   p99 ms",
+              f"  first request, new namespace      {cold['first_request_new_namespace']['p50_ms']:>7}  "
+              f"{cold['first_request_new_namespace']['p99_ms']:>7}",
+              f"  wake from hibernation             {cold['wake_from_hibernation']['p50_ms']:>7}  "
+              f"{cold['wake_from_hibernation']['p99_ms']:>7}"]
+    s = results["scale"]
+    lines += ["", f"scale: {s['namespaces']} namespaces, {s['requests']} requests, TURSO_MAX_RUNNING=256",
+              f"  errors {s['errors']}, p50 {s['latency']['p50_ms']} ms, p99 {s['latency']['p99_ms']} ms, "
+              f"{s['seconds']} s",
+              f"  peak daemon RSS {s['peak_daemon_rss_mib']} MiB, peak total RSS {s['peak_total_rss_mib']} MiB, "
+              f"peak children {s['peak_children']}",
+              f"  state file {s['state_file_bytes']} bytes, one write {s['state_file_write_ms']} ms"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--scale", type=int, default=10000, help="namespaces in the scale scenario")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.json"))
+    args = parser.parse_args()
+    results = run(args)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=1)
+    print(table(results))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
