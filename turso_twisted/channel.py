@@ -31,9 +31,8 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -73,12 +72,17 @@ class _Exchange(Protocol):
     One connection to a child, for exactly one request and its response.
     """
 
+    factory: _ExchangeFactory
+
     def __init__(self) -> None:
         self.response: Deferred[BackendResponse] = Deferred()
         self.lost = False
         self.sent = False
         self._buffer = b""
         self._head: tuple[int, bytes, list[tuple[bytes, bytes]], int | None] | None = None
+
+    def connectionMade(self) -> None:
+        self.factory.connected.callback(self)
 
     def send(self, request: bytes) -> Deferred[BackendResponse]:
         self.sent = True
@@ -116,6 +120,26 @@ class _Exchange(Protocol):
             self._finish(self._buffer)  # answer delimited by the close
         else:
             self.response.errback(Failure(ResponseIncomplete(reason.getErrorMessage())))
+
+
+class _ExchangeFactory(ClientFactory):
+    """
+    Makes the one L{_Exchange} of one connection; quiet, since there is a
+    connection per request.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connected: Deferred[_Exchange] = Deferred()
+
+    def buildProtocol(self, addr: Any) -> _Exchange:
+        exchange = _Exchange()
+        exchange.factory = self
+        return exchange
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connected.errback(reason)
 
 
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], int | None]:
@@ -213,8 +237,9 @@ class BackendChannel:
                 f"waited {self.queue_timeout:g}s for the namespace's earlier requests")))
 
     def _connect(self) -> Deferred[_Exchange]:
-        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port, timeout=5)
-        return connectProtocol(endpoint, _Exchange())
+        factory = _ExchangeFactory()
+        self.reactor.connectTCP("127.0.0.1", self.port, factory, timeout=5)
+        return factory.connected
 
     def _next(self) -> None:
         if self._busy or not self._queue:

@@ -28,7 +28,7 @@ _LEVELS = {
 }
 
 #: Twisted's own port announcements; we log "listening" ourselves.
-_PORT_CHATTER = re.compile(r"^(\S+ starting on \d+|\(\S+ Port \d+ Closed\))$")
+_PORT_CHATTER = re.compile(r"^(\S+ starting on \d+|\(\S+ Port \d+ Closed\)|(Starting|Stopping) factory .*)$")
 
 #: Namespaces whose chatter says nothing an operator needs.
 _QUIET_NAMESPACES = ("twisted.web.client", "twisted.internet.protocol", "twisted.web._newclient")

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from . import names
@@ -122,6 +122,9 @@ class NamespaceManager:
         as an access; an admin task (a backup, say) does neither.
         """
         names.validate(name)
+        fast = self._lease_now(name, data_request)
+        if fast is not None:
+            return succeed(fast)
 
         async def work() -> Lease:
             self._check_open()
@@ -145,6 +148,23 @@ class NamespaceManager:
             return lease
 
         return self._locked(name, work).addCallback(touched)
+
+    def _lease_now(self, name: str, data_request: bool) -> Lease | None:
+        """
+        The common case without a lock round trip: the namespace exists,
+        its child runs, and no operation on it is under way (everything
+        here is synchronous on the reactor thread, so nothing can come in
+        between).
+        """
+        if self.stopping or self._locks.is_locked(name) or name not in self.state.records:
+            return None
+        child = self.supervisor.running(name)
+        if child is None:
+            return None
+        self._inflight[name] = self._inflight.get(name, 0) + 1
+        if data_request:
+            self.state.touch(name)
+        return Lease(self, name, child)
 
     async def _running_child(self, name: str, created: bool) -> TursodbProcess:
         """

@@ -253,8 +253,9 @@ class StateStore:
         for gone in cache.keys() - self.records.keys():
             del cache[gone]
         tombstones = {name: sorted(ids) for name, ids in sorted(self.tombstones.items()) if ids}
-        return ('{"version": %d,\n"namespaces": {\n%s\n},\n"tombstones": %s}\n'
-                % (STATE_VERSION, ",\n".join(lines), dumps(tombstones))).encode("utf-8")
+        body = ",\n".join(lines)
+        return (f'{{"version": {STATE_VERSION},\n"namespaces": {{\n{body}\n}},\n'
+                f'"tombstones": {dumps(tombstones)}}}\n').encode()
 
     def touch(self, name: str) -> None:
         """
