@@ -187,6 +187,7 @@ class BackendChannel:
     _closed: bool = False
     _spare: Deferred[_Exchange] | None = None
     _idle_timer: Any = None
+    _last_done: float = 0.0
     _log = Logger()
 
     # -- public --------------------------------------------------------------------
@@ -205,9 +206,10 @@ class BackendChannel:
                 b"Content-Length: %d" % len(body), b"Connection: close"]
         head += [b"%s: %s" % (key, value) for key, value in headers]
         pending = _Pending(b"\r\n".join(head) + b"\r\n\r\n" + body, Deferred())
-        if self.queue_timeout:
-            pending.timer = self.reactor.callLater(self.queue_timeout, self._expire, pending)
         self._queue.append(pending)
+        if self._busy and self.queue_timeout:
+            # Only a request that has to wait gets a deadline.
+            pending.timer = self.reactor.callLater(self.queue_timeout, self._expire, pending)
         self._next()
         return pending.result
 
@@ -247,8 +249,6 @@ class BackendChannel:
         pending = self._queue.popleft()
         _cancel(pending.timer)
         self._busy = True
-        _cancel(self._idle_timer)
-        self._idle_timer = None
         self.requests += 1
         connection, self._spare = self._spare, None
         if connection is None:
@@ -276,10 +276,25 @@ class BackendChannel:
             pending.result.errback(result)
         else:
             pending.result.callback(result)
+        self._last_done = self.reactor.seconds()
         if self._queue:
             self._next()
-        elif not self._closed:
-            self._idle_timer = self.reactor.callLater(self.spare_idle, self._drop_spare)
+        elif not self._closed and self._idle_timer is None:
+            self._idle_timer = self.reactor.callLater(self.spare_idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """
+        One lazy timer instead of one per request: drop the spare once the
+        channel has been quiet for C{spare_idle}.
+        """
+        self._idle_timer = None
+        if self._closed or self._busy or self._queue:
+            return
+        quiet = self.reactor.seconds() - self._last_done
+        if quiet < self.spare_idle:
+            self._idle_timer = self.reactor.callLater(self.spare_idle - quiet, self._idle_check)
+        else:
+            self._drop_spare()
 
     def _drop_spare(self) -> Deferred[None]:
         _cancel(self._idle_timer)
