@@ -209,6 +209,42 @@ class RestoreTests(BackupTestCase):
         self.assertEqual((yield run_replica(reader.rows, COUNT)), [(4,)])
 
 
+class IncarnationTests(BackupTestCase):
+    @inlineCallbacks
+    def test_backup_of_an_earlier_incarnation_needs_a_flag(self) -> Any:
+        daemon = yield Daemon(self).start()
+        yield self.seeded(daemon, "alpha", 3)
+        response, old_backup = yield self.download(daemon, "alpha")
+        yield get_json(daemon.admin_url("/v1/namespaces/alpha"), "DELETE")
+        yield self.seeded(daemon, "alpha", 1)
+        status, error = yield self.restore(daemon, "alpha", old_backup)
+        self.assertEqual((status, error["error"]), (409, "backup_of_another_incarnation"))
+        reader = yield self.replica(daemon, "alpha")
+        self.assertEqual((yield run_replica(reader.rows, COUNT)), [(1,)])
+        status, record = yield self.restore(daemon, "alpha", old_backup, "?allow_other_incarnation=true")
+        self.assertEqual(status, 200, record)
+
+    @inlineCallbacks
+    def test_client_gone_before_the_copy_is_made(self) -> Any:
+        daemon = yield Daemon(self).start()
+        replica = yield self.replica(daemon, "big")
+        yield run_replica(replica.run, "create table t (b blob)",
+                          *["insert into t values (randomblob(1000000))" for _ in range(30)])
+        yield run_replica(replica.push)
+
+        def ask_and_leave() -> None:
+            with socket.create_connection(("127.0.0.1", daemon.admin_port)) as sock:
+                sock.sendall(b"GET /v1/namespaces/big/backup HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        for _ in range(3):
+            yield deferToThread(ask_and_leave)
+        yield wait_for(lambda: len(daemon.events("backup taken", name="big")) == 3, "the copies to finish")
+        yield wait_for(lambda: not [f for f in self.scratch(daemon) if f.startswith("backup-")],
+                       "every abandoned copy to go")
+        response, body = yield self.download(daemon, "big")
+        self.assertEqual(response.code, 200, "the namespace's backup turn was given back")
+
+
 class ForkTests(BackupTestCase):
     @inlineCallbacks
     def test_fork_is_an_isolated_copy(self) -> Any:

@@ -96,6 +96,16 @@ class LeaseTests(SynchronousTestCase):
         self.assertEqual(fx.state.records, {})
         self.assertFalse(os.path.exists(os.path.join(fx.data_dir, "alpha.db")))
 
+    def test_new_namespace_never_starts_over_stray_files(self) -> None:
+        fx = ManagerFixture(self.mktemp())
+        with open(os.path.join(fx.data_dir, "alpha.db-wal"), "wb") as handle:
+            handle.write(b"someone's frames")
+        failure = self.failureResultOf(fx.manager.lease("alpha"), ApiError)
+        self.assertEqual((failure.value.status, failure.value.code), (503, "namespace_files_present"))
+        self.assertEqual((fx.state.records, fx.reactor.spawned), ({}, []))
+        with open(os.path.join(fx.data_dir, "alpha.db-wal"), "rb") as handle:
+            self.assertEqual(handle.read(), b"someone's frames")
+
     def test_drain_all_waits_for_every_lease(self) -> None:
         fx = ManagerFixture(self.mktemp())
         first, second = fx.manager.lease("alpha"), fx.manager.lease("beta")
@@ -253,19 +263,38 @@ class ReconcileTests(SynchronousTestCase):
 
     def test_completes_an_archive_whose_state_was_not_saved(self) -> None:
         record = NamespaceRecord.new("alpha", "auto", 0)
+        record.clients = {"replica-1"}
         self.fx.state.records["alpha"] = record
         self.write("alpha.db", b"alpha")
+        archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
+        record.archiving = archiver.new_entry_name("alpha", 5)
         self.fx.state.save()
-        archived = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a)).archive(record, "test", 5)
+        archived = archiver.archive(record, "test", 5, record.archiving)
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, "alpha.db")))
         self.fx.manager.reconcile()
         self.assertEqual(self.fx.state.records, {})
+        self.assertEqual(self.fx.state.tombstones, {"alpha": {"replica-1"}})
         self.assertEqual(archived["id"], record.id)
+
+    def test_missing_files_with_an_archive_of_the_same_id_are_not_an_archive(self) -> None:
+        """
+        After an unarchive or a restore, the live record and an archive
+        entry share an id: a namespace whose files then vanish stays live
+        (and is refused as missing), it is not taken for an archived one.
+        """
+        record = NamespaceRecord.new("alpha", "auto", 0)
+        self.fx.state.records["alpha"] = record
+        self.write("alpha.db", b"old")
+        archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
+        archiver.archive(record, "test", 5, archiver.new_entry_name("alpha", 5))
+        self.fx.manager.reconcile()
+        self.assertIn("alpha", self.fx.state.records)
 
     def test_archive_of_an_older_incarnation_is_left_alone(self) -> None:
         old = NamespaceRecord.new("alpha", "auto", 0)
         self.write("alpha.db", b"old")
-        Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a)).archive(old, "test", 5)
+        archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
+        archiver.archive(old, "test", 5, archiver.new_entry_name("alpha", 5))
         self.fx.state.records["alpha"] = NamespaceRecord.new("alpha", "auto", 10)
         self.fx.manager.reconcile()
         self.assertIn("alpha", self.fx.state.records)
@@ -286,6 +315,23 @@ class ReconcileTests(SynchronousTestCase):
             with open(os.path.join(self.data_dir, "arc" + suffix), "rb") as handle:
                 self.assertEqual(handle.read(), content)
         self.assertEqual(os.listdir(os.path.join(self.data_dir, "archive")), [])
+
+    def test_undo_of_an_unarchive_survives_a_half_done_move(self) -> None:
+        record = NamespaceRecord.new("arc", "auto", 0)
+        self.fx.state.records["arc"] = record
+        self.write("arc.db", b"main")
+        archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
+        entry = archiver.new_entry_name("arc", 5)
+        archiver.archive(record, "test", 5, entry)
+        del self.fx.state.records["arc"]
+        restoring = os.path.join(self.data_dir, "archive", ".restoring-" + entry)
+        os.rename(os.path.join(self.data_dir, "archive", entry), restoring)
+        # The move of the main file got as far as the link.
+        os.link(os.path.join(restoring, "arc.db"), os.path.join(self.data_dir, "arc.db"))
+        self.fx.manager.reconcile()
+        self.assertEqual(self.fx.state.records, {}, "no ghost namespace adopted")
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "arc.db")))
+        self.assertEqual([e.entry for e in archiver.entries("arc")], [entry])
 
     def test_move_never_clobbers(self) -> None:
         self.write("a", b"1")

@@ -27,7 +27,7 @@ from .archive import parse_entry_name
 from .auth import check_bearer
 from .backup import Backups, remove_file
 from .config import format_duration, parse_bool, parse_duration
-from .errors import INTERNAL, ApiError, error_body
+from .errors import INTERNAL, ApiError, error_body, status_phrase
 from .namespaces import LimitReached, NamespaceManager
 from .state import NamespaceRecord
 
@@ -136,7 +136,7 @@ class AdminAPI:
         return guarded
 
     def _error(self, request: IRequest, error: ApiError) -> bytes:
-        request.setResponseCode(error.status)
+        request.setResponseCode(error.status, status_phrase(error.status))
         request.setHeader(b"content-type", b"application/json")
         if error.status == 401:
             request.setHeader(b"www-authenticate", b'Bearer realm="turso-server-admin"')
@@ -293,7 +293,13 @@ class AdminAPI:
         """A consistent copy of the namespace as a SQLite file, with its identity inside."""
         taken = await self.backups.take(_valid(name))
         # The temp copy goes when the download ends, however it ends.
+        if request.finished or getattr(request, "_disconnected", False):
+            remove_file(taken.path)
+            return b""
         request.notifyFinish().addBoth(lambda _: remove_file(taken.path))
+        # The whole file, always: the checksum header describes all of it.
+        for header in (b"range", b"if-range", b"if-modified-since"):
+            request.requestHeaders.removeHeader(header)
         request.setHeader(b"content-disposition", f'attachment; filename="{taken.filename}"'.encode())
         request.setHeader(b"x-backup-sha256", taken.sha256.encode())
         request.setHeader(b"x-backup-namespace-id", taken.namespace_id.encode())
@@ -304,12 +310,14 @@ class AdminAPI:
         name = _valid(name)
         raw_source = request.args.get(b"source", [None])[0]
         source = None if raw_source is None else _valid(raw_source.decode("utf-8", "replace"))
-        raw_foreign = request.args.get(b"allow_foreign", [b"false"])[0].decode("utf-8", "replace")
-        try:
-            allow_foreign = parse_bool(raw_foreign)
-        except ValueError:
-            raise ApiError(400, "bad_request", "allow_foreign must be true or false") from None
-        record = await self.backups.restore(name, request.content, source, allow_foreign)
+        flags = {}
+        for flag in ("allow_foreign", "allow_other_incarnation"):
+            raw = request.args.get(flag.encode(), [b"false"])[0].decode("utf-8", "replace")
+            try:
+                flags[flag] = parse_bool(raw)
+            except ValueError:
+                raise ApiError(400, "bad_request", f"{flag} must be true or false") from None
+        record = await self.backups.restore(name, request.content, source, **flags)
         return _json(request, self._describe(record))
 
     async def fork(self, request: IRequest, name: str, target: str) -> bytes:

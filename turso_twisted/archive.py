@@ -115,15 +115,22 @@ def _read_manifest(directory: str) -> dict[str, Any] | None:
 # -- the blocking steps (run in a thread) ---------------------------------------
 
 
-def _archive_files(data_dir: str, archive_dir: str, record: NamespaceRecord,
-                   reason: str, now: float) -> dict[str, Any]:
-    os.makedirs(archive_dir, exist_ok=True)
-    entry_name = f"{record.name}.{compact(now)}"
+def new_entry_name(archive_dir: str, name: str, now: float) -> str:
+    """
+    A fresh entry name for C{name} at C{now}, taken by nothing yet.
+    """
+    entry_name = f"{name}.{compact(now)}"
     suffix = 0
     while any(os.path.lexists(os.path.join(archive_dir, prefix + entry_name))
               for prefix in ("", _STAGING_PREFIX, _RESTORING_PREFIX)):
         suffix += 1
-        entry_name = f"{record.name}.{compact(now)}-{suffix}"
+        entry_name = f"{name}.{compact(now)}-{suffix}"
+    return entry_name
+
+
+def _archive_files(data_dir: str, archive_dir: str, record: NamespaceRecord,
+                   reason: str, now: float, entry_name: str) -> dict[str, Any]:
+    os.makedirs(archive_dir, exist_ok=True)
     staging = os.path.join(archive_dir, _STAGING_PREFIX + entry_name)
     os.mkdir(staging)
     files = []
@@ -205,7 +212,8 @@ def _restore_files(data_dir: str, archive_dir: str, entry: str, name: str) -> di
                           f"{item['name']} exists in the data dir; refusing to overwrite it")
     restoring = os.path.join(archive_dir, _RESTORING_PREFIX + entry)
     os.rename(directory, restoring)
-    for item in manifest["files"]:
+    # The main file last: where it is, the whole set is.
+    for item in sorted(manifest["files"], key=lambda f: f["name"].endswith(".db")):
         move_no_clobber(os.path.join(restoring, item["name"]), os.path.join(data_dir, item["name"]))
     fsync_directory(data_dir)
     fsync_directory(archive_dir)
@@ -231,12 +239,19 @@ class Archiver:
     def archive_dir(self) -> str:
         return os.path.join(self.data_dir, "archive")
 
-    def archive(self, record: NamespaceRecord, reason: str, now: float) -> Deferred[dict[str, Any]]:
+    def new_entry_name(self, name: str, now: float) -> str:
+        return new_entry_name(self.archive_dir, name, now)
+
+    def archive(self, record: NamespaceRecord, reason: str, now: float,
+                entry_name: str) -> Deferred[dict[str, Any]]:
         """
-        Move C{record}'s files into a new archive entry; fires with its
-        manifest.  The caller has stopped the child and holds the name's lock.
+        Move C{record}'s files into the new archive entry C{entry_name};
+        fires with its manifest.  The caller has stopped the child, holds
+        the name's lock, and has saved C{entry_name} as the record's
+        C{archiving} intent (see L{recover}).
         """
-        return self.run_in_thread(_archive_files, self.data_dir, self.archive_dir, record, reason, now)
+        return self.run_in_thread(_archive_files, self.data_dir, self.archive_dir, record, reason, now,
+                                  entry_name)
 
     def entries(self, name: str | None = None) -> list[ArchiveEntry]:
         """
@@ -302,21 +317,23 @@ class Archiver:
 
     # -- start-up --------------------------------------------------------------
 
-    def recover(self, live_ids: dict[str, str]) -> list[str]:
+    def recover(self, records: dict[str, NamespaceRecord]) -> list[str]:
         """
         Finish or undo what a crash interrupted (at start-up, before serving).
 
-          - A staging directory is an archive that did not complete: its
-            files go back where they came from; the namespace stays live.
-          - A complete entry whose namespace id is still live while the
-            namespace has no data files means the archive completed but the
-            state was not saved: those names are returned for the caller to
-            drop from the state.
-          - A restoring directory whose namespace is live (by id) completed:
-            it is removed.  Otherwise the restore is undone: files go back
-            into the entry.
+        An archive is announced in the state before any file moves (the
+        record's C{archiving} names the entry), so nothing is guessed:
 
-        @param live_ids: name -> id of every namespace in the state.
+          - a record announcing an entry that is complete, while the
+            namespace has no data file, had its archive done: its name is
+            returned for the caller to drop (and tombstone) it;
+          - a staging directory is an archive that did not complete: its
+            files go back where they came from; the namespace stays live;
+          - a restoring directory is an unarchive that did not complete: if
+            the state holds the record it restored (same id and history) and
+            the data file is there, it is finished; otherwise it is undone.
+
+        @param records: the state's records, by name.
         """
         finished: list[str] = []
         if not os.path.isdir(self.archive_dir):
@@ -326,16 +343,14 @@ class Archiver:
             if entry.startswith(_STAGING_PREFIX):
                 self._undo_staging(path)
             elif entry.startswith(_RESTORING_PREFIX):
-                self._settle_restoring(path, entry[len(_RESTORING_PREFIX):], live_ids)
-            else:
-                manifest = _read_manifest(path)
-                if manifest is None:
-                    continue
-                name, entry_id = manifest.get("name"), manifest.get("id")
-                if (isinstance(name, str) and live_ids.get(name) == entry_id
-                        and not any(os.path.exists(p) for p in names.data_files(self.data_dir, name))):
-                    _log.warn("completing an archive interrupted by a crash", name=name, entry=entry)
-                    finished.append(name)
+                self._settle_restoring(path, entry[len(_RESTORING_PREFIX):], records)
+        for name, record in records.items():
+            if record.archiving is None:
+                continue
+            complete = os.path.isdir(os.path.join(self.archive_dir, record.archiving))
+            if complete and not os.path.exists(names.db_path(self.data_dir, name)):
+                _log.warn("completing an archive interrupted by a crash", name=name, entry=record.archiving)
+                finished.append(name)
         return finished
 
     def _undo_staging(self, staging: str) -> None:
@@ -365,13 +380,16 @@ class Archiver:
         _log.warn("undid an archive interrupted by a crash", staging=os.path.basename(staging))
         shutil.rmtree(staging)
 
-    def _settle_restoring(self, path: str, entry: str, live_ids: dict[str, str]) -> None:
+    def _settle_restoring(self, path: str, entry: str, records: dict[str, NamespaceRecord]) -> None:
         manifest = _read_manifest(path) or {}
         name = manifest.get("name")
         if not isinstance(name, str) or not names.is_valid(name):
             _log.error("unreadable interrupted restore left as it is", directory=path)
             return
-        if live_ids.get(name) == manifest.get("id"):
+        record = records.get(name)
+        if (record is not None and record.id == manifest.get("id")
+                and record.history == manifest.get("history")
+                and os.path.exists(names.db_path(self.data_dir, name))):
             shutil.rmtree(path)
             return
         allowed = {os.path.basename(p) for p in names.data_files(self.data_dir, name)}
@@ -380,7 +398,9 @@ class Archiver:
                 continue
             live = os.path.join(self.data_dir, item["name"])
             back = os.path.join(path, item["name"])
-            if os.path.exists(live) and not os.path.exists(back):
+            if os.path.exists(live) and os.path.exists(back) and os.path.samefile(live, back):
+                os.unlink(live)  # the move got as far as the link
+            elif os.path.exists(live) and not os.path.exists(back):
                 move_no_clobber(live, back)
         os.rename(path, os.path.join(self.archive_dir, entry))
         _log.warn("undid a restore interrupted by a crash", name=name, entry=entry)

@@ -29,6 +29,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import __version__, names
 from .backend import ChildSQLError, execute, pipeline
@@ -134,12 +135,14 @@ def _save_upload(content: IO[bytes], path: str) -> None:
 
 def remove_file(path: str) -> None:
     """
-    Remove C{path} if it is there (a finished download's temp copy).
+    Remove a temp database copy and whatever SQLite or tursodb kept beside
+    it, if there.
     """
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    for candidate in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            os.unlink(candidate)
+        except FileNotFoundError:
+            pass
 
 
 def _remove(*paths: str) -> None:
@@ -174,19 +177,43 @@ class Backups:
     def take(self, name: str) -> Deferred[BackupFile]:
         """
         A consistent copy of C{name}, stamped with its identity, in a temp
-        file the caller must remove.
+        file the caller must remove (see L{remove_file}).
+
+        Cancelling (a client that goes away) does not stop the copy, which
+        the child is making anyway: the job runs to its end, holding the
+        namespace's backup turn, and then removes its file.
         """
         names.validate(name)
-        return self._jobs.run(name, lambda: self._take(name))
+        job = self._jobs.run(name, lambda: self._take(name))
+        abandoned = [False]
+
+        def cancel(_: Deferred[BackupFile]) -> None:
+            abandoned[0] = True
+
+        result: Deferred[BackupFile] = Deferred(cancel)
+
+        def finished(outcome: Any) -> None:
+            if abandoned[0]:
+                if isinstance(outcome, BackupFile):
+                    remove_file(outcome.path)
+                return
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        job.addBoth(finished)
+        return result
 
     async def _take(self, name: str) -> BackupFile:
-        record = self.manager.state.records.get(name)
-        if record is None:
+        if name not in self.manager.state.records:
             raise not_found(name)
         path = self._scratch_path("backup", name) + ".db"
         now = self.reactor.seconds()
         try:
             lease = await self.manager.lease(name, data_request=False)
+            # The record read under the lease is the incarnation copied.
+            record = self.manager.state.records[name]
             try:
                 quoted = path.replace("'", "''")
                 await pipeline(lease.child.channel, [execute(f"VACUUM INTO '{quoted}'")])
@@ -205,7 +232,7 @@ class Backups:
             }
             sha256, size = await self.run_in_thread(_stamp, path, identity)
         except BaseException:
-            _remove(path)
+            remove_file(path)
             raise
         self.backups += 1
         self.backup_bytes += size
@@ -216,7 +243,7 @@ class Backups:
     # -- restore and fork ------------------------------------------------------
 
     def restore(self, name: str, content: IO[bytes], source: str | None = None,
-                allow_foreign: bool = False) -> Deferred[Any]:
+                allow_foreign: bool = False, allow_other_incarnation: bool = False) -> Deferred[Any]:
         """
         Replace C{name}'s data with the SQLite file in C{content}, after
         checking it; fires with the namespace record.
@@ -224,10 +251,11 @@ class Backups:
         names.validate(name)
         if source is not None:
             names.validate(source)
-        return self._jobs.run(name, lambda: self._restore(name, content, source, allow_foreign))
+        return self._jobs.run(name, lambda: self._restore(name, content, source, allow_foreign,
+                                                          allow_other_incarnation))
 
     async def _restore(self, name: str, content: IO[bytes], source: str | None,
-                       allow_foreign: bool) -> Any:
+                       allow_foreign: bool, allow_other_incarnation: bool) -> Any:
         upload = self._scratch_path("upload", name) + ".db"
         try:
             await self.run_in_thread(_save_upload, content, upload)
@@ -244,6 +272,15 @@ class Backups:
                 raise ApiError(409, "backup_of_another_namespace",
                                f"this backup is of namespace {identity.namespace!r}, not {expected!r}"
                                + hint)
+            live = self.manager.state.records.get(name)
+            if (identity is not None and source is None and live is not None
+                    and identity.namespace_id != live.id and not allow_other_incarnation):
+                # The name was deleted and used again since: the backup is of
+                # another tenant of the same name.
+                raise ApiError(409, "backup_of_another_incarnation",
+                               f"this backup is of an earlier incarnation of {name!r} (id "
+                               f"{identity.namespace_id}), not of the live one (id {live.id}); pass "
+                               "?allow_other_incarnation=true to restore it anyway")
             build = await self._build(name, upload)
             try:
                 keep_id = identity.namespace_id if identity and identity.namespace == name else None
@@ -307,6 +344,9 @@ class Backups:
             _remove(build)
             raise ApiError(422, "replay_failed",
                            f"tursodb refused the backup's content while rebuilding it: {error}") from None
+        except (sqlite3.Error, ValueError) as error:
+            _remove(build)
+            raise ApiError(422, "replay_failed", f"the backup's content cannot be read: {error}") from None
         except BaseException:
             _remove(build)
             raise

@@ -161,6 +161,8 @@ def cmd_restore(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
         query.append(f"source={_quote(args.source)}")
     if args.allow_foreign:
         query.append("allow_foreign=true")
+    if args.allow_other_incarnation:
+        query.append("allow_other_incarnation=true")
     path = f"/v1/namespaces/{_quote(args.name)}/restore" + ("?" + "&".join(query) if query else "")
     record = client.upload(path, args.file)
     if not args.json:
@@ -295,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("file", help="the SQLite backup file")
     restore.add_argument("--source", help="accept a backup of this other namespace")
     restore.add_argument("--allow-foreign", action="store_true", help="accept a file without identity")
+    restore.add_argument("--allow-other-incarnation", action="store_true",
+                         help="accept a backup of an earlier incarnation of the name")
     fork = command("fork", cmd_fork, "copy a namespace into a new one")
     fork.add_argument("target", help="the new namespace")
     backup_all = command("backup-all", cmd_backup_all, "back up every namespace into DEST/<name>/",

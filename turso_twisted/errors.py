@@ -8,6 +8,7 @@ bug, logged with its traceback and shown to the client only as C{internal}.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 import attrs
 from twisted.web.iweb import IRequest
@@ -32,13 +33,20 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": code, "message": message}).encode("utf-8")
 
 
+def status_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Error"
+
+
 def write_error(request: IRequest, error: ApiError) -> None:
     """
     Answer C{request} with C{error}, unless an answer has begun already.
     """
     if request.startedWriting or request.finished or getattr(request, "_disconnected", False):
         return
-    request.setResponseCode(error.status)
+    request.setResponseCode(error.status, status_phrase(error.status))
     request.setHeader(b"content-type", b"application/json")
     if error.retry_after is not None:
         request.setHeader(b"retry-after", str(max(1, round(error.retry_after))).encode())

@@ -34,9 +34,10 @@ T = TypeVar("T")
 
 def _move_files_in(build_dir: str, data_dir: str, name: str) -> None:
     """
-    Move a built database's files into the data dir, never over a file.
+    Move a built database's files into the data dir, never over a file,
+    the main file last: where it is, the whole set is.
     """
-    for source in names.data_files(build_dir, name):
+    for source in reversed(names.data_files(build_dir, name)):
         if os.path.exists(source):
             move_no_clobber(source, os.path.join(data_dir, os.path.basename(source)))
     fsync_directory(data_dir)
@@ -184,8 +185,16 @@ class NamespaceManager:
             raise ApiError(503, "namespace_data_missing",
                            f"namespace {name!r}: its data file is missing from the data dir; "
                            "restore it, or delete the namespace")
-        new_files = [p for p in names.data_files(self.archiver.data_dir, name) if not os.path.exists(p)]
+        files = names.data_files(self.archiver.data_dir, name)
+        new_files = [p for p in files if not os.path.exists(p)]
         try:
+            if created and len(new_files) < len(files):
+                self._log.error("files of a new namespace are already in the data dir; refusing to "
+                                "start it over them", name=name)
+                new_files = []
+                raise ApiError(503, "namespace_files_present",
+                               f"namespace {name!r}: files of that name are already in the data dir "
+                               "(left by a crash or by hand); move them away")
             await self._make_room(name)
             return await self.supervisor.start(name)
         except BaseException:
@@ -346,16 +355,30 @@ class NamespaceManager:
                 return None
             await self._drained(name)
             await self.supervisor.stop(name)
-            manifest = await self.archiver.archive(record, reason, self.clock.seconds())
+            manifest = await self._archive_files(record, reason)
             del self.state.records[name]
-            self.state.tombstones[name] = (self.state.tombstones.get(name, set())
-                                           | record.clients | record.retired)
+            self._tombstone(name, record.clients | record.retired)
             self.state.save()
-            self._log.info("namespace archived", name=name, id=record.id, entry=manifest["entry"],
-                           reason=reason)
             return manifest
 
         return self._locked(name, work)
+
+    async def _archive_files(self, record: NamespaceRecord, reason: str) -> dict[str, Any]:
+        """
+        Move a stopped namespace's files into a new archive entry, having
+        first saved that intent (see L{Archiver.recover}).
+        """
+        now = self.clock.seconds()
+        record.archiving = self.archiver.new_entry_name(record.name, now)
+        self.state.save()
+        manifest = await self.archiver.archive(record, reason, now, record.archiving)
+        self._log.info("namespace archived", name=record.name, id=record.id, entry=manifest["entry"],
+                       reason=reason)
+        return manifest
+
+    def _tombstone(self, name: str, client_ids: set[str]) -> None:
+        if client_ids:
+            self.state.tombstones[name] = self.state.tombstones.get(name, set()) | client_ids
 
     def unarchive(self, name: str, archived_at: str | None = None,
                   locked: bool = True) -> Deferred[NamespaceRecord]:
@@ -415,20 +438,19 @@ class NamespaceManager:
                 return await self._install(name, build_dir, retired, namespace_id, reason)
             await self._drained(name)
             await self.supervisor.stop(name)
-            if any(os.path.exists(p) for p in names.data_files(self.archiver.data_dir, name)):
-                manifest = await self.archiver.archive(record, reason, self.clock.seconds())
-                self._log.info("namespace archived", name=name, id=record.id, entry=manifest["entry"],
-                               reason=reason)
-            tombstones = self.state.tombstones.get(name, set()) | record.clients | record.retired
-            self.state.tombstones[name] = tombstones
+            old_replicas = record.clients | record.retired
+            # The new history is saved before any file moves: a crash can
+            # never pair the old replicas with the new data.
             record.history = new_history()
             record.clients = set()
-            record.retired = tombstones | retired
+            record.retired = self.state.tombstones.get(name, set()) | old_replicas | retired
             record.last_access_at = self.clock.seconds()
-            # The new history is saved before the new files arrive: a crash
-            # in between can never pair old replicas with new data.
-            self.state.save()
+            if any(os.path.exists(p) for p in names.data_files(self.archiver.data_dir, name)):
+                await self._archive_files(record, reason)
+            self._tombstone(name, old_replicas)
             await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
+            record.archiving = None
+            self.state.save()
             return record
 
         return self._locked(name, work)
@@ -533,6 +555,7 @@ class NamespaceManager:
         # Client ids are for the daemon; the API shows how many there are.
         out["replicas"] = len(out.pop("clients"))
         out["retiredReplicas"] = len(out.pop("retiredClients"))
+        del out["archiving"]
         return out
 
     # -- start-up and shutdown ---------------------------------------------
@@ -544,11 +567,18 @@ class NamespaceManager:
         record (an operator restoring files, or a lost state file) instead of
         ever serving an empty namespace over them.
         """
-        finished = self.archiver.recover({r.name: r.id for r in self.state})
+        finished = self.archiver.recover(self.state.records)
         changed = False
         for name in finished:
-            del self.state.records[name]
+            record = self.state.records.pop(name)
+            self._tombstone(name, record.clients | record.retired)
             changed = True
+        for record in self.state:
+            if record.archiving is not None:
+                # Announced but not done (or done and the new files are in):
+                # the namespace is live as it stands.
+                record.archiving = None
+                changed = True
         data_dir = self.archiver.data_dir
         for entry in sorted(os.listdir(data_dir)):
             stem, dot, ext = entry.rpartition(".")

@@ -99,6 +99,7 @@ class DataPlane(Resource):
         is_pull = request.method == b"POST" and path == b"/pull-updates"
         for attempt in (1, 2):
             lease = await self.manager.lease(name)
+            history = self.manager.state.records[name].history
             try:
                 body = self._checked_body(lease.name, path, is_pull, request)
                 response = await forward(lease.child.channel, request, target, body)
@@ -124,7 +125,6 @@ class DataPlane(Resource):
             lease.release()
             try:
                 if is_pull and response.code == 200:
-                    history = self.manager.state.records[name].history
                     respond(request, response, tag_pull_response(response.body, history))
                 else:
                     respond(request, response)

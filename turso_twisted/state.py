@@ -62,6 +62,9 @@ class NamespaceRecord:
     clients: set[str] = attrs.field(factory=set)
     #: Replicas of earlier histories of this name: refused.
     retired: set[str] = attrs.field(factory=set)
+    #: The archive entry this namespace's files are moving to, saved
+    #: before they move, so that start-up knows what a crash interrupted.
+    archiving: str | None = None
 
     @classmethod
     def new(cls, name: str, origin: Origin, now: float) -> NamespaceRecord:
@@ -85,6 +88,7 @@ class NamespaceRecord:
             "history": self.history,
             "clients": sorted(self.clients),
             "retiredClients": sorted(self.retired),
+            "archiving": self.archiving,
         }
 
     @classmethod
@@ -111,7 +115,14 @@ class NamespaceRecord:
             history=history,
             clients=_strings(data.get("clients", []), "clients"),
             retired=_strings(data.get("retiredClients", []), "retiredClients"),
+            archiving=_optional_string(data.get("archiving"), "archiving"),
         )
+
+
+def _optional_string(value: Any, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{what} must be a string or null")
+    return value
 
 
 def _strings(value: Any, what: str) -> set[str]:
@@ -245,7 +256,8 @@ class StateStore:
             # Only records that changed since the last write are encoded
             # again (sets only grow, or come with a new history).
             key = (record.id, record.origin, record.locked, record.ttl, record.created_at,
-                   record.last_access_at, record.history, len(record.clients), len(record.retired))
+                   record.last_access_at, record.history, len(record.clients), len(record.retired),
+                   record.archiving)
             cached = cache.get(name)
             if cached is None or cached[0] != key:
                 cached = cache[name] = (key, f"{dumps(name)}: {dumps(record.to_json())}")
