@@ -74,3 +74,8 @@ class OpenAPITests(SynchronousTestCase):
             for method, operation in item.items():
                 if method in METHODS and operation.get("security") != []:
                     self.assertIn("401", operation["responses"], (path, method))
+
+    def test_public_routes(self) -> None:
+        public = {path for path, item in self.doc["paths"].items()
+                  if any(op.get("security") == [] for m, op in item.items() if m in METHODS)}
+        self.assertEqual(public, {"/healthz", "/readyz"})

@@ -28,6 +28,8 @@ from .auth import check_bearer
 from .backup import Backups, remove_file
 from .config import format_duration, parse_bool, parse_duration
 from .errors import INTERNAL, ApiError, error_body, status_phrase
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .namespaces import LimitReached, NamespaceManager
 from .state import NamespaceRecord
 
@@ -92,6 +94,8 @@ class AdminAPI:
     admin_token: str
     readiness: Readiness
     backups: Backups
+    metrics: Metrics | None = None
+    metrics_public: bool = False
     app: Klein = attrs.field(factory=Klein, init=False)
     _log = Logger()
 
@@ -101,6 +105,8 @@ class AdminAPI:
 
         route("/healthz", methods=["GET"])(self.healthz)
         route("/readyz", methods=["GET"])(self.readyz)
+        route("/metrics", methods=["GET"])(self.prometheus)
+        route("/v1/namespaces/<name>/stats", methods=["GET"])(self._admin(self.stats))
         route("/v1/namespaces", methods=["GET"])(self._admin(self.list_namespaces))
         route("/v1/namespaces/<name>", methods=["GET"])(self._admin(self.show))
         route("/v1/namespaces/<name>", methods=["DELETE"])(self._admin(self.delete))
@@ -176,12 +182,25 @@ class AdminAPI:
             return _json(request, {"status": "not ready", "problems": problems}, 503)
         return _json(request, {"status": "ready"})
 
+    def prometheus(self, request: IRequest) -> bytes:
+        """Prometheus metrics (the admin token unless TURSO_METRICS_PUBLIC)."""
+        if not self.metrics_public:
+            check_bearer(request, self.admin_token)
+        if self.metrics is None:
+            raise ApiError(404, "not_found", "metrics are not enabled")
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
+        return self.metrics.render()
+
     # -- namespaces ------------------------------------------------------------
 
     def list_namespaces(self, request: IRequest) -> bytes:
         """Every live namespace."""
         records = sorted(self.manager.state, key=lambda record: record.name)
         return _json(request, {"namespaces": [self._describe(record) for record in records]})
+
+    def stats(self, request: IRequest, name: str) -> bytes:
+        """Files, traffic since start, and the child of one namespace."""
+        return _json(request, self.manager.stats(_valid(name)))
 
     def show(self, request: IRequest, name: str) -> bytes:
         """One namespace."""

@@ -160,6 +160,7 @@ class Backups:
     run_in_thread: Any = deferToThread
     backups: int = 0
     backup_bytes: int = 0
+    backup_seconds: float = 0.0
     restores: int = 0
     forks: int = 0
     _jobs: KeyedLocks = attrs.field(factory=KeyedLocks)
@@ -236,6 +237,7 @@ class Backups:
             raise
         self.backups += 1
         self.backup_bytes += size
+        self.backup_seconds += self.reactor.seconds() - now
         self._log.info("backup taken", name=name, id=record.id, bytes=size, sha256=sha256)
         return BackupFile(path=path, name=name, namespace_id=record.id,
                           filename=f"{name}.{compact(now)}.db", sha256=sha256, size=size)

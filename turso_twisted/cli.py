@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("list", cmd_list, "list live namespaces", with_name=False)
     command("show", _record_command("GET", ""), "show one namespace")
+    command("stats", _record_command("GET", "/stats"), "files, traffic and child of one namespace")
     command("create", _record_command("POST", "/create"), "create an explicit namespace")
     command("delete", _record_command("DELETE", ""), "archive a namespace")
     command("lock", _record_command("POST", "/lock"), "exempt a namespace from the GC")

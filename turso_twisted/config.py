@@ -233,6 +233,10 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a request may wait for its namespace's child; longer gets 503"),
     Setting("TURSO_CLIENT_IDLE_TIMEOUT", "client-idle-timeout", "2m", _positive_duration,
             "Idle keep-alive client connections are closed after this"),
+    Setting("TURSO_ACCESS_LOG", "access-log", "true", parse_bool,
+            "One JSON log line per proxied request"),
+    Setting("TURSO_METRICS_PUBLIC", "metrics-public", "false", parse_bool,
+            "Serve GET /metrics on the admin port without the admin token"),
     Setting("TURSO_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", parse_duration,
             "How long a graceful shutdown waits for in-flight requests"),
 )
@@ -267,6 +271,8 @@ class Config:
     queue_depth: int
     queue_timeout: float
     client_idle_timeout: float
+    access_log: bool
+    metrics_public: bool
     shutdown_timeout: float
 
     @classmethod

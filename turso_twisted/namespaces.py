@@ -43,6 +43,17 @@ def _move_files_in(build_dir: str, data_dir: str, name: str) -> None:
     fsync_directory(data_dir)
 
 
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _make_explicit(record: NamespaceRecord) -> None:
     record.origin = "explicit"
     record.locked = True
@@ -94,6 +105,8 @@ class NamespaceManager:
     #: Cap on resident children (0: none); see L{_make_room}.
     max_running: int = 0
     hibernations: int = 0
+    #: name -> [requests, bytes in, bytes out] since the daemon started.
+    usage: dict[str, list[int]] = attrs.field(factory=dict)
     _locks: KeyedLocks = attrs.field(factory=KeyedLocks)
     _inflight: dict[str, int] = attrs.field(factory=dict)
     _drain_waiters: dict[str, list[Deferred[None]]] = attrs.field(factory=dict)
@@ -542,6 +555,46 @@ class NamespaceManager:
         new = client_ids - record.clients
         if new:
             self._change(record, lambda r: r.clients.update(new))
+
+    def count_usage(self, name: str, received: int, sent: int) -> None:
+        counts = self.usage.get(name)
+        if counts is None:
+            counts = self.usage[name] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += received
+        counts[2] += sent
+
+    def stats(self, name: str) -> dict[str, Any]:
+        """
+        What one namespace costs and does: files, traffic since start, child.
+        """
+        record = self.state.records.get(name)
+        if record is None:
+            raise not_found(name)
+        files = {}
+        for path in names.data_files(self.archiver.data_dir, name):
+            try:
+                files[os.path.basename(path)] = os.path.getsize(path)
+            except FileNotFoundError:
+                continue
+        requests, received, sent = self.usage.get(name, [0, 0, 0])
+        child = self.supervisor.running(name)
+        started = self.supervisor.started_at.get(name)
+        return {
+            "name": name,
+            "files": files,
+            "bytesOnDisk": sum(files.values()),
+            "requests": requests,
+            "bytesIn": received,
+            "bytesOut": sent,
+            "lastAccessAt": record.to_json()["lastAccessAt"],
+            "running": child is not None,
+            "pid": child.pid if child else None,
+            "port": child.port if child else None,
+            "uptimeSeconds": round(self.clock.seconds() - started, 3) if child and started else None,
+            "rssBytes": _rss_bytes(child.pid) if child and child.pid else None,
+            "queued": child.channel.queued if child and child.channel else 0,
+        }
 
     def describe(self, record: NamespaceRecord) -> dict[str, Any]:
         """

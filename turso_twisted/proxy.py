@@ -26,6 +26,7 @@ from .auth import check_bearer
 from .backend import forward, respond
 from .channel import ChannelClosed, QueueFull, QueueTimeout
 from .errors import INTERNAL, ApiError, write_error
+from .metrics import Metrics, request_kind
 from .namespaces import NamespaceManager
 from .syncproto import (
     MalformedSyncMessage,
@@ -34,6 +35,10 @@ from .syncproto import (
     tag_pull_response,
     untag_pull_request,
 )
+
+#: One line per proxied request (a module global: as a class attribute a
+#: Logger would take the class's name).
+_access_log = Logger(namespace="turso_twisted.access")
 
 #: How long a request waits for a dying child to be noticed before retrying.
 DEATH_NOTICE_TIMEOUT = 2.0
@@ -66,17 +71,48 @@ class DataPlane(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, reactor: Any, manager: NamespaceManager, auth_token: str) -> None:
+    def __init__(self, reactor: Any, manager: NamespaceManager, auth_token: str,
+                 metrics: Metrics | None = None, access_log: bool = True) -> None:
         super().__init__()
         self.reactor = reactor
         self.manager = manager
         self.auth_token = auth_token
+        self.metrics = metrics
+        self.access_log = access_log
         self.rejected = 0
 
     def render(self, request: Request) -> Any:
+        started = self.reactor.seconds()
+        content = request.content
+        received = content.seek(0, 2) if content is not None else 0
+        request.notifyFinish().addBoth(self._finished, request, started, received)
         done = ensureDeferred(self._serve(request))
         done.addErrback(self._failed, request)
         return NOT_DONE_YET
+
+    def _finished(self, result: object, request: Request, started: float, received: int) -> None:
+        """
+        Count the request and write its access-log line (never a header:
+        the token stays out of the log).
+        """
+        seconds = self.reactor.seconds() - started
+        path = request.path.partition(b"?")[0]
+        name = getattr(request, "turso_namespace", None)
+        target = getattr(request, "turso_target", b"")
+        kind = request_kind(target)
+        gone = getattr(request, "_disconnected", False) and not request.finished
+        status = 499 if gone else request.code  # 499: the client went away first
+        sent = getattr(request, "sentLength", 0)
+        if self.metrics is not None:
+            self.metrics.observe(kind, status, seconds, received, sent)
+        if name is not None:
+            self.manager.count_usage(name, received, sent)
+        if self.access_log:
+            _access_log.info(
+                "request", namespace=name, method=request.method.decode("latin-1"),
+                path=path.decode("latin-1")[:512], status=status, bytes_in=received, bytes_out=sent,
+                duration_ms=round(seconds * 1000, 3),
+                upstream_ms=round(getattr(request, "turso_upstream", 0.0) * 1000, 3))
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if request.startedWriting:
@@ -96,13 +132,17 @@ class DataPlane(Resource):
         check_bearer(request, self.auth_token)
         name, target = split_target(request.uri)
         path = target.partition(b"?")[0]
+        request.turso_namespace = name
+        request.turso_target = path
         is_pull = request.method == b"POST" and path == b"/pull-updates"
         for attempt in (1, 2):
             lease = await self.manager.lease(name)
             history = self.manager.state.records[name].history
             try:
                 body = self._checked_body(lease.name, path, is_pull, request)
+                sent_at = self.reactor.seconds()
                 response = await forward(lease.child.channel, request, target, body)
+                request.turso_upstream = self.reactor.seconds() - sent_at
             except (ConnectError, ChannelClosed) as error:
                 # Nothing reached the child, so a retry cannot duplicate a
                 # write: the child is gone or going; wait until that is done.

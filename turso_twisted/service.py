@@ -26,6 +26,7 @@ from .config import Config, ConfigError
 from .datadir import DataDirBusy, clean_scratch, lock_data_dir, temp_dir
 from .gc import GarbageCollector
 from .hibernation import Hibernator
+from .metrics import Metrics
 from .namespaces import NamespaceManager
 from .orphans import kill_orphans
 from .ports import PortAllocator
@@ -78,10 +79,14 @@ class TursoService(Service):
             retention=config.archive_retention,
         )
         self.readiness = Readiness(config.data_dir, state_loaded=True)
-        self.data_plane = DataPlane(reactor, self.manager, config.auth_token)
+        self.metrics = Metrics()
+        self.data_plane = DataPlane(reactor, self.manager, config.auth_token, self.metrics,
+                                    access_log=config.access_log)
         self.backups = Backups(reactor, self.manager)
-        self.admin = AdminAPI(self.manager, config.admin_token, self.readiness, self.backups)
+        self.admin = AdminAPI(self.manager, config.admin_token, self.readiness, self.backups,
+                              self.metrics, metrics_public=config.metrics_public)
         self.ports: dict[str, IListeningPort] = {}
+        self.metrics.watch(self)
         #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
         self.lock_fd: int | None = None
 
