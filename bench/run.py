@@ -375,8 +375,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def scale(tursodb: str, workdir: str, total: int) -> dict[str, Any]:
     daemon = Daemon(tursodb, workdir, TURSO_MAX_RUNNING="256", TURSO_MAX_NAMESPACES="0")
     names = [f"s{i}" for i in range(total)]
-    order = names[:] + random.sample(names, min(len(names), total // 5))
-    random.shuffle(order[:total])
+    first = names[:]
+    random.shuffle(first)
+    order = first + random.sample(names, min(len(names), total // 5))
     times: list[float] = []
     errors = [0]
     peak = {"daemon_rss_kib": 0, "total_rss_kib": 0, "children": 0}

@@ -117,3 +117,43 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(spare_transport.disconnecting)
         refused = self.channel.request(b"GET", b"/3", [], b"")
         self.failureResultOf(refused)
+
+    def test_cancelled_waiting_request_never_reaches_the_child(self) -> None:
+        first = self.channel.request(b"GET", b"/1", [], b"")
+        waiting = self.channel.request(b"GET", b"/2", [], b"")
+        protocol, _ = self.connect_next()
+        spare, spare_transport = self.connect_next()
+        waiting.cancel()
+        self.failureResultOf(waiting)
+        self.assertEqual(self.channel.queued, 0)
+        protocol.dataReceived(OK)
+        self.successResultOf(first)
+        self.assertEqual(spare_transport.value(), b"", "the cancelled request was never sent")
+
+    def test_sent_request_cancelled_is_answered_and_dropped(self) -> None:
+        sent = self.channel.request(b"GET", b"/1", [], b"")
+        protocol, _ = self.connect_next()
+        sent.cancel()
+        self.failureResultOf(sent)
+        protocol.dataReceived(OK)  # no AlreadyCalledError
+        follow = self.channel.request(b"GET", b"/2", [], b"")
+        spare, spare_transport = self.connect_next()
+        self.assertTrue(spare_transport.value().startswith(b"GET /2"))
+        spare.dataReceived(OK)
+        self.successResultOf(follow)
+
+    def test_spare_that_cannot_connect_is_replaced(self) -> None:
+        first = self.channel.request(b"GET", b"/1", [], b"")
+        protocol, _ = self.connect_next()
+        # The spare's connection attempt fails (the child went away).
+        _, _, spare_factory, _, _ = self.reactor.tcpClients[1]
+        spare_factory.clientConnectionFailed(None, Failure(ConnectionLost()))
+        self.connected += 1
+        protocol.dataReceived(OK)
+        self.successResultOf(first)
+        second = self.channel.request(b"GET", b"/2", [], b"")
+        fresh, fresh_transport = self.connect_next()
+        self.assertTrue(fresh_transport.value().startswith(b"GET /2"))
+        fresh.dataReceived(OK)
+        self.successResultOf(second)
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from turso_twisted.errors import ApiError
 from turso_twisted.hibernation import Hibernator
 
+from .fakes import end
 from .support import ManagerFixture
 
 
@@ -94,3 +95,31 @@ class MaxRunningTests(SynchronousTestCase):
         for lease in held:
             lease.release()
         self.successResultOf(self.lease("c"))
+
+
+class ConcurrentMakeRoomTests(SynchronousTestCase):
+    def test_the_cap_holds_when_starts_overlap(self) -> None:
+        fx = ManagerFixture(self.mktemp())
+        fx.manager.max_running = 2
+        for name in ("a", "b"):
+            leased = fx.manager.lease(name)
+            fx.settle()
+            self.successResultOf(leased).release()
+            fx.reactor.advance(1)
+        def alive() -> int:
+            return len([p for p, _, _ in fx.reactor.spawned if not p.has_ended])
+
+        c, d = fx.manager.lease("c"), fx.manager.lease("d")
+        fx.settle()
+        self.assertLessEqual(alive(), 2)
+        # Children stop only when they exit: let each exit in turn.
+        for name in ("a", "b"):
+            [child] = [p for p in fx.children(name) if not p.has_ended]
+            self.assertEqual(child.transport.signals, ["TERM"])
+            end(child, signal=15)
+            fx.settle()
+            self.assertLessEqual(alive(), 2)
+        self.successResultOf(c).release()
+        self.successResultOf(d).release()
+        self.assertEqual(sorted(fx.supervisor.children), ["c", "d"])
+        self.assertEqual(fx.manager.refused_running, 0, "idle children made room; nobody was refused")

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from . import __version__, names
 from .backend import ChildSQLError, execute, pipeline
+from .channel import ChannelClosed, QueueFull, QueueTimeout
 from .datadir import temp_dir
 from .errors import ApiError, not_found
 from .locks import KeyedLocks
@@ -221,6 +222,10 @@ class Backups:
             except ChildSQLError as error:
                 raise ApiError(500, "backup_failed",
                                f"namespace {name!r}: VACUUM INTO failed: {error}") from None
+            except (QueueFull, QueueTimeout, ChannelClosed) as error:
+                raise ApiError(503, "namespace_busy",
+                               f"namespace {name!r}: the backup could not get its turn: {error}",
+                               retry_after=5) from None
             finally:
                 lease.release()
             identity = {

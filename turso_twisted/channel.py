@@ -114,8 +114,8 @@ class _Exchange(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.lost = True
-        if self.response.called:
-            return
+        if self.response.called or not self.sent:
+            return  # a spare that died unused: nobody waits for it
         if self._head is not None and self._head[3] is None:
             self._finish(self._buffer)  # answer delimited by the close
         else:
@@ -205,7 +205,7 @@ class BackendChannel:
         head = [b"%s %s HTTP/1.1" % (method, target), b"Host: 127.0.0.1:%d" % self.port,
                 b"Content-Length: %d" % len(body), b"Connection: close"]
         head += [b"%s: %s" % (key, value) for key, value in headers]
-        pending = _Pending(b"\r\n".join(head) + b"\r\n\r\n" + body, Deferred())
+        pending = _Pending(b"\r\n".join(head) + b"\r\n\r\n" + body, Deferred(self._cancel))
         self._queue.append(pending)
         if self._busy and self.queue_timeout:
             # Only a request that has to wait gets a deadline.
@@ -231,8 +231,19 @@ class BackendChannel:
 
     # -- internals -----------------------------------------------------------------
 
+    def _cancel(self, result: Deferred[BackendResponse]) -> None:
+        """
+        The client went away: a request still waiting is dropped (it never
+        reaches the child); one already sent is answered and discarded.
+        """
+        for pending in self._queue:
+            if pending.result is result:
+                self._queue.remove(pending)
+                _cancel(pending.timer)
+                break
+
     def _expire(self, pending: _Pending) -> None:
-        if pending in self._queue:
+        if pending in self._queue and not pending.result.called:
             self._queue.remove(pending)
             self.rejected += 1
             pending.result.errback(Failure(QueueTimeout(
@@ -258,9 +269,9 @@ class BackendChannel:
         connection.addCallback(self._send, pending)
         connection.addErrback(self._done, pending)
 
-    def _send(self, exchange: _Exchange, pending: _Pending) -> None:
-        if exchange.lost:
-            # The spare died unused (the child restarted): nothing was sent.
+    def _send(self, exchange: _Exchange | None, pending: _Pending) -> None:
+        if exchange is None or exchange.lost:
+            # The spare could not connect, or died unused: nothing was sent.
             self._connect().addCallback(self._send, pending).addErrback(self._done, pending)
             return
         answered = exchange.send(pending.request)
@@ -272,7 +283,9 @@ class BackendChannel:
 
     def _done(self, result: Any, pending: _Pending) -> None:
         self._busy = False
-        if isinstance(result, Failure):
+        if pending.result.called:
+            pass  # cancelled by its client meanwhile: the answer is dropped
+        elif isinstance(result, Failure):
             pending.result.errback(result)
         else:
             pending.result.callback(result)

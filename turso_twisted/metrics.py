@@ -90,6 +90,8 @@ class _DaemonCollector:
             ("turso_hibernations", "Children stopped while idle (scale to zero)", manager.hibernations),
             ("turso_queue_rejections", "Requests refused by a full or slow namespace queue",
              service.data_plane.rejected),
+            ("turso_running_cap_refusals", "503 too_many_running: every resident child was busy",
+             manager.refused_running),
             ("turso_gc_archives", "Namespaces archived by the GC", service.gc.archives),
             ("turso_gc_purges", "Archive entries purged by the GC", service.gc.purges),
             ("turso_gc_failures", "GC actions that failed (retried next sweep)", service.gc.failures),

@@ -43,6 +43,22 @@ def _move_files_in(build_dir: str, data_dir: str, name: str) -> None:
     fsync_directory(data_dir)
 
 
+def _observe(ended: Deferred[Any]) -> Deferred[None]:
+    """
+    A Deferred that fires when C{ended} does, leaving C{ended}'s own chain
+    as it is.
+    """
+    seen: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        if not seen.called:
+            seen.callback(None)
+        return result
+
+    ended.addBoth(fire)
+    return seen
+
+
 def _rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as handle:
@@ -105,6 +121,7 @@ class NamespaceManager:
     #: Cap on resident children (0: none); see L{_make_room}.
     max_running: int = 0
     hibernations: int = 0
+    refused_running: int = 0
     #: name -> [requests, bytes in, bytes out] since the daemon started.
     usage: dict[str, list[int]] = attrs.field(factory=dict)
     _locks: KeyedLocks = attrs.field(factory=KeyedLocks)
@@ -221,14 +238,25 @@ class NamespaceManager:
 
     async def _make_room(self, name: str) -> None:
         """
-        At C{max_running} resident children, hibernate the least recently
-        used idle one (under its own lock) to make room for C{name}.
+        At C{max_running} resident children (running, starting or still
+        stopping), hibernate the least recently used idle one, under its own
+        lock, to make room for C{name}.  Only when every resident child is
+        serving a request is the request refused.
         """
-        while self.max_running and len(self.supervisor.children) >= self.max_running:
-            idle = [other for other in self.supervisor.children
-                    if other != name and not self._inflight.get(other)
-                    and not self._locks.is_locked(other)]
-            if not idle:
+        supervisor = self.supervisor
+        tries = 0
+        while self.max_running and supervisor.resident(besides=name) >= self.max_running:
+            stopping = [child.ended for other, child in supervisor.children.items()
+                        if other in supervisor.stopping_names]
+            if stopping:
+                # Room is being made already: wait until a child has gone.
+                await DeferredList([_observe(ended) for ended in stopping], fireOnOneCallback=True)
+                continue
+            idle = [other for other in supervisor.children
+                    if other != name and not self._inflight.get(other)]
+            tries += 1
+            if not idle or tries > len(supervisor.children) + 1:
+                self.refused_running += 1
                 raise ApiError(503, "too_many_running",
                                f"TURSO_MAX_RUNNING={self.max_running} namespaces are busy; retry shortly",
                                retry_after=1)

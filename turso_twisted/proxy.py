@@ -12,7 +12,7 @@ from __future__ import annotations
 from io import BytesIO
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -93,8 +93,13 @@ class DataPlane(Resource):
     def _finished(self, result: object, request: Request, started: float, received: int) -> None:
         """
         Count the request and write its access-log line (never a header:
-        the token stays out of the log).
+        the token stays out of the log).  A client that went away while its
+        request waited in the child's queue takes it out of the queue (only
+        that: a child being started for it is started all the same).
         """
+        waiting = getattr(request, "turso_waiting", None)
+        if isinstance(result, Failure) and waiting is not None and not waiting.called:
+            waiting.cancel()
         seconds = self.reactor.seconds() - started
         path = request.path.partition(b"?")[0]
         name = getattr(request, "turso_namespace", None)
@@ -115,6 +120,8 @@ class DataPlane(Resource):
                 upstream_ms=round(getattr(request, "turso_upstream", 0.0) * 1000, 3))
 
     def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError):
+            return  # the client went away
         if request.startedWriting:
             if not failure.check(ApiError):
                 self._log.failure("unexpected error while relaying a response", failure)
@@ -141,7 +148,8 @@ class DataPlane(Resource):
             try:
                 body = self._checked_body(lease.name, path, is_pull, request)
                 sent_at = self.reactor.seconds()
-                response = await forward(lease.child.channel, request, target, body)
+                request.turso_waiting = forward(lease.child.channel, request, target, body)
+                response = await request.turso_waiting
                 request.turso_upstream = self.reactor.seconds() - sent_at
             except (ConnectError, ChannelClosed) as error:
                 # Nothing reached the child, so a retry cannot duplicate a
@@ -151,6 +159,9 @@ class DataPlane(Resource):
                     raise self._upstream_error(name, request, error) from None
                 await self._death_noticed(lease.child.ended)
                 continue
+            except CancelledError:
+                lease.release()
+                return
             except (QueueFull, QueueTimeout) as error:
                 lease.release()
                 self.rejected += 1

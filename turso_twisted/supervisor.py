@@ -74,8 +74,19 @@ class Supervisor:
     spawn_failures: int = 0
     unexpected_exits: int = 0
     _stopping: set[str] = attrs.field(factory=set)
+    _starting: set[str] = attrs.field(factory=set)
     _backoff: dict[str, _Backoff] = attrs.field(factory=dict)
     _log = Logger()
+
+    @property
+    def stopping_names(self) -> set[str]:
+        return self._stopping
+
+    def resident(self, besides: str = "") -> int:
+        """
+        Children that exist or are being started, other than C{besides}'s.
+        """
+        return len(self.children) + len(self._starting - {besides})
 
     def running(self, name: str) -> TursodbProcess | None:
         child = self.children.get(name)
@@ -97,12 +108,15 @@ class Supervisor:
             raise spawn_failed(
                 name, f"its tursodb child failed {backoff.failures} times in a row; "
                 "retrying after a backoff (see the server log)", backoff.retry_at - now)
+        self._starting.add(name)
         try:
             child, startup = await self._spawn(name, names.db_path(self.data_dir, name))
         except SpawnFailed:
             self.spawn_failures += 1
             self._note_failure(name)
             raise
+        finally:
+            self._starting.discard(name)
         self.children[name] = child
         self.started_at[name] = self.reactor.seconds()
         child.ended.addCallback(self._ended)
