@@ -22,12 +22,12 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .archive import ArchiveEntry
 from .config import format_duration
 from .namespaces import NamespaceManager
+from .periodic import Periodic
 from .state import NamespaceRecord
 
 
@@ -42,42 +42,18 @@ class GarbageCollector:
     archives: int = 0
     purges: int = 0
     failures: int = 0
-    _loop: LoopingCall | None = None
-    _sweeping: Deferred[None] | None = None
+    _periodic: Periodic | None = None
     _log = Logger()
 
     def start(self) -> None:
-        loop = LoopingCall(self._sweep_in_background)
-        loop.clock = self.clock
-        loop.start(self.interval, now=False)
-        self._loop = loop
+        self._periodic = Periodic(self.clock, self.interval, self.sweep)
+        self._periodic.start()
 
     def stop(self) -> Deferred[None]:
         """
         Stop sweeping; fires when a sweep under way has finished.
         """
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        if self._sweeping is None:
-            return succeed(None)
-        finished: Deferred[None] = Deferred()
-
-        def release(result: object) -> object:
-            finished.callback(None)
-            return result
-
-        self._sweeping.addBoth(release)
-        return finished
-
-    def _sweep_in_background(self) -> Deferred[None]:
-        self._sweeping = Deferred.fromCoroutine(self.sweep())
-
-        def done(result: object) -> None:
-            self._sweeping = None
-
-        self._sweeping.addBoth(done)
-        return self._sweeping
+        return succeed(None) if self._periodic is None else self._periodic.stop()
 
     # -- rules ---------------------------------------------------------------
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .config import format_duration
 from .namespaces import NamespaceManager
+from .periodic import Periodic
 
 
 @attrs.define(eq=False)
@@ -28,8 +28,7 @@ class Hibernator:
     clock: Any
     manager: NamespaceManager
     idle_after: float
-    _loop: LoopingCall | None = None
-    _sweeping: Deferred[None] | None = None
+    _periodic: Periodic | None = None
     _log = Logger()
 
     @property
@@ -37,27 +36,12 @@ class Hibernator:
         return min(30.0, max(1.0, self.idle_after / 10))
 
     def start(self) -> None:
-        if not self.idle_after:
-            return
-        loop = LoopingCall(self._sweep_in_background)
-        loop.clock = self.clock
-        loop.start(self.interval, now=False)
-        self._loop = loop
+        if self.idle_after:
+            self._periodic = Periodic(self.clock, self.interval, self.sweep)
+            self._periodic.start()
 
     def stop(self) -> Deferred[None]:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        return succeed(None) if self._sweeping is None else self._sweeping
-
-    def _sweep_in_background(self) -> Deferred[None]:
-        self._sweeping = Deferred.fromCoroutine(self.sweep())
-
-        def done(_: object) -> None:
-            self._sweeping = None
-
-        self._sweeping.addBoth(done)
-        return self._sweeping
+        return succeed(None) if self._periodic is None else self._periodic.stop()
 
     async def sweep(self) -> None:
         now = self.clock.seconds()
