@@ -239,6 +239,18 @@ def sync_cycles(url: str, token: str | None, path: str, count: int) -> dict[str,
     return summary(times)
 
 
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bool:
+    """
+    One request on an open connection; whether the answer was a 200.
+    """
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    await reader.readexactly(length)
+    return head.startswith(b"HTTP/1.1 200")
+
+
 async def _client(port: int, target: bytes, keep_alive: bool, token: str | None, stop_at: float,
                   counts: list[int], errors: list[int]) -> None:
     auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
@@ -249,12 +261,7 @@ async def _client(port: int, target: bytes, keep_alive: bool, token: str | None,
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            await reader.readexactly(length)
-            if not head.startswith(b"HTTP/1.1 200"):
+            if not await exchange(reader, writer, request):
                 errors[0] += 1
             counts[0] += 1
             if not keep_alive:
@@ -392,14 +399,9 @@ def scale(tursodb: str, workdir: str, total: int) -> dict[str, Any]:
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.data_port)
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                await reader.readexactly(length)
-                if not head.startswith(b"HTTP/1.1 200"):
+                if not await exchange(reader, writer, request):
                     errors[0] += 1
-            except (OSError, asyncio.IncompleteReadError, StopIteration):
+            except (OSError, asyncio.IncompleteReadError):
                 errors[0] += 1
                 writer = None
             times.append(time.perf_counter() - started)

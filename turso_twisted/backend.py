@@ -10,7 +10,7 @@ the child's L{BackendChannel}.
 from __future__ import annotations
 
 import json
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
@@ -49,13 +49,12 @@ def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
 
 
 def forward(channel: BackendChannel, request: IRequest, target: bytes,
-            body: IO[bytes]) -> Deferred[BackendResponse]:
+            body: bytes) -> Deferred[BackendResponse]:
     """
-    Send C{request} to the child as C{target} (path and query).
+    Send C{request} to the child as C{target} (path and query) with C{body}.
     """
-    body.seek(0)
     headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
-    return channel.request(request.method, target, headers, body.read())
+    return channel.request(request.method, target, headers, body)
 
 
 def respond(request: IRequest, response: BackendResponse, body: bytes | None = None) -> None:

@@ -38,6 +38,3 @@ class KeyedLocks:
     def is_locked(self, key: str) -> bool:
         lock = self._locks.get(key)
         return lock is not None and bool(lock.locked or lock.waiting)
-
-    def __len__(self) -> int:
-        return len(self._locks)

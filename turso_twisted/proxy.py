@@ -9,8 +9,7 @@ decoding), then the namespace lease, then the child.
 
 from __future__ import annotations
 
-from io import BytesIO
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.error import ConnectError
@@ -185,27 +184,25 @@ class DataPlane(Resource):
                 request.finish()
             return
 
-    def _checked_body(self, name: str, path: bytes, is_pull: bool, request: Request) -> IO[bytes]:
+    def _checked_body(self, name: str, path: bytes, is_pull: bool, request: Request) -> bytes:
         """
-        The body to send: a pull's revisions untagged (refusing another
-        history's), a push checked against retired replicas.
+        The body to send, read once: a pull's revisions untagged (refusing
+        another history's), a push checked against retired replicas.
         """
-        content = request.content
+        request.content.seek(0)
+        body = request.content.read()
         if is_pull:
-            content.seek(0)
             try:
-                untagged = untag_pull_request(content.read(), self.manager.state.records[name].history, name)
+                return untag_pull_request(body, self.manager.state.records[name].history, name)
             except StaleReplica as error:
                 raise ApiError(409, "stale_replica", str(error)) from None
             except MalformedSyncMessage as error:
                 raise ApiError(400, "bad_request", f"malformed pull-updates request: {error}") from None
-            return BytesIO(untagged)
         if path == b"/v2/pipeline":
-            content.seek(0)
-            clients = pushing_clients(content.read())
+            clients = pushing_clients(body)
             if clients:
                 self.manager.check_pushing_clients(name, clients)
-        return content
+        return body
 
     def _death_noticed(self, ended: Deferred[Any]) -> Deferred[None]:
         """
