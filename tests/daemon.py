@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from turso_twisted.orphans import find_orphans
+from turso_twisted.recovery import find_orphans
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -75,6 +75,27 @@ class _Exit(ProcessProtocol):
         self.status = getattr(reason.value, "exitCode", None)
         self.signal = getattr(reason.value, "signal", None)
         self.ended.callback(self.status)
+
+#: Log formats the end-to-end tests look for (see L{Daemon.events}).
+RUNNING = "namespace {name} running on port {port} (pid {pid}, {startup_ms} ms)"
+STOPPED = "namespace {name} stopped ({status})"
+HIBERNATED = "namespace {name} hibernated: {reason}"
+EXITED = "tursodb of namespace {name} exited unexpectedly ({status}) after {uptime} s"
+ADOPTED = ("adopted data file {file} that had no state record as namespace {name} "
+           "(explicit, locked)")
+GC_ARCHIVED = "gc archived namespace {name} into {entry}: {reason}"
+GC_PURGED = "gc purged archive entry {entry}: {reason}"
+BACKUP_TAKEN = "backup of namespace {name} taken: {bytes} bytes, sha256 {sha256}"
+
+
+def matches(event: dict[str, Any], log_format: str) -> bool:
+    """
+    Whether C{event}'s message is C{log_format} filled in with its fields.
+    """
+    try:
+        return bool(event.get("msg") == log_format.format(**event))
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 class Daemon:
@@ -129,7 +150,8 @@ class Daemon:
         def listening() -> bool:
             if process.ended.called:
                 raise AssertionError(f"daemon exited at start-up:\n{self.tail()}")
-            ports = {e["listener"]: e["port"] for e in self.logs()[skip:] if e.get("msg") == "listening"}
+            ports = {e["listener"]: e["port"] for e in self.logs()[skip:]
+                     if matches(e, "listening: {listener} port on {host}:{port}")}
             if {"data", "admin"} <= set(ports):
                 self.data_port, self.admin_port = ports["data"], ports["admin"]
                 return True
@@ -186,8 +208,12 @@ class Daemon:
             text = handle.read().splitlines()[-lines:]
         return "\n".join(text) + "\nstderr:\n" + self.stderr()
 
-    def events(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
-        return [e for e in self.logs() if e.get("msg") == msg
+    def events(self, log_format: str, **fields: Any) -> list[dict[str, Any]]:
+        """
+        The events logged with C{log_format} (their message is it, filled
+        in with their own fields) whose fields include C{fields}.
+        """
+        return [e for e in self.logs() if matches(e, log_format)
                 and all(e.get(k) == v for k, v in fields.items())]
 
     # -- addresses -----------------------------------------------------------

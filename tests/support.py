@@ -10,11 +10,17 @@ from typing import Any
 from twisted.internet.defer import maybeDeferred
 
 from turso_twisted.archive import Archiver
+from turso_twisted.hibernation import Hibernator
+from turso_twisted.leases import Leases
+from turso_twisted.locks import KeyedLocks
 from turso_twisted.namespaces import NamespaceManager
 from turso_twisted.ports import PortAllocator
 from turso_twisted.process import TursodbProcess
+from turso_twisted.recovery import reconcile
 from turso_twisted.state import StateStore
+from turso_twisted.stats import NamespaceStats
 from turso_twisted.supervisor import Supervisor
+from turso_twisted.syncproto import HistoryGuard
 
 from .fakes import ProcessReactor
 
@@ -30,7 +36,8 @@ class ManagerFixture:
     """
 
     def __init__(self, data_dir: str, auto_serve: bool = True, max_namespaces: int = 0,
-                 allow_auto_provision: bool = True) -> None:
+                 allow_auto_provision: bool = True, max_running: int = 0,
+                 make_channel: Any = None) -> None:
         os.makedirs(data_dir, exist_ok=True)
         self.data_dir = data_dir
         self.reactor = ProcessReactor()
@@ -47,16 +54,29 @@ class ManagerFixture:
             startup_timeout=5,
             child_env={},
             is_serving=lambda pid, port: self.auto_serve or pid in self.serving,
+            make_channel=make_channel,
         )
+        self.locks = KeyedLocks()
+        self.leases = Leases(self.reactor, drain_timeout=10)
+        self.guard = HistoryGuard(self.state)
+        self.hibernator = Hibernator(self.reactor, self.state, self.supervisor, self.leases, self.locks,
+                                     max_running=max_running)
         self.manager = NamespaceManager(
             clock=self.reactor,
             state=self.state,
             supervisor=self.supervisor,
             archiver=Archiver(data_dir, run_in_thread=synchronously),
+            guard=self.guard,
+            leases=self.leases,
+            locks=self.locks,
+            hibernator=self.hibernator,
             max_namespaces=max_namespaces,
             allow_auto_provision=allow_auto_provision,
-            drain_timeout=10,
         )
+        self.stats = NamespaceStats(self.reactor, data_dir, self.state, self.supervisor)
+
+    def reconcile(self) -> None:
+        reconcile(self.data_dir, self.state, self.guard, self.reactor.seconds())
 
     def settle(self) -> None:
         """

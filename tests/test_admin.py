@@ -5,12 +5,14 @@ The admin API through StubTreq: routes, auth, JSON errors.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.admin import AdminAPI, Readiness
+from turso_twisted.auth import BearerToken
 from turso_twisted.backup import Backups
 
 from .fakes import end
@@ -20,12 +22,17 @@ TOKEN = "admin-secret"
 AUTH = {b"authorization": [b"Bearer " + TOKEN.encode()]}
 
 
-class AdminTests(SynchronousTestCase):
+class AdminFixture(SynchronousTestCase):
+    """
+    An admin API over a namespace manager, and how to call it.
+    """
+
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp(), max_namespaces=3)
         self.readiness = Readiness(self.fx.data_dir, state_loaded=True, listening=True)
-        self.api = AdminAPI(self.fx.manager, TOKEN, self.readiness,
-                            Backups(self.fx.reactor, self.fx.manager))
+        self.api = AdminAPI(self.fx.manager, self.fx.stats, BearerToken(TOKEN), self.readiness,
+                            Backups(self.fx.reactor, self.fx.manager, self.fx.supervisor,
+                                    os.path.join(self.fx.data_dir, "_tmp")))
         self.stub = StubTreq(self.api.resource())
 
     def call(self, method: str, path: str, body: Any = None, headers: Any = AUTH,
@@ -46,6 +53,9 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(result[1]["error"], code)
         self.assertNotIn("Traceback", result[1]["message"])
 
+
+
+class AdminTests(AdminFixture):
     def test_probes_need_no_token(self) -> None:
         self.assertEqual(self.call("GET", "/healthz", headers={})[:2], (200, {"status": "ok"}))
         self.assertEqual(self.call("GET", "/readyz", headers={})[:2], (200, {"status": "ready"}))
@@ -157,7 +167,7 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
-class ArchiveRouteTests(AdminTests):
+class ArchiveRouteTests(AdminFixture):
     """
     /v1/archive and unarchive through the API (reusing the fixture above).
     """

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted import archive as archive_module
 from turso_twisted.archive import parse_entry_name, verify_entry
-from turso_twisted.errors import ApiError
+from turso_twisted.errors import Refusal, status_for
 from turso_twisted.state import NamespaceRecord, StateStore
 
 from .support import ManagerFixture
@@ -69,7 +69,7 @@ class ArchiveTestCase(SynchronousTestCase):
     def start(self) -> ManagerFixture:
         fx = ManagerFixture(self.data_dir)
         fx.reactor.exit_on_signal = True
-        fx.manager.reconcile()
+        fx.reconcile()
         return fx
 
     def make_alpha(self, origin: str = "auto") -> NamespaceRecord:
@@ -177,9 +177,10 @@ class UnarchiveTests(ArchiveTestCase):
         self.make_alpha()
         return self.successResultOf(self.fx.manager.archive("alpha", "test"))
 
-    def refused(self, status: int, code: str, **kwargs: Any) -> ApiError:
-        failure = self.failureResultOf(self.fx.manager.unarchive("alpha", **kwargs), ApiError)
-        self.assertEqual((failure.value.status, failure.value.code), (status, code), failure.value.message)
+    def refused(self, status: int, code: str, **kwargs: Any) -> Refusal:
+        failure = self.failureResultOf(self.fx.manager.unarchive("alpha", **kwargs), Refusal)
+        self.assertEqual((status_for(failure.value), failure.value.code), (status, code),
+                         failure.value.message)
         return failure.value
 
     def test_round_trip_keeps_identity(self) -> None:

@@ -11,16 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted.config import (
-    SETTINGS,
-    Address,
-    Config,
-    ConfigError,
-    format_duration,
-    parse_address,
-    parse_duration,
-    parse_size,
-)
+from turso_twisted.config import SETTINGS, Address, Config, ConfigError, parse_address, parse_size
+from turso_twisted.timefmt import format_duration, parse_duration
 
 
 class DurationTests(SynchronousTestCase):

@@ -12,11 +12,13 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted import supervisor
+from turso_twisted.auth import BearerToken
 from turso_twisted.channel import BackendResponse, QueueFull, ResponseIncomplete
 from turso_twisted.proxy import DataPlane
+from turso_twisted.sites import CappedSite
 
 from .fakes import end
 from .support import ManagerFixture
@@ -55,9 +57,8 @@ class DataPlaneTests(SynchronousTestCase):
             self.channels.append(channel)
             return channel
 
-        self.patch(supervisor, "BackendChannel", scripted)
-        self.fx = ManagerFixture(self.mktemp())
-        self.plane = DataPlane(self.fx.reactor, self.fx.manager, "data-token")
+        self.fx = ManagerFixture(self.mktemp(), make_channel=scripted)
+        self.plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats)
         self.stub = StubTreq(self.plane)
 
     def post(self, path: str, token: str = "data-token") -> Any:
@@ -87,7 +88,7 @@ class DataPlaneTests(SynchronousTestCase):
         sent_names = {key.lower() for key, _ in sent}
         self.assertIn(b"x-client", sent_names)
         self.assertFalse(sent_names & {b"authorization", b"connection", b"host", b"content-length"})
-        self.assertEqual(self.fx.manager.inflight(), 0)
+        self.assertEqual(self.fx.leases.count(), 0)
 
     def test_refused_connection_is_retried_on_a_fresh_child(self) -> None:
         first_child: list[Any] = []
@@ -95,7 +96,7 @@ class DataPlaneTests(SynchronousTestCase):
         def refuse_and_die() -> Deferred[Any]:
             child = self.fx.supervisor.running("alpha")
             first_child.append(child)
-            end(child, signal=9)
+            end(child.process, signal=9)
             return fail(ConnectionRefusedError())
 
         self.outcomes += [refuse_and_die, BackendResponse(200, b"OK", [], b"fine")]
@@ -110,7 +111,7 @@ class DataPlaneTests(SynchronousTestCase):
         error = json.loads(body)
         self.assertEqual((code, error["error"]), (502, "upstream_error"))
         self.assertIn("'alpha'", error["message"])
-        self.assertEqual(self.fx.manager.inflight(), 0)
+        self.assertEqual(self.fx.leases.count(), 0)
 
     def test_refused_twice_is_a_502(self) -> None:
         self.outcomes += [ConnectionRefusedError(), ConnectionRefusedError()]
@@ -129,14 +130,40 @@ class DataPlaneTests(SynchronousTestCase):
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
         self.assertEqual(self.plane.rejected, 1)
 
-    def test_auth_comes_before_anything(self) -> None:
-        code, body, _ = self.result(self.post("/alpha/v2/pipeline", token="wrong"))
-        self.assertEqual((code, json.loads(body)["error"]), (401, "unauthorized"))
-        self.assertEqual(self.fx.state.records, {})
-
     def test_unexpected_error_is_a_500_without_details(self) -> None:
         self.outcomes.append(lambda: succeed(object()))
         code, body, _ = self.result(self.post("/alpha/v2/pipeline"))
         self.assertEqual((code, json.loads(body)["error"]), (500, "internal"))
         self.assertEqual(len(self.flushLoggedErrors()), 1)
-        self.assertEqual(self.fx.manager.inflight(), 0)
+        self.assertEqual(self.fx.leases.count(), 0)
+
+
+class DataSiteTests(SynchronousTestCase):
+    """
+    The data port's site checks the token of every request once, before
+    its body is read and before the data plane sees it.
+    """
+
+    def setUp(self) -> None:
+        self.fx = ManagerFixture(self.mktemp())
+        plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats)
+        self.site = CappedSite(plane, "data", 1000, BearerToken("data-token"), authorize_every_request=True)
+
+    def exchange(self, raw: bytes) -> bytes:
+        protocol = self.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(raw)
+        return transport.value()
+
+    def test_auth_comes_before_anything(self) -> None:
+        for raw in (b"POST /alpha/v2/pipeline HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                    b"Content-Length: 5\r\n\r\n",
+                    b"GET /alpha/ HTTP/1.1\r\nHost: x\r\n\r\n"):
+            answer = self.exchange(raw)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 401 "), answer)
+            self.assertIn(b"www-authenticate: Bearer", head)
+            self.assertEqual(json.loads(body)["error"], "unauthorized")
+        self.assertEqual(self.fx.state.records, {})
+        self.assertEqual(self.site.refused, 2)

@@ -16,9 +16,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from turso_twisted.orphans import find_orphans
+from turso_twisted.recovery import find_orphans
 
-from .daemon import Daemon, raw_request, run_replica, wait_for
+from .daemon import ADOPTED, EXITED, RUNNING, STOPPED, Daemon, raw_request, run_replica, wait_for
 
 SELECT_1 = json.dumps({"requests": [{"type": "execute", "stmt": {"sql": "select 1"}}]}).encode()
 
@@ -120,7 +120,7 @@ class SyncTests(E2ETestCase):
         self.assertNotEqual(records["alpha"]["port"], records["beta"]["port"])
         self.assertTrue(os.path.exists(os.path.join(daemon.data_dir, "alpha.db")))
         self.assertTrue(os.path.exists(os.path.join(daemon.data_dir, "beta.db")))
-        self.assertEqual(len(daemon.events("namespace running")), 2)
+        self.assertEqual(len(daemon.events(RUNNING)), 2)
         child_lines = [e for e in daemon.logs() if e.get("logger", "").startswith("tursodb.")]
         self.assertTrue(all(e["logger"] == f"tursodb.{e['name']}" for e in child_lines))
 
@@ -137,7 +137,7 @@ class SyncTests(E2ETestCase):
         yield run_replica(a.push)
         status, record = yield get_json(daemon.admin_url("/v1/namespaces/alpha"))
         os.kill(record["pid"], signal.SIGKILL)
-        yield wait_for(lambda: daemon.events("tursodb exited unexpectedly", name="alpha"),
+        yield wait_for(lambda: daemon.events(EXITED, name="alpha"),
                        "the daemon to notice the dead child")
         yield run_replica(a.run, "insert into t values (50)")
         yield run_replica(a.push)
@@ -280,7 +280,7 @@ class ProvisioningTests(E2ETestCase):
         codes = [response.code for _, response in responses]
         yield DeferredList([response.content() for _, response in responses])
         self.assertEqual(codes, [200] * 20)
-        self.assertEqual(len(daemon.events("namespace running", name="gamma")), 1)
+        self.assertEqual(len(daemon.events(RUNNING, name="gamma")), 1)
         self.assertEqual(len(find_orphans(daemon.data_dir)), 1)
 
     @inlineCallbacks
@@ -391,12 +391,12 @@ class RestartTests(E2ETestCase):
         yield wait_for(lambda: os.path.exists(db), "the orphan to create its file")
         self.assertEqual(find_orphans(daemon.data_dir), [orphan_pid])
         yield daemon.start()
-        self.assertEqual(daemon.events("killing orphaned tursodb from an earlier run")[0]["pid"],
+        self.assertEqual(daemon.events("killing orphaned tursodb (pid {pid}) from an earlier run")[0]["pid"],
                          orphan_pid)
         response = yield treq.post(daemon.data_url("/alpha/v2/pipeline"), SELECT_1)
         self.assertEqual(response.code, 200)
         yield response.content()
-        self.assertEqual(daemon.events("adopted a data file that had no state record (explicit, locked)")
+        self.assertEqual(daemon.events(ADOPTED)
                          [0]["name"], "alpha")
 
     @inlineCallbacks
@@ -414,8 +414,8 @@ class RestartTests(E2ETestCase):
         self.assertEqual(daemon.process.signal, signal.SIGTERM)
         self.assertEqual(len(daemon.events("stopped")), 1)
         self.assertEqual(find_orphans(daemon.data_dir), [])
-        self.assertEqual(len(daemon.events("namespace stopped")), 2)
-        self.assertEqual(daemon.events("tursodb exited unexpectedly"), [])
+        self.assertEqual(len(daemon.events(STOPPED)), 2)
+        self.assertEqual(daemon.events(EXITED), [])
         with open(os.path.join(daemon.data_dir, "_state", "namespaces.json")) as handle:
             flushed = json.load(handle)["namespaces"]["alpha"]["lastAccessAt"]
         self.assertGreaterEqual(flushed, created)

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from .daemon import Daemon, run_replica, wait_for
+from .daemon import BACKUP_TAKEN, Daemon, run_replica, wait_for
 from .test_e2e import E2ETestCase, get_json, treq
 
 COUNT = "select count(*) from t"
@@ -238,7 +238,7 @@ class IncarnationTests(BackupTestCase):
 
         for _ in range(3):
             yield deferToThread(ask_and_leave)
-        yield wait_for(lambda: len(daemon.events("backup taken", name="big")) == 3, "the copies to finish")
+        yield wait_for(lambda: len(daemon.events(BACKUP_TAKEN, name="big")) == 3, "the copies to finish")
         yield wait_for(lambda: not [f for f in self.scratch(daemon) if f.startswith("backup-")],
                        "every abandoned copy to go")
         response, body = yield self.download(daemon, "big")

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from .daemon import Daemon, run_replica, wait_for
+from .daemon import GC_ARCHIVED, GC_PURGED, Daemon, run_replica, wait_for
 from .test_e2e import E2ETestCase, get_json
 
 SHORT = {"TURSO_GC_INTERVAL": "1s", "TURSO_AUTO_IDLE_DURATION": "2s"}
@@ -42,11 +42,11 @@ class LifecycleTests(E2ETestCase):
         status, body = yield self.admin(daemon, "POST", "/v1/namespaces/short/ttl", {"ttl": "1s"})
         self.assertEqual((status, body["ttl"]), (200, "1s"))
 
-        yield wait_for(lambda: daemon.events("gc archive", name="idle")
-                       and daemon.events("gc archive", name="short"), "the GC to archive both")
-        [idle_event] = daemon.events("gc archive", name="idle")
+        yield wait_for(lambda: daemon.events(GC_ARCHIVED, name="idle")
+                       and daemon.events(GC_ARCHIVED, name="short"), "the GC to archive both")
+        [idle_event] = daemon.events(GC_ARCHIVED, name="idle")
         self.assertEqual(idle_event["reason"], "auto-created idle > 2s")
-        self.assertEqual(daemon.events("gc archive", name="short")[0]["reason"], "ttl 1s expired")
+        self.assertEqual(daemon.events(GC_ARCHIVED, name="short")[0]["reason"], "ttl 1s expired")
         status, listed = yield self.admin(daemon, "GET", "/v1/namespaces")
         self.assertEqual([r["name"] for r in listed["namespaces"]], ["keep"])
         entry_dir = os.path.join(daemon.data_dir, "archive", idle_event["entry"])
@@ -63,7 +63,7 @@ class LifecycleTests(E2ETestCase):
         self.assertEqual(tables, [])
         yield run_replica(fresh.close)
         # ...which idles out too; then the first incarnation comes back.
-        yield wait_for(lambda: len(daemon.events("gc archive", name="idle")) == 2,
+        yield wait_for(lambda: len(daemon.events(GC_ARCHIVED, name="idle")) == 2,
                        "the GC to archive the second incarnation")
         status, restored = yield self.admin(daemon, "POST", "/v1/namespaces/idle/unarchive",
                                             {"archivedAt": manifest["archivedAt"]})
@@ -93,8 +93,8 @@ class LifecycleTests(E2ETestCase):
         status, deleted = yield self.admin(daemon, "DELETE", "/v1/namespaces/gone")
         entry = deleted["archived"]["entry"]
         self.assertTrue(os.path.isdir(os.path.join(daemon.data_dir, "archive", entry)))
-        yield wait_for(lambda: daemon.events("gc purge", name="gone"), "the GC to purge the entry")
-        self.assertEqual(daemon.events("gc purge", name="gone")[0]["reason"], "archive age > 6s")
+        yield wait_for(lambda: daemon.events(GC_PURGED, name="gone"), "the GC to purge the entry")
+        self.assertEqual(daemon.events(GC_PURGED, name="gone")[0]["reason"], "archive age > 6s")
         self.assertEqual(os.listdir(os.path.join(daemon.data_dir, "archive")), [])
         status, archive = yield self.admin(daemon, "GET", "/v1/archive")
         self.assertEqual(archive["entries"], [])

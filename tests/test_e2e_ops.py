@@ -73,7 +73,7 @@ class ObservabilityTests(E2ETestCase):
         self.assertEqual(len(alpha), 6)
         first = alpha[0]
         self.assertEqual((first["msg"], first["method"], first["path"], first["status"]),
-                         ("request", "POST", "/alpha/v2/pipeline", 200))
+                         ("POST /alpha/v2/pipeline 200", "POST", "/alpha/v2/pipeline", 200))
         self.assertEqual(first["bytes_in"], len(SELECT_1))
         self.assertGreater(first["bytes_out"], 0)
         self.assertGreaterEqual(first["duration_ms"], first["upstream_ms"])

@@ -9,9 +9,9 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from turso_twisted.orphans import find_orphans
+from turso_twisted.recovery import find_orphans
 
-from .daemon import Daemon, run_replica, wait_for
+from .daemon import HIBERNATED, Daemon, run_replica, wait_for
 from .test_e2e import E2ETestCase, get_json, treq
 
 
@@ -26,7 +26,7 @@ class ScaleToZeroTests(E2ETestCase):
         replica = yield self.replica(daemon, "sleepy")
         yield run_replica(replica.run, "create table t (x)", "insert into t values (1)")
         yield run_replica(replica.push)
-        yield wait_for(lambda: daemon.events("namespace hibernated", name="sleepy"), "hibernation")
+        yield wait_for(lambda: daemon.events(HIBERNATED, name="sleepy"), "hibernation")
         status, record = yield get_json(daemon.admin_url("/v1/namespaces/sleepy"))
         self.assertEqual((record["running"], record["pid"]), (False, None))
         self.assertEqual(find_orphans(daemon.data_dir), [])
@@ -56,7 +56,7 @@ class ScaleToZeroTests(E2ETestCase):
             response = yield treq.post(url, pipeline("select count(*) from t"))
             body = json.loads((yield response.content()))
             self.assertEqual(body["results"][0]["response"]["result"]["rows"][0][0]["value"], "2")
-        self.assertGreaterEqual(len(daemon.events("namespace hibernated")), 10)
+        self.assertGreaterEqual(len(daemon.events(HIBERNATED)), 10)
         status, listed = yield get_json(daemon.admin_url("/v1/namespaces"))
         self.assertEqual(sum(r["running"] for r in listed["namespaces"]), 2)
 
@@ -91,7 +91,7 @@ class HibernationRaceTests(E2ETestCase):
 
         # Alone, every request swaps the resident child...
         yield client(0, 60, 1)
-        self.assertGreaterEqual(len(daemon.events("namespace hibernated")), 55)
+        self.assertGreaterEqual(len(daemon.events(HIBERNATED)), 55)
         # ...and together they race (some get 503 too_many_running: fine,
         # as long as nothing acknowledged is lost or doubled).
         yield DeferredList([client(60 + offset, 200, 4) for offset in range(4)], fireOnOneErrback=True)

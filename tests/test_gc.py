@@ -27,7 +27,7 @@ class GCTests(SynchronousTestCase):
     def fixture(self) -> ManagerFixture:
         fx = ManagerFixture(self.data_dir)
         fx.reactor.exit_on_signal = True
-        self.gc = GarbageCollector(clock=fx.reactor, manager=fx.manager, interval=3600,
+        self.gc = GarbageCollector(clock=fx.reactor, manager=fx.manager, leases=fx.leases, interval=3600,
                                    auto_idle=7 * DAY, retention=30 * DAY)
         return fx
 

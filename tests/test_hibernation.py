@@ -9,8 +9,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted.errors import ApiError
-from turso_twisted.hibernation import Hibernator
+from turso_twisted.errors import Refusal, status_for
 
 from .fakes import end
 from .support import ManagerFixture
@@ -20,7 +19,8 @@ class HibernationTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp())
         self.fx.reactor.exit_on_signal = True
-        self.hibernator = Hibernator(self.fx.reactor, self.fx.manager, idle_after=600)
+        self.hibernator = self.fx.hibernator
+        self.hibernator.idle_after = 600
 
     def lease(self, name: str) -> Any:
         leased = self.fx.manager.lease(name)
@@ -31,7 +31,7 @@ class HibernationTests(SynchronousTestCase):
         self.lease(name).release()
 
     def running(self) -> list[str]:
-        return sorted(self.fx.supervisor.children)
+        return sorted(c.name for c in self.fx.supervisor.children())
 
     def test_idle_children_stop_and_wake_on_request(self) -> None:
         self.use("alpha")
@@ -43,7 +43,7 @@ class HibernationTests(SynchronousTestCase):
         self.fx.reactor.advance(330)
         self.assertEqual(self.running(), ["beta"])
         self.assertEqual(sorted(self.fx.state.records), ["alpha", "beta"], "records stay")
-        self.assertFalse(self.fx.manager.describe(self.fx.state.records["alpha"])["running"])
+        self.assertFalse(self.fx.stats.describe(self.fx.state.records["alpha"])["running"])
         self.use("alpha")
         self.assertEqual(self.running(), ["alpha", "beta"])
         self.assertEqual(len(self.fx.children("alpha")), 2)
@@ -59,7 +59,8 @@ class HibernationTests(SynchronousTestCase):
         self.assertEqual(self.running(), [])
 
     def test_zero_means_never(self) -> None:
-        Hibernator(self.fx.reactor, self.fx.manager, idle_after=0).start()
+        self.hibernator.idle_after = 0
+        self.hibernator.start()
         self.use("alpha")
         self.fx.reactor.advance(10**6)
         self.assertEqual(self.running(), ["alpha"])
@@ -69,7 +70,7 @@ class MaxRunningTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp())
         self.fx.reactor.exit_on_signal = True
-        self.fx.manager.max_running = 2
+        self.fx.hibernator.max_running = 2
 
     def lease(self, name: str) -> Any:
         leased = self.fx.manager.lease(name)
@@ -83,14 +84,14 @@ class MaxRunningTests(SynchronousTestCase):
         self.successResultOf(self.lease("a")).release()
         self.fx.reactor.advance(10)
         self.successResultOf(self.lease("c")).release()
-        self.assertEqual(sorted(self.fx.supervisor.children), ["a", "c"])
-        self.assertEqual(self.fx.manager.hibernations, 1)
+        self.assertEqual(sorted(c.name for c in self.fx.supervisor.children()), ["a", "c"])
+        self.assertEqual(self.fx.hibernator.hibernations, 1)
         self.assertEqual(sorted(self.fx.state.records), ["a", "b", "c"])
 
     def test_all_busy_is_a_503(self) -> None:
         held = [self.successResultOf(self.lease(name)) for name in ("a", "b")]
-        failure = self.failureResultOf(self.lease("c"), ApiError)
-        self.assertEqual((failure.value.status, failure.value.code), (503, "too_many_running"))
+        failure = self.failureResultOf(self.lease("c"), Refusal)
+        self.assertEqual((status_for(failure.value), failure.value.code), (503, "too_many_running"))
         self.assertNotIn("c", self.fx.state.records, "a refused first request leaves no record")
         for lease in held:
             lease.release()
@@ -100,7 +101,7 @@ class MaxRunningTests(SynchronousTestCase):
 class ConcurrentMakeRoomTests(SynchronousTestCase):
     def test_the_cap_holds_when_starts_overlap(self) -> None:
         fx = ManagerFixture(self.mktemp())
-        fx.manager.max_running = 2
+        fx.hibernator.max_running = 2
         for name in ("a", "b"):
             leased = fx.manager.lease(name)
             fx.settle()
@@ -121,5 +122,5 @@ class ConcurrentMakeRoomTests(SynchronousTestCase):
             self.assertLessEqual(alive(), 2)
         self.successResultOf(c).release()
         self.successResultOf(d).release()
-        self.assertEqual(sorted(fx.supervisor.children), ["c", "d"])
-        self.assertEqual(fx.manager.refused_running, 0, "idle children made room; nobody was refused")
+        self.assertEqual(sorted(c.name for c in fx.supervisor.children()), ["c", "d"])
+        self.assertEqual(fx.hibernator.refused_running, 0, "idle children made room; nobody was refused")

@@ -10,8 +10,9 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted.archive import Archiver, move_no_clobber, sha256_of
-from turso_twisted.errors import ApiError
+from turso_twisted.archive import UNARCHIVING_PREFIX, Archiver
+from turso_twisted.errors import Refusal, status_for
+from turso_twisted.files import move_no_clobber, sha256_and_size
 from turso_twisted.state import NamespaceRecord
 
 from .fakes import end
@@ -30,16 +31,16 @@ class LeaseTests(SynchronousTestCase):
         self.fx.serving.add(self.fx.children("alpha")[0].pid)
         self.fx.settle()
         results = [self.successResultOf(lease) for lease in leases]
-        self.assertEqual({lease.port for lease in results}, {9000})
+        self.assertEqual({lease.child.port for lease in results}, {9000})
         self.assertEqual(len(self.fx.children("alpha")), 1)
-        self.assertEqual(self.manager.inflight("alpha"), 20)
+        self.assertEqual(self.fx.leases.count("alpha"), 20)
         record = self.fx.state.records["alpha"]
         self.assertEqual((record.origin, record.locked), ("auto", False))
 
     def test_auto_provision_off_gives_404_and_creates_nothing(self) -> None:
         fx = ManagerFixture(self.mktemp(), allow_auto_provision=False)
-        failure = self.failureResultOf(fx.manager.lease("alpha"), ApiError)
-        self.assertEqual(failure.value.status, 404)
+        failure = self.failureResultOf(fx.manager.lease("alpha"), Refusal)
+        self.assertEqual(status_for(failure.value), 404)
         self.assertEqual(fx.state.records, {})
         self.assertEqual(fx.reactor.spawned, [])
 
@@ -47,10 +48,10 @@ class LeaseTests(SynchronousTestCase):
         fx = ManagerFixture(self.mktemp(), max_namespaces=1)
         fx.manager.lease("alpha")
         fx.settle()
-        failure = self.failureResultOf(fx.manager.lease("beta"), ApiError)
-        self.assertEqual((failure.value.status, failure.value.code), (503, "namespace_limit"))
-        failure = self.failureResultOf(fx.manager.create("beta"), ApiError)
-        self.assertEqual(failure.value.status, 409)
+        failure = self.failureResultOf(fx.manager.lease("beta"), Refusal)
+        self.assertEqual((status_for(failure.value, "data"), failure.value.code), (503, "namespace_limit"))
+        failure = self.failureResultOf(fx.manager.create("beta"), Refusal)
+        self.assertEqual(status_for(failure.value), 409)
         self.assertEqual(list(fx.state.records), ["alpha"])
         # Existing names still work at the cap.
         self.successResultOf(fx.manager.lease("alpha"))
@@ -62,13 +63,13 @@ class LeaseTests(SynchronousTestCase):
         lease = self.successResultOf(leased)
         deleted = fx.manager.delete("alpha")
         fx.reactor.advance(1)
-        self.assertEqual(lease.child.transport.signals, [])
+        self.assertEqual(lease.child.process.transport.signals, [])
         # A request arriving meanwhile waits for the lock.
         late = fx.manager.lease("alpha")
         self.assertNoResult(late)
         lease.release()
-        self.assertEqual(lease.child.transport.signals, ["TERM"])
-        end(lease.child, signal=15)
+        self.assertEqual(lease.child.process.transport.signals, ["TERM"])
+        end(lease.child.process, signal=15)
         manifest = self.successResultOf(deleted)
         self.assertEqual(manifest["name"], "alpha")
         # ...and then sees a new, empty incarnation.
@@ -80,9 +81,9 @@ class LeaseTests(SynchronousTestCase):
     def test_no_new_leases_while_stopping(self) -> None:
         fx = ManagerFixture(self.mktemp())
         fx.manager.stopping = True
-        failure = self.failureResultOf(fx.manager.lease("alpha"), ApiError)
-        self.assertEqual((failure.value.status, failure.value.code), (503, "shutting_down"))
-        self.assertEqual(self.failureResultOf(fx.manager.create("beta"), ApiError).value.code,
+        failure = self.failureResultOf(fx.manager.lease("alpha"), Refusal)
+        self.assertEqual((status_for(failure.value), failure.value.code), (503, "shutting_down"))
+        self.assertEqual(self.failureResultOf(fx.manager.create("beta"), Refusal).value.code,
                          "shutting_down")
         self.assertEqual((fx.state.records, fx.reactor.spawned), ({}, []))
 
@@ -92,7 +93,7 @@ class LeaseTests(SynchronousTestCase):
         fx.reactor.advance(0.01)
         end(fx.children("alpha")[0], code=1)
         fx.reactor.advance(0.01)
-        self.assertEqual(self.failureResultOf(leased, ApiError).value.status, 503)
+        self.assertEqual(status_for(self.failureResultOf(leased, Refusal).value), 503)
         self.assertEqual(fx.state.records, {})
         self.assertFalse(os.path.exists(os.path.join(fx.data_dir, "alpha.db")))
 
@@ -100,8 +101,8 @@ class LeaseTests(SynchronousTestCase):
         fx = ManagerFixture(self.mktemp())
         with open(os.path.join(fx.data_dir, "alpha.db-wal"), "wb") as handle:
             handle.write(b"someone's frames")
-        failure = self.failureResultOf(fx.manager.lease("alpha"), ApiError)
-        self.assertEqual((failure.value.status, failure.value.code), (503, "namespace_files_present"))
+        failure = self.failureResultOf(fx.manager.lease("alpha"), Refusal)
+        self.assertEqual((status_for(failure.value), failure.value.code), (503, "namespace_files_present"))
         self.assertEqual((fx.state.records, fx.reactor.spawned), ({}, []))
         with open(os.path.join(fx.data_dir, "alpha.db-wal"), "rb") as handle:
             self.assertEqual(handle.read(), b"someone's frames")
@@ -111,12 +112,12 @@ class LeaseTests(SynchronousTestCase):
         first, second = fx.manager.lease("alpha"), fx.manager.lease("beta")
         fx.settle()
         leases = [self.successResultOf(first), self.successResultOf(second)]
-        drained = fx.manager.drain_all()
+        drained = fx.leases.all_drained()
         leases[0].release()
         self.assertNoResult(drained)
         leases[1].release()
         self.successResultOf(drained)
-        self.successResultOf(fx.manager.drain_all())
+        self.successResultOf(fx.leases.all_drained())
 
     def test_drain_is_bounded(self) -> None:
         fx = ManagerFixture(self.mktemp())
@@ -125,11 +126,11 @@ class LeaseTests(SynchronousTestCase):
         lease = self.successResultOf(leased)
         deleted = fx.manager.delete("alpha")
         fx.reactor.advance(10)
-        self.assertEqual(lease.child.transport.signals, ["TERM"])
-        end(lease.child, signal=15)
+        self.assertEqual(lease.child.process.transport.signals, ["TERM"])
+        end(lease.child.process, signal=15)
         self.successResultOf(deleted)
         lease.release()
-        self.assertEqual(fx.manager.inflight(), 0)
+        self.assertEqual(fx.leases.count(), 0)
 
 
 class AdminOperationTests(SynchronousTestCase):
@@ -159,7 +160,7 @@ class AdminOperationTests(SynchronousTestCase):
         open(os.path.join(self.fx.data_dir, "alpha.db-wal"), "wb").close()
         end(self.fx.children("alpha")[0], code=1)
         self.fx.reactor.advance(0.01)
-        self.assertEqual(self.failureResultOf(created, ApiError).value.status, 503)
+        self.assertEqual(status_for(self.failureResultOf(created, Refusal).value), 503)
         self.assertEqual(self.fx.state.records, {})
         self.assertEqual(sorted(os.listdir(self.fx.data_dir)), ["_state", "_tmp"])
         self.assertEqual(os.listdir(os.path.join(self.fx.data_dir, "_tmp")), [])
@@ -181,7 +182,7 @@ class AdminOperationTests(SynchronousTestCase):
             self.assertEqual(json.load(handle), manifest)
         files = {f["name"]: f for f in manifest["files"]}
         self.assertEqual(sorted(files), ["alpha.db", "alpha.db-wal"])
-        self.assertEqual(files["alpha.db"]["sha256"], sha256_of(os.path.join(entry, "alpha.db")))
+        self.assertEqual(files["alpha.db"]["sha256"], sha256_and_size(os.path.join(entry, "alpha.db"))[0])
         self.assertEqual(files["alpha.db"]["size"], 10)
         self.assertNotIn("alpha", self.fx.state.records)
 
@@ -199,8 +200,8 @@ class AdminOperationTests(SynchronousTestCase):
         child = self.fx.children("alpha")[0]
         end(child, signal=9)
         os.unlink(os.path.join(self.fx.data_dir, "alpha.db"))
-        failure = self.failureResultOf(self.manager.lease("alpha"), ApiError)
-        self.assertEqual((failure.value.status, failure.value.code), (503, "namespace_data_missing"))
+        failure = self.failureResultOf(self.manager.lease("alpha"), Refusal)
+        self.assertEqual((status_for(failure.value), failure.value.code), (503, "namespace_data_missing"))
         self.assertEqual(len(self.fx.children("alpha")), 1, "no child started over nothing")
 
     def test_failed_save_leaves_memory_as_on_disk(self) -> None:
@@ -216,8 +217,8 @@ class AdminOperationTests(SynchronousTestCase):
         self.patch(type(self.fx.state), "save", real)
 
     def test_delete_unknown_is_404(self) -> None:
-        failure = self.failureResultOf(self.manager.delete("ghost"), ApiError)
-        self.assertEqual(failure.value.status, 404)
+        failure = self.failureResultOf(self.manager.delete("ghost"), Refusal)
+        self.assertEqual(status_for(failure.value), 404)
 
     def test_two_archives_of_one_name_in_one_millisecond(self) -> None:
         for _ in range(2):
@@ -241,7 +242,7 @@ class ReconcileTests(SynchronousTestCase):
         self.write("restored.db")
         self.write("Bad.db")
         self.write("notes.txt")
-        self.fx.manager.reconcile()
+        self.fx.reconcile()
         self.assertEqual(list(self.fx.state.records), ["restored"])
         record = self.fx.state.records["restored"]
         self.assertEqual((record.origin, record.locked), ("explicit", True))
@@ -255,7 +256,7 @@ class ReconcileTests(SynchronousTestCase):
         staging = os.path.join(self.data_dir, "archive", ".staging-alpha.20260101T000000.000Z")
         os.makedirs(staging)
         move_no_clobber(os.path.join(self.data_dir, "alpha.db"), os.path.join(staging, "alpha.db"))
-        self.fx.manager.reconcile()
+        self.fx.reconcile()
         self.assertEqual(os.listdir(os.path.join(self.data_dir, "archive")), [])
         with open(os.path.join(self.data_dir, "alpha.db"), "rb") as handle:
             self.assertEqual(handle.read(), b"alpha")
@@ -271,7 +272,7 @@ class ReconcileTests(SynchronousTestCase):
         self.fx.state.save()
         archived = archiver.archive(record, "test", 5, record.archiving)
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, "alpha.db")))
-        self.fx.manager.reconcile()
+        self.fx.reconcile()
         self.assertEqual(self.fx.state.records, {})
         self.assertEqual(self.fx.state.tombstones, {"alpha": {"replica-1"}})
         self.assertEqual(archived["id"], record.id)
@@ -287,7 +288,7 @@ class ReconcileTests(SynchronousTestCase):
         self.write("alpha.db", b"old")
         archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
         archiver.archive(record, "test", 5, archiver.new_entry_name("alpha", 5))
-        self.fx.manager.reconcile()
+        self.fx.reconcile()
         self.assertIn("alpha", self.fx.state.records)
 
     def test_archive_of_an_older_incarnation_is_left_alone(self) -> None:
@@ -296,7 +297,7 @@ class ReconcileTests(SynchronousTestCase):
         archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
         archiver.archive(old, "test", 5, archiver.new_entry_name("alpha", 5))
         self.fx.state.records["alpha"] = NamespaceRecord.new("alpha", "auto", 10)
-        self.fx.manager.reconcile()
+        self.fx.reconcile()
         self.assertIn("alpha", self.fx.state.records)
 
     def test_undo_survives_a_crash_between_link_and_unlink(self) -> None:
@@ -310,28 +311,30 @@ class ReconcileTests(SynchronousTestCase):
         with open(os.path.join(staging, "arc.db-log"), "wb") as handle:
             handle.write(b"log")
         os.link(os.path.join(staging, "arc.db-log"), os.path.join(self.data_dir, "arc.db-log"))
-        self.fx.manager.reconcile()
+        self.fx.reconcile()
         for suffix, content in ((".db", b"main"), (".db-wal", b"wal"), (".db-log", b"log")):
             with open(os.path.join(self.data_dir, "arc" + suffix), "rb") as handle:
                 self.assertEqual(handle.read(), content)
         self.assertEqual(os.listdir(os.path.join(self.data_dir, "archive")), [])
 
     def test_undo_of_an_unarchive_survives_a_half_done_move(self) -> None:
-        record = NamespaceRecord.new("arc", "auto", 0)
-        self.fx.state.records["arc"] = record
-        self.write("arc.db", b"main")
-        archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
-        entry = archiver.new_entry_name("arc", 5)
-        archiver.archive(record, "test", 5, entry)
-        del self.fx.state.records["arc"]
-        restoring = os.path.join(self.data_dir, "archive", ".restoring-" + entry)
-        os.rename(os.path.join(self.data_dir, "archive", entry), restoring)
-        # The move of the main file got as far as the link.
-        os.link(os.path.join(restoring, "arc.db"), os.path.join(self.data_dir, "arc.db"))
-        self.fx.manager.reconcile()
-        self.assertEqual(self.fx.state.records, {}, "no ghost namespace adopted")
-        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "arc.db")))
-        self.assertEqual([e.entry for e in archiver.entries("arc")], [entry])
+        # Both the prefix of this version and the one of earlier versions.
+        for prefix in (UNARCHIVING_PREFIX, ".restoring-"):
+            record = NamespaceRecord.new("arc", "auto", 0)
+            self.fx.state.records["arc"] = record
+            self.write("arc.db", b"main")
+            archiver = Archiver(self.data_dir, run_in_thread=lambda f, *a: f(*a))
+            entry = archiver.new_entry_name("arc", 5)
+            archiver.archive(record, "test", 5, entry)
+            del self.fx.state.records["arc"]
+            unarchiving = os.path.join(self.data_dir, "archive", prefix + entry)
+            os.rename(os.path.join(self.data_dir, "archive", entry), unarchiving)
+            # The move of the main file got as far as the link.
+            os.link(os.path.join(unarchiving, "arc.db"), os.path.join(self.data_dir, "arc.db"))
+            self.fx.reconcile()
+            self.assertEqual(self.fx.state.records, {}, "no ghost namespace adopted")
+            self.assertFalse(os.path.exists(os.path.join(self.data_dir, "arc.db")))
+            self.assertIn(entry, [e.entry for e in archiver.entries("arc")])
 
     def test_move_never_clobbers(self) -> None:
         self.write("a", b"1")

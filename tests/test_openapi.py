@@ -11,6 +11,7 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.admin import AdminAPI, Readiness
+from turso_twisted.auth import BearerToken
 from turso_twisted.backup import Backups
 
 from .support import ManagerFixture
@@ -30,7 +31,8 @@ class OpenAPITests(SynchronousTestCase):
 
     def routed(self) -> set[tuple[str, str]]:
         fx = ManagerFixture(self.mktemp())
-        api = AdminAPI(fx.manager, "", Readiness(fx.data_dir), Backups(fx.reactor, fx.manager))
+        api = AdminAPI(fx.manager, fx.stats, BearerToken(""), Readiness(fx.data_dir),
+                       Backups(fx.reactor, fx.manager, fx.supervisor, fx.data_dir))
         found = set()
         for rule in api.app.url_map.iter_rules():
             path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)

@@ -10,7 +10,7 @@ import os
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted.errors import ApiError
+from turso_twisted.errors import Refusal, status_for
 from turso_twisted.ports import PortAllocator, PortsExhausted
 from turso_twisted.process import TursodbProcess, child_environment, child_wrappers
 from turso_twisted.supervisor import MAX_BACKOFF, Supervisor
@@ -63,8 +63,8 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor.advance(1)
         self.assertNoResult(started)
         child = self.serve_last()
-        self.assertIs(self.successResultOf(started), child)
-        self.assertIs(self.supervisor.running("alpha"), child)
+        self.assertIs(self.successResultOf(started).process, child)
+        self.assertIs(self.supervisor.running("alpha").process, child)
 
     def test_startup_timeout_kills_and_fails(self) -> None:
         started = self.start()
@@ -73,8 +73,8 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(child.transport.signals, ["KILL"])
         self.assertNoResult(started)
         end(child, signal=9)
-        failure = self.failureResultOf(started, ApiError)
-        self.assertEqual(failure.value.status, 503)
+        failure = self.failureResultOf(started, Refusal)
+        self.assertEqual(status_for(failure.value), 503)
         self.assertIn("did not listen within 5s", failure.value.message)
         self.assertIn("'alpha'", failure.value.message)
         self.assertEqual(self.supervisor.ports.in_use, set())
@@ -88,7 +88,7 @@ class SupervisorTests(SynchronousTestCase):
         second = self.serve_last()
         self.assertIsNot(first, second)
         self.assertEqual(second.port, 9001)
-        self.assertIs(self.successResultOf(started), second)
+        self.assertIs(self.successResultOf(started).process, second)
 
     def test_exit_at_startup_fails_with_reason(self) -> None:
         started = self.start()
@@ -96,13 +96,13 @@ class SupervisorTests(SynchronousTestCase):
         child.childDataReceived(2, b"Locking error: File is locked by another process\n")
         end(child, code=1)
         self.reactor.advance(0.01)
-        failure = self.failureResultOf(started, ApiError)
+        failure = self.failureResultOf(started, Refusal)
         self.assertIn("exit status 1", failure.value.message)
 
     def test_ports_exhausted(self) -> None:
         self.supervisor.ports = PortAllocator(9000, 9000, is_free=lambda port: False)
-        failure = self.failureResultOf(self.start(), ApiError)
-        self.assertEqual(failure.value.status, 503)
+        failure = self.failureResultOf(self.start(), Refusal)
+        self.assertEqual(status_for(failure.value), 503)
         self.assertIn("no free port", failure.value.message)
 
     def test_unexpected_exit_then_backoff(self) -> None:
@@ -116,8 +116,8 @@ class SupervisorTests(SynchronousTestCase):
         child = self.serve_last()
         end(child, signal=9)
         # Second crash in a row: a backoff, answered at once with a 503.
-        failure = self.failureResultOf(self.start(), ApiError)
-        self.assertEqual(failure.value.status, 503)
+        failure = self.failureResultOf(self.start(), Refusal)
+        self.assertEqual(status_for(failure.value), 503)
         self.assertIsNotNone(failure.value.retry_after)
         self.reactor.advance(failure.value.retry_after)
         started = self.start()
@@ -129,7 +129,7 @@ class SupervisorTests(SynchronousTestCase):
             self.reactor.advance(MAX_BACKOFF)
             self.start()
             end(self.serve_last(), signal=9)
-        failure = self.failureResultOf(self.start(), ApiError)
+        failure = self.failureResultOf(self.start(), Refusal)
         self.assertLessEqual(failure.value.retry_after, MAX_BACKOFF)
         self.reactor.advance(MAX_BACKOFF)
         self.start()
@@ -167,7 +167,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertNoResult(stopped)
         end(second, signal=15)
         self.successResultOf(stopped)
-        self.assertEqual(self.supervisor.children, {})
+        self.assertEqual(self.supervisor.children(), [])
 
     def test_output_lines_logged_and_stderr_kept(self) -> None:
         self.start()

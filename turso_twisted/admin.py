@@ -20,18 +20,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.static import File
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as NoRoute
 
 from . import names
 from .archive import parse_entry_name
-from .auth import check_bearer
-from .backup import Backups, remove_file
-from .config import format_duration, parse_bool, parse_duration
-from .errors import INTERNAL, ApiError, error_body, status_phrase
+from .auth import BearerToken
+from .backup import Backups
+from .config import parse_bool
+from .errors import INTERNAL, Invalid, NotAllowed, NotFound, Refusal, TooLarge, not_found, render
+from .files import remove_database_copy
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .namespaces import LimitReached, NamespaceManager
+from .namespaces import NamespaceManager
 from .state import NamespaceRecord
+from .stats import NamespaceStats
+from .timefmt import format_duration, parse_duration
 
 _MAX_ADMIN_JSON = 64 * 1024
 
@@ -70,7 +74,7 @@ def _valid(name: str) -> str:
     try:
         return names.validate(name)
     except names.InvalidName as error:
-        raise ApiError(400, "invalid_name", str(error)) from None
+        raise Invalid("invalid_name", str(error)) from None
 
 
 def _json_body(request: IRequest) -> dict[str, Any]:
@@ -78,20 +82,21 @@ def _json_body(request: IRequest) -> dict[str, Any]:
     if not raw.strip():
         return {}
     if len(raw) > _MAX_ADMIN_JSON:
-        raise ApiError(413, "body_too_large", "admin request bodies are limited to 64 KiB")
+        raise TooLarge("body_too_large", "admin request bodies are limited to 64 KiB")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_json", "request body is not valid JSON") from None
+        raise Invalid("bad_json", "request body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_json", "request body must be a JSON object")
+        raise Invalid("bad_json", "request body must be a JSON object")
     return body
 
 
 @attrs.define(eq=False)
 class AdminAPI:
     manager: NamespaceManager
-    admin_token: str
+    stats_view: NamespaceStats
+    token: BearerToken
     readiness: Readiness
     backups: Backups
     metrics: Metrics | None = None
@@ -122,8 +127,8 @@ class AdminAPI:
         route("/v1/archive", methods=["GET"])(self._admin(self.list_archive))
         route("/v1/archive/<entry>", methods=["DELETE"])(self._admin(self.delete_archive_entry))
 
-        app.handle_errors(ApiError)(self._api_error)
-        app.handle_errors(NotFound)(self._route_not_found)
+        app.handle_errors(Refusal)(self._refusal)
+        app.handle_errors(NoRoute)(self._route_not_found)
         app.handle_errors(MethodNotAllowed)(self._method_not_allowed)
         app.handle_errors(Exception)(self._unexpected)
 
@@ -134,40 +139,31 @@ class AdminAPI:
 
     def _admin(self, handler: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(request: IRequest, **kwargs: Any) -> Any:
-            check_bearer(request, self.admin_token)
+            self.token.check(request)
             return handler(request, **kwargs)
 
         guarded.__name__ = handler.__name__
         guarded.__doc__ = handler.__doc__
         return guarded
 
-    def _error(self, request: IRequest, error: ApiError) -> bytes:
-        request.setResponseCode(error.status, status_phrase(error.status))
-        request.setHeader(b"content-type", b"application/json")
-        if error.status == 401:
-            request.setHeader(b"www-authenticate", b'Bearer realm="turso-server-admin"')
-        if error.retry_after is not None:
-            request.setHeader(b"retry-after", str(max(1, round(error.retry_after))).encode())
-        return error_body(error.code, error.message)
-
-    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
-        return self._error(request, failure.value)
+    def _refusal(self, request: IRequest, failure: Failure) -> bytes:
+        return render(request, failure.value, "admin")
 
     def _route_not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return self._error(request, ApiError(404, "not_found", "no such admin route"))
+        return render(request, NotFound("not_found", "no such admin route"), "admin")
 
     def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         allowed = getattr(failure.value, "valid_methods", None) or []
         request.setHeader(b"allow", ", ".join(allowed).encode())
-        return self._error(request, ApiError(405, "method_not_allowed",
-                                             f"method {request.method.decode()} not allowed here"))
+        return render(request, NotAllowed("method_not_allowed",
+                                          f"method {request.method.decode()} not allowed here"), "admin")
 
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         self._log.failure("unexpected error in the admin API", failure)
-        return self._error(request, INTERNAL)
+        return render(request, INTERNAL, "admin")
 
     def _describe(self, record: NamespaceRecord) -> dict[str, Any]:
-        return self.manager.describe(record)
+        return self.stats_view.describe(record)
 
     # -- probes --------------------------------------------------------------
 
@@ -185,9 +181,9 @@ class AdminAPI:
     def prometheus(self, request: IRequest) -> bytes:
         """Prometheus metrics (the admin token unless TURSO_METRICS_PUBLIC)."""
         if not self.metrics_public:
-            check_bearer(request, self.admin_token)
+            self.token.check(request)
         if self.metrics is None:
-            raise ApiError(404, "not_found", "metrics are not enabled")
+            raise NotFound("not_found", "metrics are not enabled")
         request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
         return self.metrics.render()
 
@@ -195,26 +191,23 @@ class AdminAPI:
 
     def list_namespaces(self, request: IRequest) -> bytes:
         """Every live namespace."""
-        records = sorted(self.manager.state, key=lambda record: record.name)
+        records = sorted(self.manager, key=lambda record: record.name)
         return _json(request, {"namespaces": [self._describe(record) for record in records]})
 
     def stats(self, request: IRequest, name: str) -> bytes:
         """Files, traffic since start, and the child of one namespace."""
-        return _json(request, self.manager.stats(_valid(name)))
+        return _json(request, self.stats_view.stats(_valid(name)))
 
     def show(self, request: IRequest, name: str) -> bytes:
         """One namespace."""
-        record = self.manager.state.records.get(_valid(name))
+        record = self.manager.get(_valid(name))
         if record is None:
-            raise ApiError(404, "namespace_not_found", f"namespace {name!r} does not exist")
+            raise not_found(name)
         return _json(request, self._describe(record))
 
     async def create(self, request: IRequest, name: str) -> bytes:
         """Create an explicit namespace (idempotent)."""
-        try:
-            record, created = await self.manager.create(_valid(name))
-        except LimitReached as error:
-            raise ApiError(409, error.code, error.message) from None
+        record, created = await self.manager.create(_valid(name))
         return _json(request, self._describe(record), 201 if created else 200)
 
     async def delete(self, request: IRequest, name: str) -> bytes:
@@ -237,7 +230,7 @@ class AdminAPI:
         name = _valid(name)
         body = _json_body(request)
         if "ttl" not in body:
-            raise ApiError(400, "invalid_ttl", 'body must be {"ttl": "<duration>"} or {"ttl": null}')
+            raise Invalid("invalid_ttl", 'body must be {"ttl": "<duration>"} or {"ttl": null}')
         value = body["ttl"]
         if value is None:
             seconds = None
@@ -245,11 +238,11 @@ class AdminAPI:
             try:
                 seconds = parse_duration(value)
             except ValueError as error:
-                raise ApiError(400, "invalid_ttl", str(error)) from None
+                raise Invalid("invalid_ttl", str(error)) from None
             if seconds <= 0:
-                raise ApiError(400, "invalid_ttl", "ttl must be longer than zero (null clears it)")
+                raise Invalid("invalid_ttl", "ttl must be longer than zero (null clears it)")
         else:
-            raise ApiError(400, "invalid_ttl", "ttl must be a duration string such as \"30d\", or null")
+            raise Invalid("invalid_ttl", "ttl must be a duration string such as \"30d\", or null")
         record = await self.manager.update(name, lambda r: setattr(r, "ttl", seconds))
         out = self._describe(record)
         if seconds is not None and record.locked:
@@ -259,9 +252,7 @@ class AdminAPI:
 
     async def access(self, request: IRequest, name: str) -> bytes:
         """Record an access now, as a data request would, and save it."""
-        clock = self.manager.clock
-        record = await self.manager.update(
-            _valid(name), lambda r: setattr(r, "last_access_at", clock.seconds()))
+        record = await self.manager.record_access(_valid(name))
         return _json(request, self._describe(record))
 
     # -- archive ---------------------------------------------------------------
@@ -270,8 +261,7 @@ class AdminAPI:
         """Archive entries with their manifests, oldest first."""
         raw = request.args.get(b"name", [None])[0]
         name = None if raw is None else _valid(raw.decode("utf-8", "replace"))
-        archiver = self.manager.archiver
-        entries = await archiver.run_in_thread(archiver.entries, name)
+        entries = await self.manager.archive_entries(name)
         return _json(request, {"entries": [entry.to_json() for entry in entries]})
 
     async def unarchive(self, request: IRequest, name: str) -> bytes:
@@ -281,16 +271,13 @@ class AdminAPI:
         archived_at = body.get("archivedAt")
         locked = body.get("locked", True)
         if archived_at is not None and not isinstance(archived_at, str):
-            raise ApiError(400, "invalid_archived_at", "archivedAt must be an RFC 3339 timestamp string")
+            raise Invalid("invalid_archived_at", "archivedAt must be an RFC 3339 timestamp string")
         if not isinstance(locked, bool):
-            raise ApiError(400, "invalid_locked", "locked must be true or false")
+            raise Invalid("invalid_locked", "locked must be true or false")
         unknown = set(body) - {"archivedAt", "locked"}
         if unknown:
-            raise ApiError(400, "bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
-        try:
-            record = await self.manager.unarchive(name, archived_at, locked)
-        except LimitReached as error:
-            raise ApiError(409, error.code, error.message) from None
+            raise Invalid("bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
+        record = await self.manager.unarchive(name, archived_at, locked)
         return _json(request, self._describe(record))
 
     async def delete_archive_entry(self, request: IRequest, entry: str) -> bytes:
@@ -298,12 +285,13 @@ class AdminAPI:
         try:
             name, _ = parse_entry_name(entry)
         except ValueError as error:
-            raise ApiError(400, "invalid_entry", str(error)) from None
-        found = [e for e in self.manager.archiver.entries(name) if e.entry == entry]
+            raise Invalid("invalid_entry", str(error)) from None
+        found = [e for e in await self.manager.archive_entries(name) if e.entry == entry]
         if not found:
-            raise ApiError(404, "archive_not_found", f"archive entry {entry} does not exist")
+            raise NotFound("archive_not_found", f"archive entry {entry} does not exist")
         await self.manager.remove_archive_entry(found[0])
-        self._log.info("archive entry removed", name=name, entry=entry, reason="deleted via admin API")
+        self._log.info("archive entry {entry} removed: {reason}", name=name, entry=entry,
+                       reason="deleted via admin API")
         return _json(request, {"deleted": entry})
 
     # -- backup, restore, fork ----------------------------------------------------
@@ -313,9 +301,9 @@ class AdminAPI:
         taken = await self.backups.take(_valid(name))
         # The temp copy goes when the download ends, however it ends.
         if request.finished or getattr(request, "_disconnected", False):
-            remove_file(taken.path)
+            remove_database_copy(taken.path)
             return b""
-        request.notifyFinish().addBoth(lambda _: remove_file(taken.path))
+        request.notifyFinish().addBoth(lambda _: remove_database_copy(taken.path))
         # The whole file, always: the checksum header describes all of it.
         for header in (b"range", b"if-range", b"if-modified-since"):
             request.requestHeaders.removeHeader(header)
@@ -335,14 +323,11 @@ class AdminAPI:
             try:
                 flags[flag] = parse_bool(raw)
             except ValueError:
-                raise ApiError(400, "bad_request", f"{flag} must be true or false") from None
+                raise Invalid("bad_request", f"{flag} must be true or false") from None
         record = await self.backups.restore(name, request.content, source, **flags)
         return _json(request, self._describe(record))
 
     async def fork(self, request: IRequest, name: str, target: str) -> bytes:
         """Make a new explicit namespace from a consistent copy of this one."""
-        try:
-            record = await self.backups.fork(_valid(name), _valid(target))
-        except LimitReached as error:
-            raise ApiError(409, error.code, error.message) from None
+        record = await self.backups.fork(_valid(name), _valid(target))
         return _json(request, self._describe(record), 201)

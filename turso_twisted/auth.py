@@ -1,28 +1,45 @@
 """
 Bearer-token checks for both ports.
+
+On the data port the site checks every request once, when its headers are
+in and before its body is read (see L{turso_twisted.sites}); on the admin
+port the site checks requests with a body the same way and each route
+checks the rest (the probes are open).
 """
 
 from __future__ import annotations
 
 import hmac
 
+import attrs
 from twisted.web.iweb import IRequest
 
-from .errors import ApiError
+from .errors import Unauthorized
 
 
-def check_bearer(request: IRequest, token: str) -> None:
+@attrs.frozen
+class BearerToken:
     """
-    Let the request through if C{token} is empty (auth off) or the request
-    carries it as C{Authorization: Bearer <token>}; compare in constant time.
-
-    @raise ApiError: 401 otherwise.
+    Lets a request through if C{token} is empty (auth off) or the request
+    carries it as C{Authorization: Bearer <token>}; compares in constant
+    time.
     """
-    if not token:
-        return
-    header = request.getHeader(b"authorization") or b""
-    scheme, _, given = header.partition(b" ")
-    if scheme.lower() != b"bearer" or not given:
-        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
-    if not hmac.compare_digest(given.strip(), token.encode("utf-8")):
-        raise ApiError(401, "unauthorized", "invalid bearer token")
+
+    token: str = attrs.field(repr=False)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.token)
+
+    def check(self, request: IRequest) -> None:
+        """
+        @raise Unauthorized: unless the request may pass.
+        """
+        if not self.token:
+            return
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not given:
+            raise Unauthorized("unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+        if not hmac.compare_digest(given.strip(), self.token.encode("utf-8")):
+            raise Unauthorized("unauthorized", "invalid bearer token")

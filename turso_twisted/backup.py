@@ -18,7 +18,6 @@ namespaces' run side by side.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sqlite3
@@ -27,18 +26,20 @@ from typing import IO, Any
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__, names
-from .backend import ChildSQLError, execute, pipeline
 from .channel import ChannelClosed, QueueFull, QueueTimeout
-from .datadir import temp_dir
-from .errors import ApiError, not_found
+from .errors import Conflict, Failed, Invalid, Unavailable, Unprocessable, not_found
+from .files import remove_database_copy, remove_paths, sha256_and_size
+from .hrana import ChildSQLError, execute, pipeline
 from .locks import KeyedLocks
 from .namespaces import NamespaceManager
 from .replay import SqliteSource, next_request, open_read_only
+from .supervisor import Supervisor
 from .timefmt import compact, to_rfc3339
 
 IDENTITY_TABLE = "turso_server_backup"
@@ -63,16 +64,6 @@ class Identity:
     backup_at: str
 
 
-def _sha256_and_size(path: str) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
 def _stamp(path: str, identity: dict[str, str]) -> tuple[str, int]:
     """
     Write the identity table into a fresh backup copy; return its sha256
@@ -88,7 +79,7 @@ def _stamp(path: str, identity: dict[str, str]) -> tuple[str, int]:
                                list(identity.values()))
     finally:
         connection.close()
-    return _sha256_and_size(path)
+    return sha256_and_size(path)
 
 
 def inspect_backup(path: str) -> tuple[Identity | None, set[str]]:
@@ -96,18 +87,18 @@ def inspect_backup(path: str) -> tuple[Identity | None, set[str]]:
     Check that C{path} is a sound SQLite file and read its identity and the
     client ids of replicas that had pushed to it.
 
-    @raise ApiError: 422 when it is not a SQLite file or fails its
+    @raise Unprocessable: when it is not a SQLite file or fails its
         integrity check.
     """
     with open(path, "rb") as handle:
         if handle.read(16) != SQLITE_MAGIC:
-            raise ApiError(422, "not_sqlite", "the body is not a SQLite database file")
+            raise Unprocessable("not_sqlite", "the body is not a SQLite database file")
     try:
         connection = open_read_only(path)
         try:
             problems = [row[0] for row in connection.execute("PRAGMA integrity_check")]
             if problems != ["ok"]:
-                raise ApiError(422, "integrity_check_failed",
+                raise Unprocessable("integrity_check_failed",
                                f"the file fails PRAGMA integrity_check: {'; '.join(problems[:3])}")
             tables = {row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type='table'")}
@@ -124,7 +115,7 @@ def inspect_backup(path: str) -> tuple[Identity | None, set[str]]:
         finally:
             connection.close()
     except sqlite3.DatabaseError as error:
-        raise ApiError(422, "not_sqlite", f"the file cannot be read as SQLite: {error}") from None
+        raise Unprocessable("not_sqlite", f"the file cannot be read as SQLite: {error}") from None
     return identity, clients
 
 
@@ -134,30 +125,13 @@ def _save_upload(content: IO[bytes], path: str) -> None:
         shutil.copyfileobj(content, target, 1 << 20)
 
 
-def remove_file(path: str) -> None:
-    """
-    Remove a temp database copy and whatever SQLite or tursodb kept beside
-    it, if there.
-    """
-    for candidate in (path, path + "-wal", path + "-shm", path + "-journal"):
-        try:
-            os.unlink(candidate)
-        except FileNotFoundError:
-            pass
-
-
-def _remove(*paths: str) -> None:
-    for path in paths:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            os.unlink(path)
-
-
 @attrs.define(eq=False)
 class Backups:
-    reactor: Any
+    reactor: IReactorTime
     manager: NamespaceManager
+    supervisor: Supervisor
+    #: Where copies and builds are made (C{_tmp/} of the data dir).
+    scratch: str
     run_in_thread: Any = deferToThread
     backups: int = 0
     backup_bytes: int = 0
@@ -167,10 +141,6 @@ class Backups:
     _jobs: KeyedLocks = attrs.field(factory=KeyedLocks)
     _log = Logger()
 
-    @property
-    def scratch(self) -> str:
-        return temp_dir(self.manager.archiver.data_dir)
-
     def _scratch_path(self, kind: str, name: str) -> str:
         return os.path.join(self.scratch, f"{kind}-{name}-{uuid.uuid4().hex}")
 
@@ -179,7 +149,7 @@ class Backups:
     def take(self, name: str) -> Deferred[BackupFile]:
         """
         A consistent copy of C{name}, stamped with its identity, in a temp
-        file the caller must remove (see L{remove_file}).
+        file the caller must remove (see L{remove_database_copy}).
 
         Cancelling (a client that goes away) does not stop the copy, which
         the child is making anyway: the job runs to its end, holding the
@@ -197,7 +167,7 @@ class Backups:
         def finished(outcome: Any) -> None:
             if abandoned[0]:
                 if isinstance(outcome, BackupFile):
-                    remove_file(outcome.path)
+                    remove_database_copy(outcome.path)
                 return
             if isinstance(outcome, Failure):
                 result.errback(outcome)
@@ -208,26 +178,25 @@ class Backups:
         return result
 
     async def _take(self, name: str) -> BackupFile:
-        if name not in self.manager.state.records:
+        if self.manager.get(name) is None:
             raise not_found(name)
         path = self._scratch_path("backup", name) + ".db"
         now = self.reactor.seconds()
         try:
-            lease = await self.manager.lease(name, data_request=False)
-            # The record read under the lease is the incarnation copied.
-            record = self.manager.state.records[name]
-            try:
-                quoted = path.replace("'", "''")
-                await pipeline(lease.child.channel, [execute(f"VACUUM INTO '{quoted}'")])
-            except ChildSQLError as error:
-                raise ApiError(500, "backup_failed",
-                               f"namespace {name!r}: VACUUM INTO failed: {error}") from None
-            except (QueueFull, QueueTimeout, ChannelClosed) as error:
-                raise ApiError(503, "namespace_busy",
-                               f"namespace {name!r}: the backup could not get its turn: {error}",
-                               retry_after=5) from None
-            finally:
-                lease.release()
+            with await self.manager.lease(name, data_request=False) as lease:
+                # The record read under the lease is the incarnation copied.
+                record = self.manager.get(name)
+                assert record is not None
+                try:
+                    quoted = path.replace("'", "''")
+                    await pipeline(lease.channel, [execute(f"VACUUM INTO '{quoted}'")])
+                except ChildSQLError as error:
+                    raise Failed("backup_failed",
+                                 f"namespace {name!r}: VACUUM INTO failed: {error}") from None
+                except (QueueFull, QueueTimeout, ChannelClosed) as error:
+                    raise Unavailable("namespace_busy",
+                                      f"namespace {name!r}: the backup could not get its turn: {error}",
+                                      retry_after=5) from None
             identity = {
                 "namespace": name,
                 "namespace_id": record.id,
@@ -238,12 +207,13 @@ class Backups:
             }
             sha256, size = await self.run_in_thread(_stamp, path, identity)
         except BaseException:
-            remove_file(path)
+            remove_database_copy(path)
             raise
         self.backups += 1
         self.backup_bytes += size
         self.backup_seconds += self.reactor.seconds() - now
-        self._log.info("backup taken", name=name, id=record.id, bytes=size, sha256=sha256)
+        self._log.info("backup of namespace {name} taken: {bytes} bytes, sha256 {sha256}", name=name,
+                       id=record.id, bytes=size, sha256=sha256)
         return BackupFile(path=path, name=name, namespace_id=record.id,
                           filename=f"{name}.{compact(now)}.db", sha256=sha256, size=size)
 
@@ -270,21 +240,21 @@ class Backups:
             expected = source or name
             if identity is None:
                 if not allow_foreign:
-                    raise ApiError(422, "backup_without_identity",
+                    raise Unprocessable("backup_without_identity",
                                    "the file carries no turso-server backup identity; pass "
                                    "?allow_foreign=true to restore it anyway")
             elif identity.namespace != expected:
                 hint = (f"; pass ?source={identity.namespace} to restore it into {name!r} on purpose"
                         if source is None else "")
-                raise ApiError(409, "backup_of_another_namespace",
+                raise Conflict("backup_of_another_namespace",
                                f"this backup is of namespace {identity.namespace!r}, not {expected!r}"
                                + hint)
-            live = self.manager.state.records.get(name)
+            live = self.manager.get(name)
             if (identity is not None and source is None and live is not None
                     and identity.namespace_id != live.id and not allow_other_incarnation):
                 # The name was deleted and used again since: the backup is of
                 # another tenant of the same name.
-                raise ApiError(409, "backup_of_another_incarnation",
+                raise Conflict("backup_of_another_incarnation",
                                f"this backup is of an earlier incarnation of {name!r} (id "
                                f"{identity.namespace_id}), not of the live one (id {live.id}); pass "
                                "?allow_other_incarnation=true to restore it anyway")
@@ -297,12 +267,12 @@ class Backups:
                     name, build, retired=clients, namespace_id=keep_id,
                     reason=f"replaced by a restore from {origin}")
             finally:
-                _remove(build)
+                remove_paths(build)
         finally:
-            _remove(upload)
+            remove_paths(upload)
         self.restores += 1
-        self._log.info("namespace restored", name=name, id=record.id, history=record.history,
-                       source=identity.namespace if identity else None)
+        self._log.info("namespace {name} restored from a backup of {source}", name=name, id=record.id,
+                       history=record.history, source=identity.namespace if identity else None)
         return record
 
     def fork(self, source: str, target: str) -> Deferred[Any]:
@@ -315,21 +285,21 @@ class Backups:
         return self._jobs.run(target, lambda: self._fork(source, target))
 
     async def _fork(self, source: str, target: str) -> Any:
-        if target in self.manager.state.records:
-            raise ApiError(409, "namespace_exists", f"namespace {target!r} exists already")
+        if self.manager.get(target) is not None:
+            raise Conflict("namespace_exists", f"namespace {target!r} exists already")
         if source == target:
-            raise ApiError(400, "bad_request", "a namespace cannot be forked onto itself")
+            raise Invalid("bad_request", "a namespace cannot be forked onto itself")
         backup = await self.take(source)
         try:
             build = await self._build(target, backup.path)
             try:
                 record = await self.manager.install_new(target, build, reason=f"fork of {source!r}")
             finally:
-                _remove(build)
+                remove_paths(build)
         finally:
-            _remove(backup.path)
+            remove_paths(backup.path)
         self.forks += 1
-        self._log.info("namespace forked", name=target, source=source, id=record.id)
+        self._log.info("namespace {name} forked from {source}", name=target, source=source, id=record.id)
         return record
 
     async def _build(self, name: str, source_path: str) -> str:
@@ -342,24 +312,25 @@ class Backups:
         child = None
         source = None
         try:
-            child = await self.manager.supervisor.start_scratch(f"build-{name}", names.db_path(build, name))
+            child = await self.supervisor.start_scratch(f"build-{name}", names.db_path(build, name))
             source = await self.run_in_thread(SqliteSource, source_path)
             requests = iter(source.requests())
             while (request := await self.run_in_thread(next_request, requests)) is not None:
                 await pipeline(child.channel, [request])
         except ChildSQLError as error:
-            _remove(build)
-            raise ApiError(422, "replay_failed",
-                           f"tursodb refused the backup's content while rebuilding it: {error}") from None
+            remove_paths(build)
+            raise Unprocessable(
+                "replay_failed", f"tursodb refused the backup's content while rebuilding it: {error}",
+            ) from None
         except (sqlite3.Error, ValueError) as error:
-            _remove(build)
-            raise ApiError(422, "replay_failed", f"the backup's content cannot be read: {error}") from None
+            remove_paths(build)
+            raise Unprocessable("replay_failed", f"the backup's content cannot be read: {error}") from None
         except BaseException:
-            _remove(build)
+            remove_paths(build)
             raise
         finally:
             if source is not None:
                 source.close()
             if child is not None:
-                await self.manager.supervisor.stop_scratch(child)
+                await self.supervisor.stop_scratch(child)
         return build

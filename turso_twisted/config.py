@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from .timefmt import parse_duration
+
 
 class ConfigError(Exception):
     """
@@ -37,63 +39,6 @@ class Address:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
-
-
-#: Longer durations are refused: they would only overflow timestamps.
-MAX_DURATION = 100 * 365 * 86400.0
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-}
-
-
-def parse_duration(text: str) -> float:
-    """
-    Parse a Go-style duration (C{"5s"}, C{"1h30m"}, C{"168h0m0s"}) or a
-    number of days (C{"7d"}) into seconds.  C{"0"} alone means zero.
-    """
-    text = text.strip()
-    if text == "0":
-        return 0.0
-    if not text:
-        raise ValueError("empty duration")
-    position = 0
-    total = 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != position:
-            break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    if position != len(text):
-        raise ValueError(f"not a duration: {text!r} (use e.g. 5s, 1h30m, 7d)")
-    if total > MAX_DURATION:
-        raise ValueError(f"duration {text!r} is longer than 100 years")
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """
-    Render seconds the way Go does (C{"1h0m0s"}, C{"1.5s"}, C{"0s"}).
-    """
-    if seconds < 1:
-        millis = seconds * 1000
-        return f"{millis:g}ms" if millis else "0s"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    out = ""
-    if hours:
-        out += f"{int(hours)}h"
-    if hours or minutes:
-        out += f"{int(minutes)}m"
-    return out + f"{secs:g}s"
 
 
 def parse_address(text: str) -> Address:

@@ -7,15 +7,14 @@ life.  A second daemon on the same dir stops at start-up instead of
 holder dies, however it dies, so a crash never leaves the dir locked.
 
 C{_tmp/} holds scratch files (backups being written, databases being
-built, children's own temp dirs).  Nothing in it outlives a run: it is
-emptied at start-up.
+built, children's own temp dirs).  Nothing in it outlives a run: start-up
+recovery empties it (see L{turso_twisted.recovery}).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 
 LOCK_NAME = "daemon.lock"
 
@@ -52,18 +51,3 @@ def lock_data_dir(data_dir: str) -> int:
 
 def temp_dir(data_dir: str) -> str:
     return os.path.join(data_dir, "_tmp")
-
-
-def clean_scratch(data_dir: str) -> None:
-    """
-    Remove what an earlier run left in C{_tmp/} and half-written state
-    files; call with the lock held, before anything is started.
-    """
-    scratch = temp_dir(data_dir)
-    if os.path.isdir(scratch):
-        shutil.rmtree(scratch)
-    os.makedirs(scratch)
-    state_dir = os.path.join(data_dir, "_state")
-    for entry in os.listdir(state_dir):
-        if ".tmp-" in entry:
-            os.unlink(os.path.join(state_dir, entry))

@@ -1,36 +1,126 @@
 """
 Errors clients see: C{{"error": "<code>", "message": "<human text>"}}.
 
-Everything that goes wrong on purpose is an L{ApiError}; anything else is a
-bug, logged with its traceback and shown to the client only as C{internal}.
+Lower layers raise a L{Refusal} of the kind that says what went wrong (not
+found, exists, limit reached, unavailable...), with a code and a message for
+the client; they never pick an HTTP status.  The edges (the data port, the
+admin API, the body cap) turn a refusal into a response with L{render},
+choosing the status from L{STATUS}.  Anything else that goes wrong is a bug,
+logged with its traceback and shown to the client only as L{INTERNAL}.
 """
 
 from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import Literal
 
-import attrs
 from twisted.web.iweb import IRequest
 
+#: Which port answers: the data port and the admin port differ on one kind.
+Edge = Literal["data", "admin"]
 
-@attrs.frozen
-class ApiError(Exception):
-    status: int
-    code: str
-    message: str
-    retry_after: float | None = None
+
+class Refusal(Exception):
+    """
+    A request refused on purpose; C{code} and C{message} go to the client.
+    """
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
 
-def not_found(name: str) -> ApiError:
-    return ApiError(404, "namespace_not_found", f"namespace {name!r} does not exist")
+class Invalid(Refusal):
+    """The request itself is malformed or names something impossible."""
 
 
-def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": code, "message": message}).encode("utf-8")
+class Unauthorized(Refusal):
+    """No credentials, or credentials we do not accept."""
+
+
+class Forbidden(Refusal):
+    """Good credentials that do not allow this."""
+
+
+class NotFound(Refusal):
+    """What the request names does not exist."""
+
+
+class NotAllowed(Refusal):
+    """The route exists, the method does not."""
+
+
+class Conflict(Refusal):
+    """The request contradicts what exists (exists already, another namespace's data)."""
+
+
+class TooLarge(Refusal):
+    """The request body is over a limit."""
+
+
+class Unprocessable(Refusal):
+    """The request's content is unusable (not SQLite, damaged, tampered with)."""
+
+
+class LimitReached(Refusal):
+    """A configured cap (TURSO_MAX_NAMESPACES) is reached."""
+
+
+class Unavailable(Refusal):
+    """Cannot be done now; C{retry_after} says when to try again."""
+
+
+class UpstreamFailed(Refusal):
+    """A child did not answer."""
+
+
+class Failed(Refusal):
+    """The server could not do what was asked, through no fault of the client."""
+
+
+#: The status of each kind of refusal.
+STATUS: dict[type[Refusal], int] = {
+    Invalid: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    NotAllowed: 405,
+    Conflict: 409,
+    TooLarge: 413,
+    Unprocessable: 422,
+    # An admin asked for something the cap forbids; a data client that
+    # auto-provisions meets it as a passing condition (see L{status_for}).
+    LimitReached: 409,
+    Failed: 500,
+    UpstreamFailed: 502,
+    Unavailable: 503,
+}
+
+#: Where the data port answers differently.
+_DATA_STATUS: dict[type[Refusal], int] = {LimitReached: 503}
+
+#: The realm a 401 names, per port.
+_REALM = {"data": b'Bearer realm="turso-server"', "admin": b'Bearer realm="turso-server-admin"'}
+
+
+def not_found(name: str) -> NotFound:
+    return NotFound("namespace_not_found", f"namespace {name!r} does not exist")
+
+
+def status_for(error: Refusal, edge: Edge = "admin") -> int:
+    kind = type(error)
+    for cls in kind.__mro__:
+        if edge == "data" and cls in _DATA_STATUS:
+            return _DATA_STATUS[cls]
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
 
 
 def status_phrase(status: int) -> bytes:
@@ -40,22 +130,35 @@ def status_phrase(status: int) -> bytes:
         return b"Error"
 
 
-def write_error(request: IRequest, error: ApiError) -> None:
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": code, "message": message}).encode("utf-8")
+
+
+def response_parts(error: Refusal, edge: Edge) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """
-    Answer C{request} with C{error}, unless an answer has begun already.
+    The status, headers and body that answer C{error} on C{edge}: the one
+    place that decides what an error looks like on the wire.
     """
-    if request.startedWriting or request.finished or getattr(request, "_disconnected", False):
-        return
-    request.setResponseCode(error.status, status_phrase(error.status))
-    request.setHeader(b"content-type", b"application/json")
-    if error.retry_after is not None:
-        request.setHeader(b"retry-after", str(max(1, round(error.retry_after))).encode())
-    if error.status == 401:
-        request.setHeader(b"www-authenticate", b'Bearer realm="turso-server"')
+    status = status_for(error, edge)
     body = error_body(error.code, error.message)
-    request.setHeader(b"content-length", str(len(body)).encode())
-    request.write(body)
-    request.finish()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if error.retry_after is not None:
+        headers.append((b"retry-after", b"%d" % max(1, round(error.retry_after))))
+    if status == 401:
+        headers.append((b"www-authenticate", _REALM[edge]))
+    return status, headers, body
 
 
-INTERNAL = ApiError(500, "internal", "internal error; the server log has details")
+def render(request: IRequest, error: Refusal, edge: Edge) -> bytes:
+    """
+    Set C{request}'s status and headers for C{error}; return the body, for
+    the caller to write (or for Klein to).
+    """
+    status, headers, body = response_parts(error, edge)
+    request.setResponseCode(status, status_phrase(status))
+    for key, value in headers:
+        request.setHeader(key, value)
+    return body
+
+
+INTERNAL = Failed("internal", "internal error; the server log has details")

@@ -22,19 +22,22 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .archive import ArchiveEntry
-from .config import format_duration
+from .leases import Leases
 from .namespaces import NamespaceManager
-from .periodic import Periodic
 from .state import NamespaceRecord
+from .timefmt import format_duration
 
 
 @attrs.define(eq=False)
 class GarbageCollector:
-    clock: Any
+    clock: IReactorTime
     manager: NamespaceManager
+    leases: Leases
     interval: float
     auto_idle: float
     retention: float
@@ -42,18 +45,24 @@ class GarbageCollector:
     archives: int = 0
     purges: int = 0
     failures: int = 0
-    _periodic: Periodic | None = None
+    _loop: LoopingCall | None = None
+    _finished: Deferred[Any] | None = None
     _log = Logger()
 
     def start(self) -> None:
-        self._periodic = Periodic(self.clock, self.interval, self.sweep)
-        self._periodic.start()
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.sweep()))
+        self._loop.clock = self.clock
+        self._finished = self._loop.start(self.interval, now=False)
 
-    def stop(self) -> Deferred[None]:
+    def stop(self) -> Deferred[Any]:
         """
         Stop sweeping; fires when a sweep under way has finished.
         """
-        return succeed(None) if self._periodic is None else self._periodic.stop()
+        if self._loop is None or self._finished is None:
+            return succeed(None)
+        if self._loop.running:
+            self._loop.stop()
+        return self._finished
 
     # -- rules ---------------------------------------------------------------
 
@@ -66,7 +75,7 @@ class GarbageCollector:
         if record.ttl is not None and record.created_at + record.ttl < now:
             return f"ttl {format_duration(record.ttl)} expired"
         if (record.origin == "auto" and now - record.last_access_at > self.auto_idle
-                and not self.manager.inflight(record.name)):
+                and not self.leases.busy(record.name)):
             return f"auto-created idle > {format_duration(self.auto_idle)}"
         return None
 
@@ -84,7 +93,7 @@ class GarbageCollector:
         """
         self.sweeps += 1
         now = self.clock.seconds()
-        for record in list(self.manager.state):
+        for record in list(self.manager):
             reason = self.why_archive(record, now)
             if reason is None:
                 continue
@@ -93,15 +102,16 @@ class GarbageCollector:
                     record.name, reason, still=lambda r, t: self.why_archive(r, t) is not None)
             except Exception:
                 self.failures += 1
-                self._log.failure("gc archive failed; retrying next sweep", name=record.name)
+                self._log.failure("gc could not archive namespace {name}; retrying next sweep",
+                                  name=record.name)
                 continue
             if manifest is not None:
                 self.archives += 1
-                self._log.info("gc archive", name=record.name, reason=reason, entry=manifest["entry"])
+                self._log.info("gc archived namespace {name} into {entry}: {reason}", name=record.name,
+                               reason=reason, entry=manifest["entry"])
 
-        archiver = self.manager.archiver
         try:
-            entries = await archiver.run_in_thread(archiver.entries)
+            entries = await self.manager.archive_entries()
         except Exception:
             self.failures += 1
             self._log.failure("gc could not list the archive; retrying next sweep")
@@ -114,7 +124,9 @@ class GarbageCollector:
                 await self.manager.remove_archive_entry(entry)
             except Exception:
                 self.failures += 1
-                self._log.failure("gc purge failed; retrying next sweep", name=entry.name, entry=entry.entry)
+                self._log.failure("gc could not purge archive entry {entry}; retrying next sweep",
+                                  name=entry.name, entry=entry.entry)
                 continue
             self.purges += 1
-            self._log.info("gc purge", name=entry.name, entry=entry.entry, reason=reason)
+            self._log.info("gc purged archive entry {entry}: {reason}", name=entry.name, entry=entry.entry,
+                           reason=reason)

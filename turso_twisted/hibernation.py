@@ -2,7 +2,9 @@
 Scale to zero: children of namespaces nobody used for
 C{TURSO_HIBERNATE_AFTER} are stopped; files and records stay, and the next
 request wakes the namespace (a child starts in a few milliseconds).  With
-thousands of namespaces on disk, only the busy ones cost a process.
+thousands of namespaces on disk, only the busy ones cost a process.  Under
+C{TURSO_MAX_RUNNING}, the least recently used idle child is hibernated to
+make room for one that must start (L{Hibernator.make_room}).
 
 A L{LoopingCall} looks every tenth of the period (1 s to 30 s); each
 namespace is then stopped under its own lock, only if no request is in
@@ -15,20 +17,34 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .config import format_duration
-from .namespaces import NamespaceManager
-from .periodic import Periodic
+from .errors import Unavailable
+from .leases import Leases
+from .locks import KeyedLocks
+from .state import StateStore
+from .supervisor import Supervisor
+from .timefmt import format_duration
 
 
 @attrs.define(eq=False)
 class Hibernator:
-    clock: Any
-    manager: NamespaceManager
-    idle_after: float
-    _periodic: Periodic | None = None
+    clock: IReactorTime
+    state: StateStore
+    supervisor: Supervisor
+    leases: Leases
+    locks: KeyedLocks
+    #: Idle time after which a child is stopped (0: never).
+    idle_after: float = 0.0
+    #: Cap on resident children (0: none).
+    max_running: int = 0
+    hibernations: int = 0
+    refused_running: int = 0
+    _loop: LoopingCall | None = None
+    _finished: Deferred[Any] | None = None
     _log = Logger()
 
     @property
@@ -37,20 +53,82 @@ class Hibernator:
 
     def start(self) -> None:
         if self.idle_after:
-            self._periodic = Periodic(self.clock, self.interval, self.sweep)
-            self._periodic.start()
+            self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.sweep()))
+            self._loop.clock = self.clock
+            self._finished = self._loop.start(self.interval, now=False)
 
-    def stop(self) -> Deferred[None]:
-        return succeed(None) if self._periodic is None else self._periodic.stop()
+    def stop(self) -> Deferred[Any]:
+        """
+        Stop sweeping; fires when a sweep under way has finished.
+        """
+        if self._loop is None or self._finished is None:
+            return succeed(None)
+        if self._loop.running:
+            self._loop.stop()
+        return self._finished
 
     async def sweep(self) -> None:
         now = self.clock.seconds()
         reason = f"idle > {format_duration(self.idle_after)}"
-        for name in list(self.manager.supervisor.children):
-            record = self.manager.state.records.get(name)
+        for child in self.supervisor.children():
+            record = self.state.records.get(child.name)
             if record is None or now - record.last_access_at <= self.idle_after:
                 continue
             try:
-                await self.manager.hibernate(name, reason, idle_for=self.idle_after)
+                await self.hibernate(child.name, reason, idle_for=self.idle_after)
             except Exception:
-                self._log.failure("could not hibernate a namespace", name=name)
+                self._log.failure("could not hibernate namespace {name}", name=child.name)
+
+    def hibernate(self, name: str, reason: str, idle_for: float | None = None) -> Deferred[bool]:
+        """
+        Stop C{name}'s child, keeping its files and record, unless it is
+        serving a request (or, with C{idle_for}, was used more recently than
+        that); the next request wakes it.  Fires with whether it stopped.
+        """
+
+        async def work() -> bool:
+            record = self.state.records.get(name)
+            if self.supervisor.running(name) is None or self.leases.busy(name):
+                return False
+            if idle_for is not None and record is not None and \
+                    self.clock.seconds() - record.last_access_at <= idle_for:
+                return False
+            await self.supervisor.stop(name)
+            self.hibernations += 1
+            self._log.info("namespace {name} hibernated: {reason}", name=name, reason=reason)
+            return True
+
+        return self.locks.run(name, work)
+
+    async def make_room(self, name: str) -> None:
+        """
+        At C{max_running} resident children (running, starting or still
+        stopping), hibernate the least recently used idle one, under its own
+        lock, to make room for C{name}.  Only when every resident child is
+        serving a request is the request refused.
+
+        @raise Unavailable: when every resident child is busy.
+        """
+        supervisor = self.supervisor
+        tries = 0
+        while self.max_running and supervisor.resident(besides=name) >= self.max_running:
+            children = supervisor.children()
+            stopping = [child.whenEnded() for child in children if child.phase == "stopping"]
+            if stopping:
+                # Room is being made already: wait until a child has gone.
+                await DeferredList(stopping, fireOnOneCallback=True)
+                continue
+            idle = [child.name for child in children if child.phase == "running"
+                    and child.name != name and not self.leases.busy(child.name)]
+            tries += 1
+            if not idle or tries > len(children) + 1:
+                self.refused_running += 1
+                raise Unavailable("too_many_running",
+                                  f"TURSO_MAX_RUNNING={self.max_running} namespaces are busy; retry shortly",
+                                  retry_after=1)
+            victim = min(idle, key=self._last_used)
+            await self.hibernate(victim, reason="making room (TURSO_MAX_RUNNING)")
+
+    def _last_used(self, name: str) -> float:
+        record = self.state.records.get(name)
+        return record.last_access_at if record is not None else 0.0

@@ -75,9 +75,9 @@ class _DaemonCollector:
 
     def collect(self) -> Iterator[Metric]:
         service = self.service
-        manager, supervisor = service.manager, service.supervisor
-        live = len(manager.state.records)
-        running = len(supervisor.children)
+        supervisor, hibernator = service.supervisor, service.hibernator
+        live = len(service.state.records)
+        running = sum(1 for child in supervisor.children() if child.phase != "starting")
         namespaces = GaugeMetricFamily("turso_namespaces", "Live namespaces by state", labels=["state"])
         namespaces.add_metric(["running"], running)
         namespaces.add_metric(["hibernated"], max(0, live - running))
@@ -87,11 +87,13 @@ class _DaemonCollector:
             ("turso_child_spawns", "tursodb children started", supervisor.spawns),
             ("turso_child_spawn_failures", "Children that failed to start", supervisor.spawn_failures),
             ("turso_child_unexpected_exits", "Children that died on their own", supervisor.unexpected_exits),
-            ("turso_hibernations", "Children stopped while idle (scale to zero)", manager.hibernations),
+            ("turso_hibernations", "Children stopped while idle (scale to zero)", hibernator.hibernations),
             ("turso_queue_rejections", "Requests refused by a full or slow namespace queue",
              service.data_plane.rejected),
             ("turso_running_cap_refusals", "503 too_many_running: every resident child was busy",
-             manager.refused_running),
+             hibernator.refused_running),
+            ("turso_auth_refusals", "Data-port requests refused for their token (401)",
+             service.data_site.refused),
             ("turso_gc_archives", "Namespaces archived by the GC", service.gc.archives),
             ("turso_gc_purges", "Archive entries purged by the GC", service.gc.purges),
             ("turso_gc_failures", "GC actions that failed (retried next sweep)", service.gc.failures),
@@ -100,10 +102,9 @@ class _DaemonCollector:
             ("turso_backup_seconds", "Time spent taking backups", service.backups.backup_seconds),
             ("turso_restores", "Restores done", service.backups.restores),
             ("turso_forks", "Forks done", service.backups.forks),
-            ("turso_state_writes", "Writes of the state file", manager.state.writes),
+            ("turso_state_writes", "Writes of the state file", service.state.writes),
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
-        waiting = sum(child.channel.queued for child in supervisor.children.values() if child.channel)
         yield GaugeMetricFamily("turso_queued_requests", "Requests waiting for their namespace's child",
-                                value=waiting)
+                                value=supervisor.queued())

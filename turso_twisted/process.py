@@ -18,10 +18,9 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProcessTransport, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
@@ -41,7 +40,8 @@ _RUST_LEVELS = {
 class TursodbProcess(ProcessProtocol):
     """
     The protocol of one child: logs each output line as
-    C{tursodb.<name>} and fires L{ended} when the process is gone.
+    C{tursodb.<name>} and tells whoever asks (L{whenEnded}) when the
+    process is gone.
     """
 
     def __init__(self, name: str, port: int) -> None:
@@ -49,15 +49,26 @@ class TursodbProcess(ProcessProtocol):
         self.port = port
         self.log = Logger(namespace=f"tursodb.{name}")
         self.recent_stderr: deque[str] = deque(maxlen=60)
-        self.ended: Deferred[TursodbProcess] = Deferred()
         self.exit_code: int | None = None
         self.exit_signal: int | None = None
         self.has_ended = False
         self.pid: int | None = None
-        #: The one way to talk to this child, once it serves.
-        self.channel: Any = None
         self.transport: IProcessTransport | None = None
         self._partial = {1: b"", 2: b""}
+        self._end_waiters: list[Deferred[TursodbProcess]] = []
+
+    def whenEnded(self) -> Deferred[TursodbProcess]:
+        """
+        A new Deferred that fires with this protocol once the process has
+        ended (at once if it has); each caller gets its own, so no caller's
+        callbacks change what another sees, and cancelling it (a timeout)
+        forgets it.
+        """
+        if self.has_ended:
+            return succeed(self)
+        waiter: Deferred[TursodbProcess] = Deferred(self._end_waiters.remove)
+        self._end_waiters.append(waiter)
+        return waiter
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -92,7 +103,9 @@ class TursodbProcess(ProcessProtocol):
             self.exit_code = value.exitCode
             self.exit_signal = value.signal
         self.has_ended = True
-        self.ended.callback(self)
+        waiters, self._end_waiters = self._end_waiters, []
+        for waiter in waiters:
+            waiter.callback(self)
 
     def stderr_summary(self, lines: int = 6) -> list[str]:
         """

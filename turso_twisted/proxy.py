@@ -2,17 +2,22 @@
 The data port: C{/<namespace>/<rest>} is forwarded to that namespace's child
 as C{/<rest>}.
 
-Order of checks, so that nothing is created or touched on bad input: whole
-body read (with a size cap), bearer token, path and name (raw bytes, no
-decoding), then the namespace lease, then the child.
+Order of checks, so that nothing is created or touched on bad input: bearer
+token and body cap (by the site, before the body is read; see
+L{turso_twisted.sites}), path and name (raw bytes, no decoding), then the
+namespace lease, the history guard, and the child.  A request goes down
+once (L{DataPlane._serve}) and its answer comes up once (L{DataPlane._respond});
+what is learnt about it on the way is in one L{ProxiedRequest}.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
@@ -21,19 +26,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from . import names
-from .auth import check_bearer
-from .backend import forward, respond
-from .channel import ChannelClosed, QueueFull, QueueTimeout
-from .errors import INTERNAL, ApiError, write_error
+from .channel import BackendResponse, ChannelClosed, QueueFull, QueueTimeout
+from .errors import INTERNAL, Invalid, NotFound, Refusal, Unavailable, UpstreamFailed, render
+from .leases import Lease
 from .metrics import Metrics, request_kind
 from .namespaces import NamespaceManager
-from .syncproto import (
-    MalformedSyncMessage,
-    StaleReplica,
-    pushing_clients,
-    tag_pull_response,
-    untag_pull_request,
-)
+from .stats import NamespaceStats
+from .syncproto import HistoryGuard, MalformedSyncMessage
 
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
@@ -42,24 +41,73 @@ _access_log = Logger(namespace="turso_twisted.access")
 #: How long a request waits for a dying child to be noticed before retrying.
 DEATH_NOTICE_TIMEOUT = 2.0
 
+#: Headers that describe one hop, never forwarded either way (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+
+#: Request headers we set or must not pass: tokens never reach children.
+_NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect"}
+#: Response headers we set ourselves.
+_NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
+
 
 def split_target(uri: bytes) -> tuple[str, bytes]:
     """
     Split a request-target into the namespace and what the child gets.
 
-    @raise ApiError: 400 for anything that is not C{/<valid name>[/...]}.
+    @raise Invalid: for anything that is not C{/<valid name>[/...]}.
+    @raise NotFound: when the path names no namespace.
     """
     path, question, query = uri.partition(b"?")
     if not path.startswith(b"/"):
-        raise ApiError(400, "bad_request", "request target must be a path: /<namespace>/...")
+        raise Invalid("bad_request", "request target must be a path: /<namespace>/...")
     first, _, rest = path[1:].partition(b"/")
     if not first:
-        raise ApiError(404, "no_namespace", "no namespace in the path; use /<namespace>/...")
+        raise NotFound("no_namespace", "no namespace in the path; use /<namespace>/...")
     try:
         name = names.validate(first)
     except names.InvalidName as error:
-        raise ApiError(400, "invalid_name", str(error)) from None
+        raise Invalid("invalid_name", str(error)) from None
     return name, b"/" + rest + question + query
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes] = HOP_BY_HOP,
+               ) -> list[tuple[bytes, bytes]]:
+    """
+    C{headers} without hop-by-hop ones (and those the C{Connection} header
+    names) or any in C{also_drop}.
+    """
+    named = set()
+    for key, value in headers:
+        if key.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return [(key, value) for key, value in headers
+            if key.lower() not in also_drop and key.lower() not in named]
+
+
+def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(key, value) for key, values in headers.getAllRawHeaders() for value in values]
+
+
+def _gone(request: Request) -> bool:
+    return bool(getattr(request, "_disconnected", False))
+
+
+@attrs.define(eq=False)
+class ProxiedRequest:
+    """
+    What the data port learns about one request on its way down and up.
+    """
+
+    started: float
+    received: int
+    namespace: str | None = None
+    path: bytes = b""
+    #: Its turn in the child's channel, while it waits or is answered.
+    waiting: Deferred[BackendResponse] | None = None
+    upstream_seconds: float = 0.0
 
 
 class DataPlane(Resource):
@@ -70,158 +118,153 @@ class DataPlane(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, reactor: Any, manager: NamespaceManager, auth_token: str,
-                 metrics: Metrics | None = None, access_log: bool = True) -> None:
+    def __init__(self, reactor: IReactorTime, manager: NamespaceManager, guard: HistoryGuard,
+                 stats: NamespaceStats, metrics: Metrics | None = None, access_log: bool = True) -> None:
         super().__init__()
         self.reactor = reactor
         self.manager = manager
-        self.auth_token = auth_token
+        self.guard = guard
+        self.stats = stats
         self.metrics = metrics
         self.access_log = access_log
         self.rejected = 0
 
     def render(self, request: Request) -> Any:
-        started = self.reactor.seconds()
         content = request.content
-        received = content.seek(0, 2) if content is not None else 0
-        request.notifyFinish().addBoth(self._finished, request, started, received)
-        done = ensureDeferred(self._serve(request))
+        info = ProxiedRequest(self.reactor.seconds(), content.seek(0, 2) if content is not None else 0)
+        request.notifyFinish().addBoth(self._finished, request, info)
+        done = Deferred.fromCoroutine(self._serve(request, info))
         done.addErrback(self._failed, request)
         return NOT_DONE_YET
 
-    def _finished(self, result: object, request: Request, started: float, received: int) -> None:
+    # -- down ------------------------------------------------------------------
+
+    async def _serve(self, request: Request, info: ProxiedRequest) -> None:
+        name, target = split_target(request.uri)
+        info.namespace, info.path = name, target.partition(b"?")[0]
+        request.content.seek(0)
+        body = request.content.read()
+        for attempt in (1, 2):
+            lease = await self.manager.lease(name)
+            with lease:
+                try:
+                    history, response = await self._exchange(lease, request, info, target, body)
+                except (ConnectError, ChannelClosed) as error:
+                    # Nothing reached the child, so a retry cannot duplicate a
+                    # write: the child is gone or going; wait until that is done.
+                    if attempt == 2:
+                        raise self._upstream_error(name, request, error) from None
+                    response = None
+                except CancelledError:
+                    return  # the client went away
+            if response is None:
+                await self._death_noticed(lease)
+                continue
+            self._respond(request, info, history, response)
+            return
+
+    async def _exchange(self, lease: Lease, request: Request, info: ProxiedRequest, target: bytes,
+                        body: bytes) -> tuple[str, BackendResponse]:
+        """
+        Send the request to the leased child; return the history it was
+        served from and the child's answer.
+        """
+        record = self.manager.get(lease.name)
+        assert record is not None  # a lease is only given on a live namespace
+        sent = self.guard.inbound(record, info.path, body)
+        headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
+        began = self.reactor.seconds()
+        info.waiting = lease.channel.request(request.method, target, headers, sent)
+        try:
+            response = await info.waiting
+        except (QueueFull, QueueTimeout) as error:
+            self.rejected += 1
+            raise Unavailable("namespace_busy", f"namespace {lease.name!r} is overloaded: {error}",
+                              retry_after=1) from None
+        except (ConnectError, ChannelClosed, CancelledError, Refusal):
+            raise
+        except Exception as error:
+            raise self._upstream_error(lease.name, request, error) from None
+        info.upstream_seconds = self.reactor.seconds() - began
+        return record.history, response
+
+    def _death_noticed(self, lease: Lease) -> Deferred[Any]:
+        """
+        Fire once the leased child has ended, or after L{DEATH_NOTICE_TIMEOUT}.
+        """
+        ended = lease.child.whenEnded()
+        ended.addTimeout(DEATH_NOTICE_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: None)
+        return ended
+
+    # -- up --------------------------------------------------------------------
+
+    def _respond(self, request: Request, info: ProxiedRequest, history: str,
+                 response: BackendResponse) -> None:
+        """
+        Give the client the child's status, end-to-end headers and body (a
+        pull's revision tagged with its history).
+        """
+        assert info.namespace is not None
+        try:
+            body = self.guard.outbound(history, info.path, response.code, response.body)
+        except MalformedSyncMessage as error:
+            raise self._upstream_error(info.namespace, request, error) from None
+        if _gone(request) or request.finished:
+            return
+        request.setResponseCode(response.code, response.phrase)
+        for key, value in end_to_end(response.headers, _NOT_RETURNED):
+            request.responseHeaders.addRawHeader(key, value)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(CancelledError):
+            return  # the client went away
+        if request.startedWriting:
+            if not failure.check(Refusal):
+                self._log.failure("unexpected error while relaying a response", failure)
+            request.loseConnection()
+            return
+        error = failure.value
+        if not isinstance(error, Refusal):
+            self._log.failure("unexpected error serving a data request", failure)
+            error = INTERNAL
+        if _gone(request) or request.finished:
+            return
+        # Headers copied from a child's answer must not leak into an error.
+        request.responseHeaders = Headers()
+        request.write(render(request, error, "data"))
+        request.finish()
+
+    def _finished(self, result: object, request: Request, info: ProxiedRequest) -> None:
         """
         Count the request and write its access-log line (never a header:
         the token stays out of the log).  A client that went away while its
         request waited in the child's queue takes it out of the queue (only
         that: a child being started for it is started all the same).
         """
-        waiting = getattr(request, "turso_waiting", None)
-        if isinstance(result, Failure) and waiting is not None and not waiting.called:
-            waiting.cancel()
-        seconds = self.reactor.seconds() - started
-        path = request.path.partition(b"?")[0]
-        name = getattr(request, "turso_namespace", None)
-        target = getattr(request, "turso_target", b"")
-        kind = request_kind(target)
-        gone = getattr(request, "_disconnected", False) and not request.finished
-        status = 499 if gone else request.code  # 499: the client went away first
+        if isinstance(result, Failure) and info.waiting is not None and not info.waiting.called:
+            info.waiting.cancel()
+        seconds = self.reactor.seconds() - info.started
+        status = 499 if _gone(request) and not request.finished else request.code  # 499: the client left
         sent = getattr(request, "sentLength", 0)
         if self.metrics is not None:
-            self.metrics.observe(kind, status, seconds, received, sent)
-        if name is not None:
-            self.manager.count_usage(name, received, sent)
+            self.metrics.observe(request_kind(info.path), status, seconds, info.received, sent)
+        if info.namespace is not None:
+            self.stats.count(info.namespace, info.received, sent)
         if self.access_log:
             _access_log.info(
-                "request", namespace=name, method=request.method.decode("latin-1"),
-                path=path.decode("latin-1")[:512], status=status, bytes_in=received, bytes_out=sent,
-                duration_ms=round(seconds * 1000, 3),
-                upstream_ms=round(getattr(request, "turso_upstream", 0.0) * 1000, 3))
+                "{method} {path} {status}", namespace=info.namespace,
+                method=request.method.decode("latin-1"),
+                path=request.path.partition(b"?")[0].decode("latin-1")[:512], status=status,
+                bytes_in=info.received, bytes_out=sent, duration_ms=round(seconds * 1000, 3),
+                upstream_ms=round(info.upstream_seconds * 1000, 3))
 
-    def _failed(self, failure: Failure, request: Request) -> None:
-        if failure.check(CancelledError):
-            return  # the client went away
-        if request.startedWriting:
-            if not failure.check(ApiError):
-                self._log.failure("unexpected error while relaying a response", failure)
-            request.loseConnection()
-            return
-        # Headers copied from a child's answer must not leak into an error.
-        request.responseHeaders = Headers()
-        if failure.check(ApiError):
-            write_error(request, failure.value)
-            return
-        self._log.failure("unexpected error serving a data request", failure)
-        write_error(request, INTERNAL)
-
-    async def _serve(self, request: Request) -> None:
-        check_bearer(request, self.auth_token)
-        name, target = split_target(request.uri)
-        path = target.partition(b"?")[0]
-        request.turso_namespace = name
-        request.turso_target = path
-        is_pull = request.method == b"POST" and path == b"/pull-updates"
-        for attempt in (1, 2):
-            lease = await self.manager.lease(name)
-            history = self.manager.state.records[name].history
-            try:
-                body = self._checked_body(lease.name, path, is_pull, request)
-                sent_at = self.reactor.seconds()
-                request.turso_waiting = forward(lease.child.channel, request, target, body)
-                response = await request.turso_waiting
-                request.turso_upstream = self.reactor.seconds() - sent_at
-            except (ConnectError, ChannelClosed) as error:
-                # Nothing reached the child, so a retry cannot duplicate a
-                # write: the child is gone or going; wait until that is done.
-                lease.release()
-                if attempt == 2:
-                    raise self._upstream_error(name, request, error) from None
-                await self._death_noticed(lease.child.ended)
-                continue
-            except CancelledError:
-                lease.release()
-                return
-            except (QueueFull, QueueTimeout) as error:
-                lease.release()
-                self.rejected += 1
-                raise ApiError(503, "namespace_busy", f"namespace {name!r} is overloaded: {error}",
-                               retry_after=1) from None
-            except ApiError:
-                lease.release()
-                raise
-            except Exception as error:
-                lease.release()
-                raise self._upstream_error(name, request, error) from None
-            lease.release()
-            try:
-                if is_pull and response.code == 200:
-                    respond(request, response, tag_pull_response(response.body, history))
-                else:
-                    respond(request, response)
-            except MalformedSyncMessage as error:
-                raise self._upstream_error(name, request, error) from None
-            if not request.finished and not getattr(request, "_disconnected", False):
-                request.finish()
-            return
-
-    def _checked_body(self, name: str, path: bytes, is_pull: bool, request: Request) -> bytes:
-        """
-        The body to send, read once: a pull's revisions untagged (refusing
-        another history's), a push checked against retired replicas.
-        """
-        request.content.seek(0)
-        body = request.content.read()
-        if is_pull:
-            try:
-                return untag_pull_request(body, self.manager.state.records[name].history, name)
-            except StaleReplica as error:
-                raise ApiError(409, "stale_replica", str(error)) from None
-            except MalformedSyncMessage as error:
-                raise ApiError(400, "bad_request", f"malformed pull-updates request: {error}") from None
-        if path == b"/v2/pipeline":
-            clients = pushing_clients(body)
-            if clients:
-                self.manager.check_pushing_clients(name, clients)
-        return body
-
-    def _death_noticed(self, ended: Deferred[Any]) -> Deferred[None]:
-        """
-        Fire once C{ended} has fired, or after L{DEATH_NOTICE_TIMEOUT}.
-        """
-        noticed: Deferred[None] = Deferred()
-
-        def fire(result: Any) -> Any:
-            if not noticed.called:
-                noticed.callback(None)
-            return result
-
-        ended.addBoth(fire)
-        noticed.addTimeout(DEATH_NOTICE_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: None)
-        return noticed
-
-    def _upstream_error(self, name: str, request: Request, error: Exception) -> ApiError:
+    def _upstream_error(self, name: str, request: Request, error: Exception) -> UpstreamFailed:
         reasons = getattr(error, "reasons", None)
         message = "; ".join(r.getErrorMessage() for r in reasons) if reasons else str(error)
-        self._log.warn("upstream error", name=name, path=request.path.decode("latin-1"), err=message)
-        return ApiError(502, "upstream_error",
-                        f"namespace {name!r}: its tursodb child did not answer; retry the request")
+        self._log.warn("upstream error from namespace {name}: {err}", name=name,
+                       path=request.path.decode("latin-1"), err=message)
+        return UpstreamFailed("upstream_error",
+                              f"namespace {name!r}: its tursodb child did not answer; retry the request")

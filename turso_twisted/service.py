@@ -21,20 +21,26 @@ from twisted.logger import Logger
 
 from .admin import AdminAPI, Readiness
 from .archive import Archiver
+from .auth import BearerToken
 from .backup import Backups
+from .channel import BackendChannel
 from .config import Config, ConfigError
-from .datadir import DataDirBusy, clean_scratch, lock_data_dir, temp_dir
+from .datadir import DataDirBusy, lock_data_dir, temp_dir
 from .gc import GarbageCollector
 from .hibernation import Hibernator
+from .leases import Leases
+from .locks import KeyedLocks
 from .metrics import Metrics
 from .namespaces import NamespaceManager
-from .orphans import kill_orphans
 from .ports import PortAllocator
 from .process import child_environment, child_wrappers
 from .proxy import DataPlane
+from .recovery import recover
 from .sites import CappedSite
 from .state import StateError, StateStore
+from .stats import NamespaceStats
 from .supervisor import Supervisor
+from .syncproto import HistoryGuard
 
 
 class TursoService(Service):
@@ -57,34 +63,50 @@ class TursoService(Service):
             startup_timeout=config.startup_timeout,
             child_env=child_environment(os.environ),
             wrappers=child_wrappers(),
-            queue_depth=config.queue_depth,
-            queue_timeout=config.queue_timeout,
+            make_channel=lambda port: BackendChannel(reactor, port, max_queue=config.queue_depth,
+                                                     queue_timeout=config.queue_timeout),
         )
+        locks = KeyedLocks()
+        self.leases = Leases(reactor, drain_timeout=config.shutdown_timeout)
+        self.guard = HistoryGuard(state)
+        self.hibernator = Hibernator(reactor, state, self.supervisor, self.leases, locks,
+                                     idle_after=config.hibernate_after, max_running=config.max_running)
         self.manager = NamespaceManager(
             clock=reactor,
             state=state,
             supervisor=self.supervisor,
             archiver=Archiver(config.data_dir),
+            guard=self.guard,
+            leases=self.leases,
+            locks=locks,
+            hibernator=self.hibernator,
             max_namespaces=config.max_namespaces,
             allow_auto_provision=config.allow_auto_provision,
-            drain_timeout=config.shutdown_timeout,
-            max_running=config.max_running,
         )
-        self.hibernator = Hibernator(reactor, self.manager, config.hibernate_after)
         self.gc = GarbageCollector(
             clock=reactor,
             manager=self.manager,
+            leases=self.leases,
             interval=config.gc_interval,
             auto_idle=config.auto_idle_duration,
             retention=config.archive_retention,
         )
         self.readiness = Readiness(config.data_dir, state_loaded=True)
         self.metrics = Metrics()
-        self.data_plane = DataPlane(reactor, self.manager, config.auth_token, self.metrics,
+        self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
+        self.data_plane = DataPlane(reactor, self.manager, self.guard, self.stats, self.metrics,
                                     access_log=config.access_log)
-        self.backups = Backups(reactor, self.manager)
-        self.admin = AdminAPI(self.manager, config.admin_token, self.readiness, self.backups,
+        scratch = temp_dir(config.data_dir)
+        self.backups = Backups(reactor, self.manager, self.supervisor, scratch)
+        admin_token = BearerToken(config.admin_token)
+        self.admin = AdminAPI(self.manager, self.stats, admin_token, self.readiness, self.backups,
                               self.metrics, metrics_public=config.metrics_public)
+        self.data_site = CappedSite(self.data_plane, "data", config.max_body_bytes,
+                                    BearerToken(config.auth_token), authorize_every_request=True,
+                                    scratch_dir=scratch, timeout=config.client_idle_timeout)
+        self.admin_site = CappedSite(self.admin.resource(), "admin", config.max_restore_bytes, admin_token,
+                                     authorize_every_request=False, limit_name="TURSO_MAX_RESTORE_BYTES",
+                                     scratch_dir=scratch)
         self.ports: dict[str, IListeningPort] = {}
         self.metrics.watch(self)
         #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
@@ -95,15 +117,10 @@ class TursoService(Service):
         Bind both listeners before the reactor runs; a taken address ends
         start-up with one line and exit status 1.
         """
-        scratch = temp_dir(self.config.data_dir)
-        os.makedirs(scratch, exist_ok=True)
+        os.makedirs(temp_dir(self.config.data_dir), exist_ok=True)
         listeners = (
-            ("data", "TURSO_DATA_ADDR", self.config.data_addr,
-             CappedSite(self.data_plane, self.config.max_body_bytes, self.config.auth_token,
-                        scratch_dir=scratch, timeout=self.config.client_idle_timeout)),
-            ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr,
-             CappedSite(self.admin.resource(), self.config.max_restore_bytes, self.config.admin_token,
-                        limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)),
+            ("data", "TURSO_DATA_ADDR", self.config.data_addr, self.data_site),
+            ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr, self.admin_site),
         )
         for kind, variable, address, site in listeners:
             try:
@@ -123,11 +140,8 @@ class TursoService(Service):
         if not self.ports:
             self.privilegedStartService()
         # We hold the data dir lock: any child still serving it is an orphan.
-        killed = kill_orphans(self.config.data_dir, self.config.tursodb_bin)
-        clean_scratch(self.config.data_dir)
-        if killed:
-            self._log.warn("killed orphaned tursodb processes", pids=killed)
-        self.manager.reconcile()
+        recover(self.config.data_dir, self.config.tursodb_bin, self.state, self.guard,
+                self.reactor.seconds())
         if not any(w.endswith("setpriv") for w in self.supervisor.wrappers):
             self._log.warn("setpriv not found: children may outlive a daemon killed with SIGKILL "
                            "(they are cleaned up at the next start)")
@@ -139,12 +153,13 @@ class TursoService(Service):
                            ports=" and ".join(open_ports), open_ports=open_ports)
         for kind, port in self.ports.items():
             host = port.getHost()
-            self._log.info("listening", listener=kind, host=host.host, port=host.port)
+            self._log.info("listening: {listener} port on {host}:{port}", listener=kind, host=host.host,
+                           port=host.port)
         self.gc.start()
         self.hibernator.start()
         self.readiness.listening = True
-        self._log.info("turso-server ready", data_dir=self.config.data_dir,
-                       namespaces=len(self.state.records))
+        self._log.info("turso-server ready: {namespaces} namespaces in {data_dir}",
+                       data_dir=self.config.data_dir, namespaces=len(self.state.records))
 
     def stopService(self) -> Deferred[None]:
         """
@@ -156,14 +171,13 @@ class TursoService(Service):
         return ensureDeferred(self._shutdown())
 
     async def _shutdown(self) -> None:
-        self._log.info("shutting down", inflight=self.manager.inflight())
+        self._log.info("shutting down with {inflight} requests in flight", inflight=self.leases.count())
         # Connections already open may still send requests: they get a 503.
         self.manager.stopping = True
         await DeferredList([port.stopListening() for port in self.ports.values()])
         self.ports = {}
         await self.gc.stop()
         await self.hibernator.stop()
-        await self.manager.drain_all()
         await self.manager.stop_all()
         try:
             self.state.flush_pending()

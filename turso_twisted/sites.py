@@ -1,5 +1,6 @@
 """
-The HTTP sites both ports run on: quiet, with a cap on request bodies.
+The HTTP sites both ports run on: quiet, with a cap on request bodies and
+the bearer token checked before a body is read.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from io import BytesIO
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .auth import check_bearer
-from .errors import ApiError, error_body
+from .auth import BearerToken
+from .errors import Edge, Refusal, TooLarge, response_parts, status_phrase
 
 #: Bodies up to this size stay in memory (as in Twisted).
 _IN_MEMORY = 100_000
@@ -19,7 +20,7 @@ _IN_MEMORY = 100_000
 
 class CappedRequest(Request):
     """
-    A request whose body is refused without being read: with 401 when the
+    A request refused without its body being read: with 401 when the
     client lacks the site's token, with 413 as soon as it passes the site's
     C{max_body_bytes}.
     """
@@ -28,37 +29,35 @@ class CappedRequest(Request):
     _received = 0
 
     @property
-    def _limit(self) -> int:
-        return self.channel.site.max_body_bytes
+    def _site(self) -> CappedSite:
+        site: CappedSite = self.channel.site
+        return site
 
     def gotLength(self, length: int | None) -> None:
         # Headers are complete: a body is read only for a client with the
         # site's token, and only up to the limit.
-        if length != 0 and not self._authorized():
-            self._reject(401, b"Unauthorized", "unauthorized", "missing or invalid bearer token")
-            return
-        if length is not None and length > self._limit:
+        site = self._site
+        if length != 0 or site.authorize_every_request:
+            try:
+                site.token.check(self)
+            except Refusal as error:
+                site.refused += 1
+                self._reject(error)
+                return
+        if length is not None and length > site.max_body_bytes:
             self._reject_too_large()
             return
-        scratch = self.channel.site.scratch_dir
-        if scratch is not None and (length is None or length > _IN_MEMORY):
+        if site.scratch_dir is not None and (length is None or length > _IN_MEMORY):
             # Large bodies wait in the data dir, not in the system's /tmp.
-            self.content = tempfile.TemporaryFile(dir=scratch)
+            self.content = tempfile.TemporaryFile(dir=site.scratch_dir)
             return
         super().gotLength(length)
-
-    def _authorized(self) -> bool:
-        try:
-            check_bearer(self, self.channel.site.body_token)
-        except ApiError:
-            return False
-        return True
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
         self._received += len(data)
-        if self._received > self._limit:
+        if self._received > self._site.max_body_bytes:
             self._reject_too_large()
             return
         super().handleContentChunk(data)
@@ -68,21 +67,21 @@ class CappedRequest(Request):
             super().process()
 
     def _reject_too_large(self) -> None:
-        self._reject(413, b"Payload Too Large", "body_too_large",
-                     f"request body exceeds {self.channel.site.limit_name}={self._limit} bytes")
+        site = self._site
+        self._reject(TooLarge("body_too_large",
+                              f"request body exceeds {site.limit_name}={site.max_body_bytes} bytes"))
 
-    def _reject(self, status: int, phrase: bytes, code: str, message: str) -> None:
+    def _reject(self, error: Refusal) -> None:
         """
         Answer at once and close, without reading the rest of the body.
         """
         self._rejected = True
         self.content = BytesIO()
         self.requestHeaders.removeHeader(b"expect")
-        body = error_body(code, message)
-        extra = b'www-authenticate: Bearer realm="turso-server"\r\n' if status == 401 else b""
-        self.channel.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n%s"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, phrase, extra, len(body), body))
+        status, headers, body = response_parts(error, self._site.edge)
+        head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        self.channel.transport.write(b"HTTP/1.1 %d %s\r\n%sconnection: close\r\n\r\n%s"
+                                     % (status, status_phrase(status), head, body))
         self.channel.loseConnection()
 
 
@@ -100,17 +99,22 @@ class QuietSite(Site):
 
 class CappedSite(QuietSite):
     """
-    A quiet site whose requests carry at most C{max_body_bytes} of body.
+    A quiet site whose requests carry at most C{max_body_bytes} of body and
+    the site's bearer token: every request with C{authorize_every_request},
+    else every request with a body.
     """
 
     requestFactory = CappedRequest
 
-    def __init__(self, resource: Resource, max_body_bytes: int, body_token: str = "",
-                 limit_name: str = "TURSO_MAX_BODY_BYTES", scratch_dir: str | None = None,
-                 timeout: float = 120.0) -> None:
+    def __init__(self, resource: Resource, edge: Edge, max_body_bytes: int, token: BearerToken,
+                 authorize_every_request: bool, limit_name: str = "TURSO_MAX_BODY_BYTES",
+                 scratch_dir: str | None = None, timeout: float = 120.0) -> None:
         super().__init__(resource, timeout=timeout)
+        self.edge = edge
         self.max_body_bytes = max_body_bytes
-        self.scratch_dir = scratch_dir
-        #: Requests with a body must carry this bearer token (if set).
-        self.body_token = body_token
+        self.token = token
+        self.authorize_every_request = authorize_every_request
         self.limit_name = limit_name
+        self.scratch_dir = scratch_dir
+        #: Requests refused for their token.
+        self.refused = 0

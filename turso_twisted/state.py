@@ -22,8 +22,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import names
-from .config import format_duration, parse_duration
-from .timefmt import from_rfc3339, to_rfc3339
+from .files import write_atomically
+from .timefmt import format_duration, from_rfc3339, parse_duration, to_rfc3339
 
 Origin = Literal["explicit", "auto"]
 STATE_VERSION = 1
@@ -129,36 +129,6 @@ def _strings(value: Any, what: str) -> set[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValueError(f"{what} must be a list of strings")
     return set(value)
-
-
-def write_atomically(path: str, payload: bytes, keep_previous: str | None = None) -> None:
-    """
-    Replace C{path} with C{payload} so that a crash leaves the old or the new
-    content, never a mix.  With C{keep_previous}, the replaced file stays
-    there under that name.
-    """
-    directory = os.path.dirname(path)
-    temp = f"{path}.tmp-{os.getpid()}"
-    with open(temp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if keep_previous is not None and os.path.exists(path):
-        link = f"{keep_previous}.tmp-{os.getpid()}"
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.link(path, link)
-        os.replace(link, keep_previous)
-    os.replace(temp, path)
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @attrs.define

@@ -4,9 +4,10 @@ The children: one C{tursodb --sync-server} per running namespace.
 The supervisor starts a child on a free port of the range and waits until it
 serves, stops children (SIGTERM, then SIGKILL after a grace period), notices
 children that die on their own, and backs off a namespace whose child keeps
-dying so that clients get a quick 503 instead of a hang.  Callers serialize
-work on one name (see L{turso_twisted.namespaces}); the supervisor itself
-keeps no per-name locks.
+dying so that clients get a quick 503 instead of a hang.  Each child is one
+L{Child} record, from its spawn to its end.  Callers serialize work on one
+name (see L{turso_twisted.namespaces}); the supervisor itself keeps no
+per-name locks.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorProcess, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
 from . import names
 from .channel import BackendChannel
 from .datadir import temp_dir
-from .errors import ApiError
+from .errors import Unavailable
 from .ports import PortAllocator, PortsExhausted
 from .process import TursodbProcess, owns_listener, spawn_tursodb
 
@@ -34,14 +36,43 @@ STABLE_AFTER = 30.0
 #: The longest wait between restarts of a crash-looping namespace.
 MAX_BACKOFF = 60.0
 
-
-class SpawnFailed(ApiError):
-    pass
+Phase = Literal["starting", "running", "stopping"]
 
 
-def spawn_failed(name: str, why: str, retry_after: float | None = None) -> SpawnFailed:
-    return SpawnFailed(503, "namespace_unavailable", f"namespace {name!r} could not be started: {why}",
+class Reactor(IReactorProcess, IReactorTCP, IReactorTime):
+    """
+    What the children need of the reactor: processes, TCP and time.
+    """
+
+
+def spawn_failed(name: str, why: str, retry_after: float | None = None) -> Unavailable:
+    return Unavailable("namespace_unavailable", f"namespace {name!r} could not be started: {why}",
                        retry_after)
+
+
+@attrs.define(eq=False)
+class Child:
+    """
+    One C{tursodb} child: its process, the channel that is the one way to
+    talk to it, and where it is in its life.
+    """
+
+    name: str
+    process: TursodbProcess
+    channel: BackendChannel
+    started_at: float
+    phase: Phase = "starting"
+
+    @property
+    def port(self) -> int:
+        return self.process.port
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def whenEnded(self) -> Deferred[TursodbProcess]:
+        return self.process.whenEnded()
 
 
 @attrs.define
@@ -50,13 +81,20 @@ class _Backoff:
     retry_at: float = 0.0
 
 
+def _channel_factory(reactor: Any, queue_depth: int, queue_timeout: float) -> Callable[[int], BackendChannel]:
+    def make(port: int) -> BackendChannel:
+        return BackendChannel(reactor, port, max_queue=queue_depth, queue_timeout=queue_timeout)
+
+    return make
+
+
 @attrs.define(eq=False)
 class Supervisor:
     """
     Starts, watches and stops the C{tursodb} children.
     """
 
-    reactor: Any
+    reactor: Reactor
     tursodb_bin: str
     data_dir: str
     ports: PortAllocator
@@ -65,38 +103,56 @@ class Supervisor:
     wrappers: list[str] = attrs.field(factory=list)
     stop_grace: float = 5.0
     is_serving: Callable[[int, int], bool] = owns_listener
-    #: Settings of each child's channel (see L{BackendChannel}).
-    queue_depth: int = 128
-    queue_timeout: float = 30.0
-    children: dict[str, TursodbProcess] = attrs.field(factory=dict)
-    started_at: dict[str, float] = attrs.field(factory=dict)
+    #: Makes the channel to a child on a port (see L{BackendChannel}).
+    make_channel: Callable[[int], BackendChannel] | None = None
     spawns: int = 0
     spawn_failures: int = 0
     unexpected_exits: int = 0
-    _stopping: set[str] = attrs.field(factory=set)
-    _starting: set[str] = attrs.field(factory=set)
+    _children: dict[str, Child] = attrs.field(factory=dict)
     _backoff: dict[str, _Backoff] = attrs.field(factory=dict)
     _log = Logger()
 
-    @property
-    def stopping_names(self) -> set[str]:
-        return self._stopping
+    def __attrs_post_init__(self) -> None:
+        if self.make_channel is None:
+            self.make_channel = _channel_factory(self.reactor, 128, 30.0)
+
+    # -- queries ---------------------------------------------------------------
+
+    def running(self, name: str) -> Child | None:
+        """
+        C{name}'s child if it serves (started, not stopping, not ended).
+        """
+        child = self._children.get(name)
+        if child is None or child.phase != "running" or child.process.has_ended:
+            return None
+        return child
+
+    def children(self) -> list[Child]:
+        """
+        Every child that exists, in any phase.
+        """
+        return list(self._children.values())
 
     def resident(self, besides: str = "") -> int:
         """
-        Children that exist or are being started, other than C{besides}'s.
+        Children that exist, other than C{besides}'s if it is starting.
         """
-        return len(self.children) + len(self._starting - {besides})
+        return sum(1 for child in self._children.values()
+                   if not (child.name == besides and child.phase == "starting"))
 
-    def running(self, name: str) -> TursodbProcess | None:
-        child = self.children.get(name)
-        return None if child is None or child.has_ended else child
+    def queued(self) -> int:
+        """
+        Requests waiting in every child's channel.
+        """
+        return sum(child.channel.queued for child in self._children.values())
 
-    async def start(self, name: str) -> TursodbProcess:
+    # -- starting --------------------------------------------------------------
+
+    async def start(self, name: str) -> Child:
         """
         Start C{name}'s child and return it once it serves.
 
-        @raise SpawnFailed: (a 503) if it cannot be started now.
+        @raise Unavailable: if it cannot be started now.
         """
         names.validate(name)
         existing = self.running(name)
@@ -108,41 +164,41 @@ class Supervisor:
             raise spawn_failed(
                 name, f"its tursodb child failed {backoff.failures} times in a row; "
                 "retrying after a backoff (see the server log)", backoff.retry_at - now)
-        self._starting.add(name)
         try:
-            child, startup = await self._spawn(name, names.db_path(self.data_dir, name))
-        except SpawnFailed:
+            child, startup = await self._spawn(name, names.db_path(self.data_dir, name), register=True)
+        except Unavailable:
             self.spawn_failures += 1
             self._note_failure(name)
             raise
-        finally:
-            self._starting.discard(name)
-        self.children[name] = child
-        self.started_at[name] = self.reactor.seconds()
-        child.ended.addCallback(self._ended)
-        self._log.info("namespace running", name=name, port=child.port, pid=child.pid,
-                       startup_ms=round(startup * 1000, 1))
+        child.phase = "running"
+        child.started_at = self.reactor.seconds()
+        child.whenEnded().addCallback(lambda _: self._ended(child))
+        self._log.info("namespace {name} running on port {port} (pid {pid}, {startup_ms} ms)",
+                       name=name, port=child.port, pid=child.pid, startup_ms=round(startup * 1000, 1))
         return child
 
-    async def start_scratch(self, label: str, db_path: str) -> TursodbProcess:
+    async def start_scratch(self, label: str, db_path: str) -> Child:
         """
         Start a child on C{db_path} outside any namespace (to build a
         database for a restore or a fork); stop it with L{stop_scratch}.
         """
-        child, _ = await self._spawn(label, db_path)
-        child.ended.addCallback(lambda ended: (self.ports.release(ended.port), ended)[1])
+        child, _ = await self._spawn(label, db_path, register=False)
+        child.phase = "running"
+        child.whenEnded().addCallback(lambda _: self.ports.release(child.port))
         return child
 
-    def stop_scratch(self, child: TursodbProcess) -> Deferred[None]:
+    def stop_scratch(self, child: Child) -> Deferred[None]:
         """
         Stop a scratch child (SIGTERM, SIGKILL after the grace period).
         """
-        return self._terminate(child, child.name)
+        child.phase = "stopping"
+        return self._terminate(child)
 
-    async def _spawn(self, label: str, db_path: str) -> tuple[TursodbProcess, float]:
+    async def _spawn(self, label: str, db_path: str, register: bool) -> tuple[Child, float]:
         """
         Start a child on C{db_path} and wait until it serves, moving to
-        another port if its port turns out to be taken.
+        another port if its port turns out to be taken.  With C{register},
+        the child counts as C{label}'s (starting) from its spawn on.
         """
         for _ in range(PORT_ATTEMPTS):
             try:
@@ -151,26 +207,30 @@ class Supervisor:
                 raise spawn_failed(label, str(error), retry_after=5) from None
             began = self.reactor.seconds()
             scratch = self._scratch_dir(label, port)
-            child = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, self.wrappers,
-                                  {**self.child_env, "TMPDIR": scratch})
-            child.ended.addBoth(self._remove_scratch, scratch)
+            process = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, self.wrappers,
+                                    {**self.child_env, "TMPDIR": scratch})
+            process.whenEnded().addBoth(self._remove_scratch, scratch)
+            assert self.make_channel is not None
+            child = Child(label, process, self.make_channel(port), began)
+            process.whenEnded().addBoth(lambda result, channel=child.channel: (channel.close(), result)[1])
+            if register:
+                self._children[label] = child
             self.spawns += 1
-            why = await self._wait_serving(child)
+            why = await self._wait_serving(process)
             if why is None:
-                child.channel = BackendChannel(self.reactor, port, max_queue=self.queue_depth,
-                                               queue_timeout=self.queue_timeout)
-                child.ended.addBoth(self._close_channel, child.channel)
                 return child, self.reactor.seconds() - began
+            if register and self._children.get(label) is child:
+                del self._children[label]
             self.ports.release(port)
-            if child.has_ended and child.port_was_taken():
-                self._log.warn("backend port taken by another process; trying another",
-                               name=label, port=port)
+            if process.has_ended and process.port_was_taken():
+                self._log.warn("backend port {port} of namespace {name} taken by another process; "
+                               "trying another", name=label, port=port)
                 continue
             break
         else:
             why = f"{PORT_ATTEMPTS} ports in a row were taken by other processes"
-        self._log.error("namespace failed to start", name=label, reason=why,
-                        stderr=child.stderr_summary())
+        self._log.error("namespace {name} failed to start: {reason}", name=label, reason=why,
+                        stderr=process.stderr_summary())
         raise spawn_failed(label, why)
 
     def _scratch_dir(self, name: str, port: int) -> str:
@@ -187,23 +247,23 @@ class Supervisor:
         shutil.rmtree(path, ignore_errors=True)
         return result
 
-    def _wait_serving(self, child: TursodbProcess) -> Deferred[str | None]:
+    def _wait_serving(self, process: TursodbProcess) -> Deferred[str | None]:
         """
-        Fire with C{None} once C{child} serves on its port, else with why not
-        (it exited, or the start-up timeout passed and it was killed).
+        Fire with C{None} once C{process} serves on its port, else with why
+        not (it exited, or the start-up timeout passed and it was killed).
         """
         result: Deferred[str | None] = Deferred()
         began = self.reactor.seconds()
         deadline = began + self.startup_timeout
 
         def check() -> None:
-            if child.has_ended:
-                result.callback(f"tursodb exited at start-up ({child.exit_description()})")
-            elif child.pid is not None and self.is_serving(child.pid, child.port):
+            if process.has_ended:
+                result.callback(f"tursodb exited at start-up ({process.exit_description()})")
+            elif process.pid is not None and self.is_serving(process.pid, process.port):
                 result.callback(None)
             elif self.reactor.seconds() >= deadline:
-                child.signal("KILL")
-                child.ended.addCallback(lambda _: result.callback(
+                process.signal("KILL")
+                process.whenEnded().addCallback(lambda _: result.callback(
                     f"tursodb did not listen within {self.startup_timeout:g}s"))
             else:
                 # tursodb listens within a few ms: poll closely at first.
@@ -213,20 +273,22 @@ class Supervisor:
         self.reactor.callLater(0.001, check)
         return result
 
-    def _ended(self, child: TursodbProcess) -> TursodbProcess:
+    # -- ending ----------------------------------------------------------------
+
+    def _ended(self, child: Child) -> None:
         name = child.name
-        if self.children.get(name) is child:
-            del self.children[name]
-            self.ports.release(child.port)
-            uptime = self.reactor.seconds() - self.started_at.pop(name, self.reactor.seconds())
-            if name not in self._stopping:
-                self.unexpected_exits += 1
-                self._note_failure(name, uptime)
-                self._log.error(
-                    "tursodb exited unexpectedly", name=name, port=child.port, pid=child.pid,
-                    status=child.exit_description(), uptime=round(uptime, 3),
-                    stderr=child.stderr_summary())
-        return child
+        if self._children.get(name) is not child:
+            return
+        del self._children[name]
+        self.ports.release(child.port)
+        uptime = self.reactor.seconds() - child.started_at
+        if child.phase != "stopping":
+            self.unexpected_exits += 1
+            self._note_failure(name, uptime)
+            self._log.error(
+                "tursodb of namespace {name} exited unexpectedly ({status}) after {uptime} s",
+                name=name, port=child.port, pid=child.pid, status=child.process.exit_description(),
+                uptime=round(uptime, 3), stderr=child.process.stderr_summary())
 
     def _note_failure(self, name: str, uptime: float = 0.0) -> None:
         backoff = self._backoff.setdefault(name, _Backoff())
@@ -238,45 +300,41 @@ class Supervisor:
         """
         Stop C{name}'s child: SIGTERM, then SIGKILL after the grace period.
         """
-        child = self.running(name)
+        child = self._children.get(name)
         self._backoff.pop(name, None)
-        if child is None:
+        if child is None or child.process.has_ended:
             return succeed(None)
-        self._stopping.add(name)
-        return self._terminate(child, name).addCallback(lambda _: self._stopping.discard(name))
+        child.phase = "stopping"
+        return self._terminate(child)
 
-    def _close_channel(self, result: object, channel: BackendChannel) -> object:
-        channel.close()
-        return result
-
-    def _terminate(self, child: TursodbProcess, name: str) -> Deferred[None]:
+    def _terminate(self, child: Child) -> Deferred[None]:
         done: Deferred[None] = Deferred()
-        if child.has_ended:
+        if child.process.has_ended:
             done.callback(None)
             return done
         # Drop the channel's spare first, so the child logs no noise.
-        quiet = child.channel.close() if child.channel is not None else succeed(None)
+        quiet = child.channel.close()
         quiet.addTimeout(1.0, self.reactor, onTimeoutCancel=lambda *_: None)
-        quiet.addCallback(lambda _: self._signal_stop(child, name, done))
+        quiet.addCallback(lambda _: self._signal_stop(child, done))
         return done
 
-    def _signal_stop(self, child: TursodbProcess, name: str, done: Deferred[None]) -> None:
-        if child.has_ended:
+    def _signal_stop(self, child: Child, done: Deferred[None]) -> None:
+        process = child.process
+        if process.has_ended:
             if not done.called:
                 done.callback(None)
             return
-        child.signal("TERM")
-        kill = self.reactor.callLater(self.stop_grace, child.signal, "KILL")
+        process.signal("TERM")
+        kill = self.reactor.callLater(self.stop_grace, process.signal, "KILL")
 
-        def stopped(ended: TursodbProcess) -> TursodbProcess:
+        def stopped(ended: TursodbProcess) -> None:
             if kill.active():
                 kill.cancel()
-            self._log.info("namespace stopped", name=name, pid=ended.pid,
+            self._log.info("namespace {name} stopped ({status})", name=child.name, pid=ended.pid,
                            status=ended.exit_description())
             done.callback(None)
-            return ended
 
-        child.ended.addCallback(stopped)
+        process.whenEnded().addCallback(stopped)
 
     def stop_all(self) -> Deferred[Any]:
-        return DeferredList([self.stop(name) for name in list(self.children)])
+        return DeferredList([self.stop(name) for name in list(self._children)])

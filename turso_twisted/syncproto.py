@@ -17,13 +17,20 @@ history, and refuses ids retired from earlier histories of the name.
 
 Only what is needed is parsed: protobuf fields 2 and 3 of a pull request,
 field 1 of a pull response's first (length-delimited) message, and the
-arguments of pipeline statements on the sync table.
+arguments of pipeline statements on the sync table.  L{HistoryGuard} is the
+whole policy: what the data port checks on the way in and tags on the way
+out, and which replicas a namespace's archive retires.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+import attrs
+
+from .errors import Conflict, Invalid
+from .state import NamespaceRecord, StateStore
 
 SYNC_TABLE = b"turso_sync_last_change_id"
 
@@ -171,3 +178,80 @@ def pushing_clients(body: bytes) -> set[str]:
                 if isinstance(arg, dict) and arg.get("type") == "text" and isinstance(arg.get("value"), str):
                     found.add(arg["value"])
     return found
+
+
+PULL_PATH = b"/pull-updates"
+PIPELINE_PATH = b"/v2/pipeline"
+
+
+@attrs.define(eq=False)
+class HistoryGuard:
+    """
+    Keeps every replica on the history of the data it was made from: tags
+    the revisions handed out, refuses revisions and pushes of other
+    histories, and retires a history's replicas when its files go.
+    """
+
+    state: StateStore
+
+    def inbound(self, record: NamespaceRecord, path: bytes, body: bytes) -> bytes:
+        """
+        The request body a child gets: a pull's revisions untagged, a push
+        checked against retired replicas (and its new replicas noted, saved
+        at once: it is what retires them should the files be replaced).
+
+        @raise Conflict: for a replica of another history.
+        @raise Invalid: for a pull request that cannot be parsed.
+        """
+        if path == PULL_PATH:
+            try:
+                return untag_pull_request(body, record.history, record.name)
+            except StaleReplica as error:
+                raise Conflict("stale_replica", str(error)) from None
+            except MalformedSyncMessage as error:
+                raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
+        if path == PIPELINE_PATH:
+            clients = pushing_clients(body)
+            if clients:
+                self._check_pushing(record, clients)
+        return body
+
+    def outbound(self, history: str, path: bytes, status: int, body: bytes) -> bytes:
+        """
+        The response body a client gets: a pull's revision tagged.
+
+        @raise MalformedSyncMessage: when the child's answer cannot be parsed.
+        """
+        if path == PULL_PATH and status == 200:
+            return tag_pull_response(body, history)
+        return body
+
+    def _check_pushing(self, record: NamespaceRecord, client_ids: set[str]) -> None:
+        stale = client_ids & record.retired
+        if stale:
+            raise Conflict("stale_replica",
+                           f"this replica ({sorted(stale)[0]}) was made from other data than namespace "
+                           f"{record.name!r} now holds (it was deleted and created again, restored, or "
+                           "its files were replaced); delete the local replica files and connect again")
+        new = client_ids - record.clients
+        if new:
+            record.clients.update(new)
+            try:
+                self.state.save()
+            except BaseException:
+                record.clients.difference_update(new)
+                raise
+
+    def retire(self, name: str, client_ids: set[str]) -> None:
+        """
+        Remember C{client_ids} as replicas of a history of C{name} that is
+        gone (saved with the caller's next state write).
+        """
+        if client_ids:
+            self.state.tombstones[name] = self.state.tombstones.get(name, set()) | client_ids
+
+    def retired(self, name: str) -> set[str]:
+        """
+        Replicas of every earlier history of C{name}: a new one refuses them.
+        """
+        return set(self.state.tombstones.get(name, ()))
