@@ -78,6 +78,7 @@ class HibernationRaceTests(E2ETestCase):
                                        pipeline("create table t (v integer)"))
             yield response.content()
         acknowledged: dict[str, list[int]] = {"left": [], "right": []}
+        refused: list[tuple[int, str]] = []
 
         @inlineCallbacks
         def client(start: int, stop: int, step: int) -> Any:
@@ -88,16 +89,25 @@ class HibernationRaceTests(E2ETestCase):
                 body = yield response.content()
                 if response.code == 200 and b'"error"' not in body:
                     acknowledged[name].append(i)
+                else:
+                    refused.append((response.code, json.loads(body).get("error")))
+
+        def count() -> int:
+            return len(acknowledged["left"]) + len(acknowledged["right"])
 
         # Alone, every request swaps the resident child...
         yield client(0, 60, 1)
-        self.assertGreaterEqual(len(daemon.events(HIBERNATED)), 55)
-        # ...and together they race (some get 503 too_many_running: fine,
-        # as long as nothing acknowledged is lost or doubled).
+        self.assertEqual((count(), refused), (60, []))
+        hibernated = len(daemon.events(HIBERNATED))
+        self.assertGreaterEqual(hibernated, 55)
+        # ...and together they race: some get 503 too_many_running (and
+        # nothing else), the others are served across hibernations and wakes.
         yield DeferredList([client(60 + offset, 200, 4) for offset in range(4)], fireOnOneErrback=True)
+        self.assertEqual({outcome for outcome in refused}, {(503, "too_many_running")} if refused else set())
+        self.assertGreater(count(), 60, "the racing clients had writes acknowledged")
+        self.assertGreater(len(daemon.events(HIBERNATED)), hibernated, "the race hibernated children")
         for name, values in acknowledged.items():
             response = yield treq.post(daemon.data_url(f"/{name}/v2/pipeline"),
                                        pipeline("select v from t order by v"))
             rows = json.loads((yield response.content()))["results"][0]["response"]["result"]["rows"]
             self.assertEqual([int(row[0]["value"]) for row in rows], sorted(values))
-        self.assertGreaterEqual(len(acknowledged["left"]) + len(acknowledged["right"]), 60)
