@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import attrs
 from klein import Klein
+from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from twisted.web.static import File
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as NoRoute
@@ -38,6 +40,7 @@ from .stats import NamespaceStats
 from .timefmt import format_duration, parse_duration
 
 _MAX_ADMIN_JSON = 64 * 1024
+_R = TypeVar("_R")
 
 
 @attrs.define
@@ -132,13 +135,13 @@ class AdminAPI:
         app.handle_errors(MethodNotAllowed)(self._method_not_allowed)
         app.handle_errors(Exception)(self._unexpected)
 
-    def resource(self) -> Any:
+    def resource(self) -> KleinResource:
         return self.app.resource()
 
     # -- plumbing ------------------------------------------------------------
 
-    def _admin(self, handler: Callable[..., Any]) -> Callable[..., Any]:
-        def guarded(request: IRequest, **kwargs: Any) -> Any:
+    def _admin(self, handler: Callable[..., _R]) -> Callable[..., _R]:
+        def guarded(request: IRequest, **kwargs: str) -> _R:
             self.token.check(request)
             return handler(request, **kwargs)
 
@@ -147,7 +150,8 @@ class AdminAPI:
         return guarded
 
     def _refusal(self, request: IRequest, failure: Failure) -> bytes:
-        return render(request, failure.value, "admin")
+        # handle_errors(Refusal) sends only Refusals here.
+        return render(request, cast(Refusal, failure.value), "admin")
 
     def _route_not_found(self, request: IRequest, failure: Failure) -> bytes:
         return render(request, NotFound("not_found", "no such admin route"), "admin")
@@ -296,7 +300,7 @@ class AdminAPI:
 
     # -- backup, restore, fork ----------------------------------------------------
 
-    async def backup(self, request: IRequest, name: str) -> Any:
+    async def backup(self, request: Request, name: str) -> bytes | File:
         """A consistent copy of the namespace as a SQLite file, with its identity inside."""
         taken = await self.backups.take(_valid(name))
         # The temp copy goes when the download ends, however it ends.

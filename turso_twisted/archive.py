@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -29,7 +28,7 @@ from twisted.internet.threads import deferToThread
 
 from . import names
 from .errors import Conflict, Invalid, NotFound, Unprocessable
-from .files import fsync_directory, move_no_clobber, sha256_and_size, write_atomically
+from .files import RunInThread, fsync_directory, move_no_clobber, sha256_and_size, write_atomically
 from .state import NamespaceRecord, new_history
 from .timefmt import compact, from_rfc3339, to_rfc3339
 
@@ -210,7 +209,7 @@ class Archiver:
     """
 
     data_dir: str
-    run_in_thread: Callable[..., Deferred[Any]] = deferToThread
+    run_in_thread: RunInThread = deferToThread
 
     @property
     def archive_dir(self) -> str:

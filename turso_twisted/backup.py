@@ -22,7 +22,7 @@ import os
 import shutil
 import sqlite3
 import uuid
-from typing import IO, Any
+from typing import IO
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -34,11 +34,12 @@ from twisted.python.failure import Failure
 from . import __version__, names
 from .channel import ChannelClosed, QueueFull, QueueTimeout
 from .errors import Conflict, Failed, Invalid, Unavailable, Unprocessable, not_found
-from .files import remove_database_copy, remove_paths, sha256_and_size
+from .files import RunInThread, remove_database_copy, remove_paths, sha256_and_size
 from .hrana import ChildSQLError, execute, pipeline
 from .locks import KeyedLocks
 from .namespaces import NamespaceManager
 from .replay import SqliteSource, next_request, open_read_only
+from .state import NamespaceRecord
 from .supervisor import Supervisor
 from .timefmt import compact, to_rfc3339
 
@@ -132,7 +133,7 @@ class Backups:
     supervisor: Supervisor
     #: Where copies and builds are made (C{_tmp/} of the data dir).
     scratch: str
-    run_in_thread: Any = deferToThread
+    run_in_thread: RunInThread = deferToThread
     backups: int = 0
     backup_bytes: int = 0
     backup_seconds: float = 0.0
@@ -164,7 +165,7 @@ class Backups:
 
         result: Deferred[BackupFile] = Deferred(cancel)
 
-        def finished(outcome: Any) -> None:
+        def finished(outcome: BackupFile | Failure) -> None:
             if abandoned[0]:
                 if isinstance(outcome, BackupFile):
                     remove_database_copy(outcome.path)
@@ -220,7 +221,8 @@ class Backups:
     # -- restore and fork ------------------------------------------------------
 
     def restore(self, name: str, content: IO[bytes], source: str | None = None,
-                allow_foreign: bool = False, allow_other_incarnation: bool = False) -> Deferred[Any]:
+                allow_foreign: bool = False,
+                allow_other_incarnation: bool = False) -> Deferred[NamespaceRecord]:
         """
         Replace C{name}'s data with the SQLite file in C{content}, after
         checking it; fires with the namespace record.
@@ -232,7 +234,7 @@ class Backups:
                                                           allow_other_incarnation))
 
     async def _restore(self, name: str, content: IO[bytes], source: str | None,
-                       allow_foreign: bool, allow_other_incarnation: bool) -> Any:
+                       allow_foreign: bool, allow_other_incarnation: bool) -> NamespaceRecord:
         upload = self._scratch_path("upload", name) + ".db"
         try:
             await self.run_in_thread(_save_upload, content, upload)
@@ -275,7 +277,7 @@ class Backups:
                        history=record.history, source=identity.namespace if identity else None)
         return record
 
-    def fork(self, source: str, target: str) -> Deferred[Any]:
+    def fork(self, source: str, target: str) -> Deferred[NamespaceRecord]:
         """
         Make C{target} a new explicit namespace holding a consistent copy of
         C{source}; fires with the new record.
@@ -284,7 +286,7 @@ class Backups:
         names.validate(target)
         return self._jobs.run(target, lambda: self._fork(source, target))
 
-    async def _fork(self, source: str, target: str) -> Any:
+    async def _fork(self, source: str, target: str) -> NamespaceRecord:
         if self.manager.get(target) is not None:
             raise Conflict("namespace_exists", f"namespace {target!r} exists already")
         if source == target:

@@ -27,16 +27,25 @@ deadline, they fail with L{QueueFull} / L{QueueTimeout}.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+_T = TypeVar("_T")
+
 _DROP_REQUEST = b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class ChannelReactor(IReactorTCP, IReactorTime):
+    """
+    What a channel needs of the reactor: TCP connections and timers.
+    """
 
 
 class QueueFull(Exception):
@@ -86,6 +95,7 @@ class _Exchange(Protocol):
 
     def send(self, request: bytes) -> Deferred[BackendResponse]:
         self.sent = True
+        assert self.transport is not None
         self.transport.write(request)
         return self.response
 
@@ -99,12 +109,14 @@ class _Exchange(Protocol):
                 self._head = _parse_head(self._buffer[:end])
             except ValueError as error:
                 self.response.errback(Failure(ResponseIncomplete(str(error))))
+                assert self.transport is not None
                 self.transport.loseConnection()
                 return
             self._buffer = self._buffer[end + 4:]
         length = self._head[3]
         if length is not None and len(self._buffer) >= length:
             self._finish(self._buffer[:length])
+            assert self.transport is not None
             self.transport.loseConnection()
 
     def _finish(self, body: bytes) -> None:
@@ -112,7 +124,7 @@ class _Exchange(Protocol):
             code, phrase, headers, _ = self._head
             self.response.callback(BackendResponse(code, phrase, headers, body))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         if self.response.called or not self.sent:
             return  # a spare that died unused: nobody waits for it
@@ -122,7 +134,15 @@ class _Exchange(Protocol):
             self.response.errback(Failure(ResponseIncomplete(reason.getErrorMessage())))
 
 
-class _ExchangeFactory(ClientFactory):
+if TYPE_CHECKING:
+    # Newer Twisted types its factories by their protocol; 24.3 (which
+    # setup.cfg allows) cannot subscript ClientFactory at run time.
+    _ClientFactory = ClientFactory[_Exchange]
+else:
+    _ClientFactory = ClientFactory
+
+
+class _ExchangeFactory(_ClientFactory):
     """
     Makes the one L{_Exchange} of one connection; quiet, since there is a
     connection per request.
@@ -133,12 +153,12 @@ class _ExchangeFactory(ClientFactory):
     def __init__(self) -> None:
         self.connected: Deferred[_Exchange] = Deferred()
 
-    def buildProtocol(self, addr: Any) -> _Exchange:
+    def buildProtocol(self, addr: IAddress | None) -> _Exchange:
         exchange = _Exchange()
         exchange.factory = self
         return exchange
 
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.connected.errback(reason)
 
 
@@ -165,7 +185,7 @@ def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], int
 class _Pending:
     request: bytes
     result: Deferred[BackendResponse]
-    timer: Any = None
+    timer: IDelayedCall | None = None
 
 
 @attrs.define(eq=False)
@@ -174,7 +194,7 @@ class BackendChannel:
     The serial, spare-keeping connection to one child on C{port}.
     """
 
-    reactor: Any
+    reactor: ChannelReactor
     port: int
     max_queue: int = 128
     queue_timeout: float = 30.0
@@ -186,7 +206,7 @@ class BackendChannel:
     _busy: bool = False
     _closed: bool = False
     _spare: Deferred[_Exchange] | None = None
-    _idle_timer: Any = None
+    _idle_timer: IDelayedCall | None = None
     _last_done: float = 0.0
     _log = Logger()
 
@@ -281,7 +301,7 @@ class BackendChannel:
             self._spare.addErrback(lambda _: None)
         answered.addBoth(self._done, pending)
 
-    def _done(self, result: Any, pending: _Pending) -> None:
+    def _done(self, result: BackendResponse | Failure, pending: _Pending) -> None:
         self._busy = False
         if pending.result.called:
             pass  # cancelled by its client meanwhile: the answer is dropped
@@ -329,12 +349,12 @@ class BackendChannel:
         return done
 
 
-def _failed(error: Exception) -> Deferred[Any]:
-    result: Deferred[Any] = Deferred()
+def _failed(error: Exception) -> Deferred[_T]:
+    result: Deferred[_T] = Deferred()
     result.errback(Failure(error))
     return result
 
 
-def _cancel(call: Any) -> None:
+def _cancel(call: IDelayedCall | None) -> None:
     if call is not None and call.active():
         call.cancel()

@@ -22,8 +22,9 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
-from typing import IO, Any
+from collections.abc import Callable, Sequence
+from http.client import HTTPResponse
+from typing import IO, Any, cast
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -43,7 +44,7 @@ class Client:
         self.timeout = timeout
 
     def _request(self, method: str, path: str, body: bytes | IO[bytes] | None = None,
-                 length: int | None = None) -> Any:
+                 length: int | None = None) -> HTTPResponse:
         request = urllib.request.Request(self.url + path, data=body, method=method)
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
@@ -51,7 +52,8 @@ class Client:
             request.add_header("Content-Length", str(length))
             request.add_header("Content-Type", "application/vnd.sqlite3")
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
+            # What urlopen returns for an http(s) URL.
+            return cast(HTTPResponse, urllib.request.urlopen(request, timeout=self.timeout))
         except urllib.error.HTTPError as error:
             raise CommandFailed(_describe_error(error)) from None
         except (urllib.error.URLError, OSError) as error:
@@ -63,7 +65,7 @@ class Client:
         with self._request(method, path, body) as response:
             return json.loads(response.read() or b"null")
 
-    def stream(self, path: str) -> Any:
+    def stream(self, path: str) -> HTTPResponse:
         return self._request("GET", path)
 
     def upload(self, path: str, file_path: str) -> Any:
@@ -109,6 +111,9 @@ def _show(record: dict[str, Any], out: IO[str]) -> None:
 
 # -- commands -------------------------------------------------------------------
 
+#: A subcommand: does its work, prints for people, returns what C{--json} prints.
+Command = Callable[[Client, argparse.Namespace, IO[str]], Any]
+
 
 def cmd_list(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     result = client.json("GET", "/v1/namespaces")
@@ -117,7 +122,8 @@ def cmd_list(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     return result
 
 
-def _record_command(method: str, suffix: str, payload: Any = None) -> Any:
+def _record_command(method: str, suffix: str,
+                    payload: Callable[[argparse.Namespace], dict[str, Any]] | None = None) -> Command:
     def command(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
         record = client.json(method, f"/v1/namespaces/{_quote(args.name)}{suffix}", payload(args)
                              if callable(payload) else payload)
@@ -270,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Any, help_text: str, with_name: bool = True) -> argparse.ArgumentParser:
+    def command(name: str, handler: Command, help_text: str,
+                with_name: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if with_name:
             sub.add_argument("name", help="namespace name")

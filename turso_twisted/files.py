@@ -11,6 +11,22 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
+from typing import ParamSpec, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class RunInThread(Protocol):
+    """
+    How the primitives run off the reactor thread: L{deferToThread}, or a
+    stand-in that tests pass.
+    """
+
+    def __call__(self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]: ...
 
 
 def fsync_directory(directory: str) -> None:

@@ -18,8 +18,6 @@ goes on.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -46,7 +44,7 @@ class GarbageCollector:
     purges: int = 0
     failures: int = 0
     _loop: LoopingCall | None = None
-    _finished: Deferred[Any] | None = None
+    _finished: Deferred[LoopingCall] | None = None
     _log = Logger()
 
     def start(self) -> None:
@@ -54,7 +52,7 @@ class GarbageCollector:
         self._loop.clock = self.clock
         self._finished = self._loop.start(self.interval, now=False)
 
-    def stop(self) -> Deferred[Any]:
+    def stop(self) -> Deferred[LoopingCall] | Deferred[None]:
         """
         Stop sweeping; fires when a sweep under way has finished.
         """

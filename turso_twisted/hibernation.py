@@ -14,8 +14,6 @@ stopping.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -44,7 +42,7 @@ class Hibernator:
     hibernations: int = 0
     refused_running: int = 0
     _loop: LoopingCall | None = None
-    _finished: Deferred[Any] | None = None
+    _finished: Deferred[LoopingCall] | None = None
     _log = Logger()
 
     @property
@@ -57,7 +55,7 @@ class Hibernator:
             self._loop.clock = self.clock
             self._finished = self._loop.start(self.interval, now=False)
 
-    def stop(self) -> Deferred[Any]:
+    def stop(self) -> Deferred[LoopingCall] | Deferred[None]:
         """
         Stop sweeping; fires when a sweep under way has finished.
         """

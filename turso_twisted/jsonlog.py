@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
-from zope.interface import provider
+from zope.interface import directlyProvides
 
 _LEVELS = {
     LogLevel.debug: "DEBUG",
@@ -77,13 +77,14 @@ def event_as_json(event: LogEvent) -> str | None:
 
 
 def json_observer(stream: IO[str]) -> Callable[[LogEvent], None]:
-    @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
         line = event_as_json(event)
         if line is not None:
             stream.write(line + "\n")
             stream.flush()
 
+    # As @provider(ILogObserver) would, but mypy keeps the function's type.
+    directlyProvides(observe, ILogObserver)
     return observe
 
 

@@ -10,7 +10,6 @@ pick a leased child to hibernate.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
@@ -114,7 +113,7 @@ class Leases:
         done.addCallback(finished)
         return done
 
-    def all_drained(self) -> Deferred[Any]:
+    def all_drained(self) -> Deferred[list[tuple[bool, None]]]:
         """
         Fire when no lease on any namespace is out, or after the drain timeout.
         """

@@ -13,11 +13,14 @@ C{GET /v1/namespaces/:name/stats}.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .service import TursoService
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,7 +62,7 @@ class Metrics:
         self.bytes_in.inc(received)
         self.bytes_out.inc(sent)
 
-    def watch(self, service: Any) -> None:
+    def watch(self, service: TursoService) -> None:
         """
         Report C{service}'s own counters at every scrape.
         """
@@ -71,7 +74,7 @@ class Metrics:
 
 @attrs.define(eq=False)
 class _DaemonCollector:
-    service: Any
+    service: TursoService
 
     def collect(self) -> Iterator[Metric]:
         service = self.service

@@ -421,7 +421,7 @@ class NamespaceManager:
 
     # -- shutdown ----------------------------------------------------------------
 
-    def stop_all(self) -> Deferred[Any]:
+    def stop_all(self) -> Deferred[None]:
         """
         Refuse new work, wait (bounded) for requests in flight, stop every child.
         """

@@ -71,6 +71,7 @@ class TursodbProcess(ProcessProtocol):
         return waiter
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.pid = self.transport.pid
         self.transport.closeStdin()
 

@@ -12,18 +12,15 @@ what is learnt about it on the way is in one L{ProxiedRequest}.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import Request
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from . import names
 from .channel import BackendResponse, ChannelClosed, QueueFull, QueueTimeout
@@ -31,6 +28,7 @@ from .errors import INTERNAL, Invalid, NotFound, Refusal, Unavailable, UpstreamF
 from .leases import Lease
 from .metrics import Metrics, request_kind
 from .namespaces import NamespaceManager
+from .process import TursodbProcess
 from .stats import NamespaceStats
 from .syncproto import HistoryGuard, MalformedSyncMessage
 
@@ -79,7 +77,7 @@ def end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes] =
     C{headers} without hop-by-hop ones (and those the C{Connection} header
     names) or any in C{also_drop}.
     """
-    named = set()
+    named: set[bytes] = set()
     for key, value in headers:
         if key.lower() == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
@@ -129,7 +127,7 @@ class DataPlane(Resource):
         self.access_log = access_log
         self.rejected = 0
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> int:
         content = request.content
         info = ProxiedRequest(self.reactor.seconds(), content.seek(0, 2) if content is not None else 0)
         request.notifyFinish().addBoth(self._finished, request, info)
@@ -142,6 +140,7 @@ class DataPlane(Resource):
     async def _serve(self, request: Request, info: ProxiedRequest) -> None:
         name, target = split_target(request.uri)
         info.namespace, info.path = name, target.partition(b"?")[0]
+        assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
         for attempt in (1, 2):
@@ -188,13 +187,12 @@ class DataPlane(Resource):
         info.upstream_seconds = self.reactor.seconds() - began
         return record.history, response
 
-    def _death_noticed(self, lease: Lease) -> Deferred[Any]:
+    def _death_noticed(self, lease: Lease) -> Deferred[TursodbProcess | None]:
         """
         Fire once the leased child has ended, or after L{DEATH_NOTICE_TIMEOUT}.
         """
         ended = lease.child.whenEnded()
-        ended.addTimeout(DEATH_NOTICE_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: None)
-        return ended
+        return ended.addTimeout(DEATH_NOTICE_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: None)
 
     # -- up --------------------------------------------------------------------
 

@@ -217,7 +217,7 @@ def find_orphans(data_dir: str, binary: str = "tursodb", own_pid: int | None = N
     data_dir = os.path.abspath(data_dir)
     programs = {"tursodb", os.path.basename(binary)}
     own_pid = os.getpid() if own_pid is None else own_pid
-    found = []
+    found: list[int] = []
     try:
         entries = os.listdir("/proc")
     except OSError:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import cast
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -39,7 +40,7 @@ from .recovery import recover
 from .sites import CappedSite
 from .state import StateError, StateStore
 from .stats import NamespaceStats
-from .supervisor import Supervisor
+from .supervisor import Reactor, Supervisor
 from .syncproto import HistoryGuard
 
 
@@ -51,7 +52,7 @@ class TursoService(Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, state: StateStore) -> None:
+    def __init__(self, config: Config, reactor: Reactor, state: StateStore) -> None:
         self.config = config
         self.reactor = reactor
         self.state = state
@@ -124,7 +125,10 @@ class TursoService(Service):
         )
         for kind, variable, address, site in listeners:
             try:
-                self.ports[kind] = self.reactor.listenTCP(address.port, site, interface=address.host)
+                # listenTCP wants a ServerFactory of no protocol in particular,
+                # which a Site (a factory of HTTP channels) is not to mypy.
+                self.ports[kind] = self.reactor.listenTCP(
+                    address.port, site, interface=address.host)  # type: ignore[arg-type]
             except CannotListenError as error:
                 for port in self.ports.values():
                     port.stopListening()
@@ -152,7 +156,8 @@ class TursoService(Service):
                            "TURSO_AUTH_TOKEN / TURSO_ADMIN_TOKEN in production",
                            ports=" and ".join(open_ports), open_ports=open_ports)
         for kind, port in self.ports.items():
-            host = port.getHost()
+            # A listenTCP port has an IP address.
+            host = cast("IPv4Address | IPv6Address", port.getHost())
             self._log.info("listening: {listener} port on {host}:{port}", listener=kind, host=host.host,
                            port=host.port)
         self.gc.start()
@@ -174,7 +179,8 @@ class TursoService(Service):
         self._log.info("shutting down with {inflight} requests in flight", inflight=self.leases.count())
         # Connections already open may still send requests: they get a 503.
         self.manager.stopping = True
-        await DeferredList([port.stopListening() for port in self.ports.values()])
+        await DeferredList([stopped for port in self.ports.values()
+                            if (stopped := port.stopListening()) is not None])
         self.ports = {}
         await self.gc.stop()
         await self.hibernator.stop()
@@ -192,14 +198,18 @@ def _fatal(message: str) -> None:
     raise SystemExit(1)
 
 
-def make_service(options: Mapping[str, str | None], reactor: Any = None,
+def make_service(options: Mapping[str, str | None], reactor: Reactor | None = None,
                  environ: Mapping[str, str] | None = None) -> TursoService:
     """
     Build the daemon from twistd options and the environment, or exit with
     one clear line if the configuration or the state file is unusable.
     """
     if reactor is None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
+
+        # It provides IReactorProcess, IReactorTCP and IReactorTime, though
+        # not the interface that names the three together.
+        reactor = cast(Reactor, global_reactor)
     try:
         config = Config.load(options, environ)
     except ConfigError as error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 from io import BytesIO
 
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -30,7 +31,7 @@ class CappedRequest(Request):
 
     @property
     def _site(self) -> CappedSite:
-        site: CappedSite = self.channel.site
+        site: CappedSite = self.channel.site  # type: ignore[attr-defined]  # set by Site.buildProtocol
         return site
 
     def gotLength(self, length: int | None) -> None:
@@ -80,6 +81,7 @@ class CappedRequest(Request):
         self.requestHeaders.removeHeader(b"expect")
         status, headers, body = response_parts(error, self._site.edge)
         head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        assert self.channel.transport is not None
         self.channel.transport.write(b"HTTP/1.1 %d %s\r\n%sconnection: close\r\n\r\n%s"
                                      % (status, status_phrase(status), head, body))
         self.channel.loseConnection()
@@ -93,7 +95,7 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

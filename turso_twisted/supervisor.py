@@ -15,15 +15,15 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorProcess, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 
 from . import names
-from .channel import BackendChannel
+from .channel import BackendChannel, ChannelReactor
 from .datadir import temp_dir
 from .errors import Unavailable
 from .ports import PortAllocator, PortsExhausted
@@ -39,9 +39,10 @@ MAX_BACKOFF = 60.0
 Phase = Literal["starting", "running", "stopping"]
 
 
-class Reactor(IReactorProcess, IReactorTCP, IReactorTime):
+class Reactor(IReactorProcess, ChannelReactor):
     """
-    What the children need of the reactor: processes, TCP and time.
+    What the children need of the reactor: processes, and TCP and time for
+    their channels.
     """
 
 
@@ -81,7 +82,8 @@ class _Backoff:
     retry_at: float = 0.0
 
 
-def _channel_factory(reactor: Any, queue_depth: int, queue_timeout: float) -> Callable[[int], BackendChannel]:
+def _channel_factory(reactor: ChannelReactor, queue_depth: int,
+                     queue_timeout: float) -> Callable[[int], BackendChannel]:
     def make(port: int) -> BackendChannel:
         return BackendChannel(reactor, port, max_queue=queue_depth, queue_timeout=queue_timeout)
 
@@ -212,7 +214,7 @@ class Supervisor:
             process.whenEnded().addBoth(self._remove_scratch, scratch)
             assert self.make_channel is not None
             child = Child(label, process, self.make_channel(port), began)
-            process.whenEnded().addBoth(lambda result, channel=child.channel: (channel.close(), result)[1])
+            process.whenEnded().addBoth(self._close_channel, child.channel)
             if register:
                 self._children[label] = child
             self.spawns += 1
@@ -245,6 +247,10 @@ class Supervisor:
 
     def _remove_scratch(self, result: object, path: str) -> object:
         shutil.rmtree(path, ignore_errors=True)
+        return result
+
+    def _close_channel(self, result: object, channel: BackendChannel) -> object:
+        channel.close()
         return result
 
     def _wait_serving(self, process: TursodbProcess) -> Deferred[str | None]:
@@ -336,5 +342,5 @@ class Supervisor:
 
         process.whenEnded().addCallback(stopped)
 
-    def stop_all(self) -> Deferred[Any]:
+    def stop_all(self) -> Deferred[list[tuple[bool, None]]]:
         return DeferredList([self.stop(name) for name in list(self._children)])

@@ -74,11 +74,12 @@ def parse_fields(data: bytes) -> list[tuple[int, int, Any]]:
     A protobuf message as (field number, wire type, value): C{int} for
     varints, C{bytes} otherwise.
     """
-    fields = []
+    fields: list[tuple[int, int, Any]] = []
     position = 0
     while position < len(data):
         key, position = _read_varint(data, position)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == _WIRE_VARINT:
             value, position = _read_varint(data, position)
         elif wire == _WIRE_BYTES:

@@ -7,8 +7,6 @@ itself is imported only when this one is run.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import IService, IServiceMaker
 from twisted.plugin import IPlugin
 from twisted.python import usage
@@ -43,7 +41,7 @@ class TursoServerMaker:
     description = "Multi-tenant supervisor around tursodb --sync-server"
     options = Options
 
-    def makeService(self, options: Any) -> IService:
+    def makeService(self, options: Options) -> IService:
         from turso_twisted.service import make_service
 
         return make_service(options)
