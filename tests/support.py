@@ -54,7 +54,7 @@ class ManagerFixture:
             startup_timeout=5,
             child_env={},
             is_serving=lambda pid, port: self.auto_serve or pid in self.serving,
-            make_channel=make_channel,
+            **({"make_channel": make_channel} if make_channel else {}),
         )
         self.locks = KeyedLocks()
         self.leases = Leases(self.reactor, drain_timeout=10)

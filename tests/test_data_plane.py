@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.auth import BearerToken
 from turso_twisted.channel import BackendResponse, QueueFull, ResponseIncomplete
+from turso_twisted.metrics import Metrics
 from turso_twisted.proxy import DataPlane
 from turso_twisted.sites import CappedSite
 
@@ -146,8 +147,10 @@ class DataSiteTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp())
-        plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats)
-        self.site = CappedSite(plane, "data", 1000, BearerToken("data-token"), authorize_every_request=True)
+        self.metrics = Metrics()
+        plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats, self.metrics)
+        self.site = CappedSite(plane, "data", 1000, BearerToken("data-token"), authorize_every_request=True,
+                               on_refused=plane.refused_at_headers)
 
     def exchange(self, raw: bytes) -> bytes:
         protocol = self.site.buildProtocol(None)
@@ -167,3 +170,6 @@ class DataSiteTests(SynchronousTestCase):
             self.assertEqual(json.loads(body)["error"], "unauthorized")
         self.assertEqual(self.fx.state.records, {})
         self.assertEqual(self.site.refused, 2)
+        # Counted and logged like any other answer.
+        counted = b'turso_proxy_requests_total{kind="other",status_class="4xx"} 2.0'
+        self.assertIn(counted, self.metrics.render())

@@ -177,6 +177,22 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(list(child.recent_stderr),
                          ["2026-01-01T00:00:00.0Z ERROR thing: broken", "second line"])
 
+    def test_stop_leaves_a_starting_child_to_its_start(self) -> None:
+        """
+        Only shutdown can meet a child still starting (callers hold the
+        name's lock): it is neither signalled nor counted as stopping, so
+        room-making never waits on it and its start ends as a start does.
+        """
+        started = self.start()
+        child = self.last_child()
+        self.successResultOf(self.supervisor.stop_all())
+        self.assertEqual(child.transport.signals, [])
+        self.assertEqual([c.phase for c in self.supervisor.children()], ["starting"])
+        self.serving.add(child.pid)
+        self.reactor.advance(0.05)
+        self.assertEqual(self.successResultOf(started).phase, "running")
+        self.assertEqual(self.supervisor.unexpected_exits, 0)
+
 
 class PortAllocatorTests(SynchronousTestCase):
     def test_round_robin_and_skip(self) -> None:
@@ -219,3 +235,5 @@ class ListenerOwnershipTests(SynchronousTestCase):
         self.assertEqual(_listening_inodes_proc(port), {inode})
         self.assertTrue(owns_listener(os.getpid(), port))
         self.assertFalse(owns_listener(os.getppid(), port))
+
+

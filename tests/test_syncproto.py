@@ -5,12 +5,17 @@ The sync-protocol bits the proxy reads and rewrites.
 from __future__ import annotations
 
 import json
+import os
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from turso_twisted.errors import Invalid
+from turso_twisted.state import NamespaceRecord, StateStore
 from turso_twisted.syncproto import (
+    HistoryGuard,
     MalformedSyncMessage,
     StaleReplica,
     parse_fields,
@@ -100,3 +105,32 @@ class PushTests(SynchronousTestCase):
         body = json.dumps({"requests": [{"type": "execute", "stmt": {"sql": "select 1"}}]}).encode()
         self.assertEqual(pushing_clients(body), set())
         self.assertEqual(pushing_clients(b"turso_sync_last_change_id {not json"), set())
+
+    @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                        lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.sampled_from(["requests", "stmt", "batch", "steps", "sql",
+                                                           "args", "type", "value"]), inner, max_size=4),
+                        max_leaves=12))
+    def test_any_json_shape_is_an_answer_not_an_error(self, document: object) -> None:
+        """
+        Whatever a client sends, the scan answers: a malformed push is the
+        child's to refuse, never a crash of ours.
+        """
+        body = json.dumps({"x": "turso_sync_last_change_id", "requests": document}).encode()
+        self.assertIsInstance(pushing_clients(body), set)
+        self.assertEqual(pushing_clients(b'{"requests":[{"batch":{"steps":5}}],"x":"turso_sync_last_change_id"}'),
+                         set())
+        self.assertEqual(pushing_clients(b"[" * 100_000 + b'"turso_sync_last_change_id"'), set())
+
+
+class HistoryGuardTests(SynchronousTestCase):
+    def test_only_a_posted_pull_is_read_as_one(self) -> None:
+        state = StateStore(os.path.join(self.mktemp(), "namespaces.json"), Clock())
+        record = NamespaceRecord.new("alpha", "auto", 0)
+        guard = HistoryGuard(state)
+        for method in (b"GET", b"OPTIONS", b"PUT"):
+            self.assertEqual(guard.inbound(record, method, b"/pull-updates", b"\xff not protobuf"),
+                             b"\xff not protobuf")
+            self.assertEqual(guard.outbound(record.history, method, b"/pull-updates", 200, b"\xff"), b"\xff")
+        with self.assertRaises(Invalid):
+            guard.inbound(record, b"POST", b"/pull-updates", b"\xff not protobuf")

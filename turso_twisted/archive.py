@@ -133,7 +133,7 @@ def record_from_manifest(manifest: dict[str, Any], locked: bool, now: float) -> 
     """
     # Entries from before histories were kept get a new one.
     return NamespaceRecord.from_json(manifest.get("name", ""), {
-        "history": new_history(), **manifest,
+        **manifest, "history": manifest.get("history") or new_history(),
         "locked": locked, "lastAccessAt": to_rfc3339(now), "archiving": None})
 
 

@@ -27,10 +27,6 @@ class BearerToken:
 
     token: str = attrs.field(repr=False)
 
-    @property
-    def required(self) -> bool:
-        return bool(self.token)
-
     def check(self, request: IRequest) -> None:
         """
         @raise Unauthorized: unless the request may pass.

@@ -299,7 +299,7 @@ class Backups:
             finally:
                 remove_paths(build)
         finally:
-            remove_paths(backup.path)
+            remove_database_copy(backup.path)
         self.forks += 1
         self._log.info("namespace {name} forked from {source}", name=target, source=source, id=record.id)
         return record

@@ -21,13 +21,13 @@ from __future__ import annotations
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .archive import ArchiveEntry
 from .leases import Leases
 from .namespaces import NamespaceManager
 from .state import NamespaceRecord
+from .sweeps import Sweeper
 from .timefmt import format_duration
 
 
@@ -43,24 +43,18 @@ class GarbageCollector:
     archives: int = 0
     purges: int = 0
     failures: int = 0
-    _loop: LoopingCall | None = None
-    _finished: Deferred[LoopingCall] | None = None
+    _sweeper: Sweeper | None = None
     _log = Logger()
 
     def start(self) -> None:
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.sweep()))
-        self._loop.clock = self.clock
-        self._finished = self._loop.start(self.interval, now=False)
+        self._sweeper = Sweeper(self.clock, self.interval, self.sweep, "gc")
+        self._sweeper.start()
 
-    def stop(self) -> Deferred[LoopingCall] | Deferred[None]:
+    def stop(self) -> Deferred[None]:
         """
         Stop sweeping; fires when a sweep under way has finished.
         """
-        if self._loop is None or self._finished is None:
-            return succeed(None)
-        if self._loop.running:
-            self._loop.stop()
-        return self._finished
+        return succeed(None) if self._sweeper is None else self._sweeper.stop()
 
     # -- rules ---------------------------------------------------------------
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .errors import Unavailable
@@ -25,6 +24,7 @@ from .leases import Leases
 from .locks import KeyedLocks
 from .state import StateStore
 from .supervisor import Supervisor
+from .sweeps import Sweeper
 from .timefmt import format_duration
 
 
@@ -41,8 +41,7 @@ class Hibernator:
     max_running: int = 0
     hibernations: int = 0
     refused_running: int = 0
-    _loop: LoopingCall | None = None
-    _finished: Deferred[LoopingCall] | None = None
+    _sweeper: Sweeper | None = None
     _log = Logger()
 
     @property
@@ -51,19 +50,14 @@ class Hibernator:
 
     def start(self) -> None:
         if self.idle_after:
-            self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.sweep()))
-            self._loop.clock = self.clock
-            self._finished = self._loop.start(self.interval, now=False)
+            self._sweeper = Sweeper(self.clock, self.interval, self.sweep, "hibernation")
+            self._sweeper.start()
 
-    def stop(self) -> Deferred[LoopingCall] | Deferred[None]:
+    def stop(self) -> Deferred[None]:
         """
         Stop sweeping; fires when a sweep under way has finished.
         """
-        if self._loop is None or self._finished is None:
-            return succeed(None)
-        if self._loop.running:
-            self._loop.stop()
-        return self._finished
+        return succeed(None) if self._sweeper is None else self._sweeper.stop()
 
     async def sweep(self) -> None:
         now = self.clock.seconds()
@@ -111,7 +105,8 @@ class Hibernator:
         tries = 0
         while self.max_running and supervisor.resident(besides=name) >= self.max_running:
             children = supervisor.children()
-            stopping = [child.whenEnded() for child in children if child.phase == "stopping"]
+            stopping = [child.whenEnded() for child in children
+                        if child.phase == "stopping" and not child.process.has_ended]
             if stopping:
                 # Room is being made already: wait until a child has gone.
                 await DeferredList(stopping, fireOnOneCallback=True)

@@ -75,9 +75,6 @@ class NamespaceManager:
     def __iter__(self) -> Iterator[NamespaceRecord]:
         return iter(self.state)
 
-    def __len__(self) -> int:
-        return len(self.state.records)
-
     def archive_entries(self, name: str | None = None) -> Deferred[list[ArchiveEntry]]:
         """
         Complete archive entries (of C{name}), oldest first, read in a thread.

@@ -170,11 +170,11 @@ class DataPlane(Resource):
         """
         record = self.manager.get(lease.name)
         assert record is not None  # a lease is only given on a live namespace
-        sent = self.guard.inbound(record, info.path, body)
-        headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
         began = self.reactor.seconds()
-        info.waiting = lease.channel.request(request.method, target, headers, sent)
         try:
+            sent = self.guard.inbound(record, request.method, info.path, body)
+            headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
+            info.waiting = lease.channel.request(request.method, target, headers, sent)
             response = await info.waiting
         except (QueueFull, QueueTimeout) as error:
             self.rejected += 1
@@ -204,7 +204,7 @@ class DataPlane(Resource):
         """
         assert info.namespace is not None
         try:
-            body = self.guard.outbound(history, info.path, response.code, response.body)
+            body = self.guard.outbound(history, request.method, info.path, response.code, response.body)
         except MalformedSyncMessage as error:
             raise self._upstream_error(info.namespace, request, error) from None
         if _gone(request) or request.finished:
@@ -244,9 +244,18 @@ class DataPlane(Resource):
         """
         if isinstance(result, Failure) and info.waiting is not None and not info.waiting.called:
             info.waiting.cancel()
-        seconds = self.reactor.seconds() - info.started
         status = 499 if _gone(request) and not request.finished else request.code  # 499: the client left
-        sent = getattr(request, "sentLength", 0)
+        self._account(request.method, request.uri, info, status, getattr(request, "sentLength", 0))
+
+    def refused_at_headers(self, method: bytes, target: bytes, status: int, sent: int) -> None:
+        """
+        Count and log a request the site answered before it got here (a
+        missing token, a body over the cap), as any other.
+        """
+        self._account(method, target, ProxiedRequest(self.reactor.seconds(), 0), status, sent)
+
+    def _account(self, method: bytes, target: bytes, info: ProxiedRequest, status: int, sent: int) -> None:
+        seconds = self.reactor.seconds() - info.started
         if self.metrics is not None:
             self.metrics.observe(request_kind(info.path), status, seconds, info.received, sent)
         if info.namespace is not None:
@@ -254,8 +263,8 @@ class DataPlane(Resource):
         if self.access_log:
             _access_log.info(
                 "{method} {path} {status}", namespace=info.namespace,
-                method=request.method.decode("latin-1"),
-                path=request.path.partition(b"?")[0].decode("latin-1")[:512], status=status,
+                method=method.decode("latin-1"),
+                path=target.partition(b"?")[0].decode("latin-1")[:512], status=status,
                 bytes_in=info.received, bytes_out=sent, duration_ms=round(seconds * 1000, 3),
                 upstream_ms=round(info.upstream_seconds * 1000, 3))
 

@@ -104,7 +104,8 @@ class TursoService(Service):
                               self.metrics, metrics_public=config.metrics_public)
         self.data_site = CappedSite(self.data_plane, "data", config.max_body_bytes,
                                     BearerToken(config.auth_token), authorize_every_request=True,
-                                    scratch_dir=scratch, timeout=config.client_idle_timeout)
+                                    scratch_dir=scratch, timeout=config.client_idle_timeout,
+                                    on_refused=self.data_plane.refused_at_headers)
         self.admin_site = CappedSite(self.admin.resource(), "admin", config.max_restore_bytes, admin_token,
                                      authorize_every_request=False, limit_name="TURSO_MAX_RESTORE_BYTES",
                                      scratch_dir=scratch)

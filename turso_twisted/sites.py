@@ -6,6 +6,7 @@ the bearer token checked before a body is read.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from io import BytesIO
 
 from twisted.web import http
@@ -79,12 +80,19 @@ class CappedRequest(Request):
         self._rejected = True
         self.content = BytesIO()
         self.requestHeaders.removeHeader(b"expect")
-        status, headers, body = response_parts(error, self._site.edge)
+        site = self._site
+        status, headers, body = response_parts(error, site.edge)
         head = b"".join(b"%s: %s\r\n" % pair for pair in headers)
         assert self.channel.transport is not None
         self.channel.transport.write(b"HTTP/1.1 %d %s\r\n%sconnection: close\r\n\r\n%s"
                                      % (status, status_phrase(status), head, body))
         self.channel.loseConnection()
+        if site.on_refused is not None:
+            # The request line is parsed but not yet handed to the request
+            # (Twisted does that once the body is in): ask the channel.
+            method = getattr(self.channel, "_command", b"") or b"-"
+            target = getattr(self.channel, "_path", b"") or b"-"
+            site.on_refused(method, target, status, len(body))
 
 
 class QuietSite(Site):
@@ -110,7 +118,8 @@ class CappedSite(QuietSite):
 
     def __init__(self, resource: Resource, edge: Edge, max_body_bytes: int, token: BearerToken,
                  authorize_every_request: bool, limit_name: str = "TURSO_MAX_BODY_BYTES",
-                 scratch_dir: str | None = None, timeout: float = 120.0) -> None:
+                 scratch_dir: str | None = None, timeout: float = 120.0,
+                 on_refused: Callable[[bytes, bytes, int, int], None] | None = None) -> None:
         super().__init__(resource, timeout=timeout)
         self.edge = edge
         self.max_body_bytes = max_body_bytes
@@ -120,3 +129,5 @@ class CappedSite(QuietSite):
         self.scratch_dir = scratch_dir
         #: Requests refused for their token.
         self.refused = 0
+        #: Told of each request answered here (method, target, status, bytes sent).
+        self.on_refused = on_refused

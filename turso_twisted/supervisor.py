@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import attrs
@@ -82,12 +83,8 @@ class _Backoff:
     retry_at: float = 0.0
 
 
-def _channel_factory(reactor: ChannelReactor, queue_depth: int,
-                     queue_timeout: float) -> Callable[[int], BackendChannel]:
-    def make(port: int) -> BackendChannel:
-        return BackendChannel(reactor, port, max_queue=queue_depth, queue_timeout=queue_timeout)
-
-    return make
+def _default_channels(supervisor: Supervisor) -> Callable[[int], BackendChannel]:
+    return partial(BackendChannel, supervisor.reactor)
 
 
 @attrs.define(eq=False)
@@ -106,17 +103,14 @@ class Supervisor:
     stop_grace: float = 5.0
     is_serving: Callable[[int, int], bool] = owns_listener
     #: Makes the channel to a child on a port (see L{BackendChannel}).
-    make_channel: Callable[[int], BackendChannel] | None = None
+    make_channel: Callable[[int], BackendChannel] = attrs.field(
+        default=attrs.Factory(_default_channels, takes_self=True))
     spawns: int = 0
     spawn_failures: int = 0
     unexpected_exits: int = 0
     _children: dict[str, Child] = attrs.field(factory=dict)
     _backoff: dict[str, _Backoff] = attrs.field(factory=dict)
     _log = Logger()
-
-    def __attrs_post_init__(self) -> None:
-        if self.make_channel is None:
-            self.make_channel = _channel_factory(self.reactor, 128, 30.0)
 
     # -- queries ---------------------------------------------------------------
 
@@ -212,7 +206,6 @@ class Supervisor:
             process = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, self.wrappers,
                                     {**self.child_env, "TMPDIR": scratch})
             process.whenEnded().addBoth(self._remove_scratch, scratch)
-            assert self.make_channel is not None
             child = Child(label, process, self.make_channel(port), began)
             process.whenEnded().addBoth(self._close_channel, child.channel)
             if register:
@@ -305,10 +298,12 @@ class Supervisor:
     def stop(self, name: str) -> Deferred[None]:
         """
         Stop C{name}'s child: SIGTERM, then SIGKILL after the grace period.
+        A child still starting is left to its start (callers hold the
+        name's lock, so only shutdown meets one; it dies with the daemon).
         """
         child = self._children.get(name)
         self._backoff.pop(name, None)
-        if child is None or child.process.has_ended:
+        if child is None or child.phase == "starting" or child.process.has_ended:
             return succeed(None)
         child.phase = "stopping"
         return self._terminate(child)

@@ -151,31 +151,36 @@ def tag_pull_response(body: bytes, history: str) -> bytes:
     return _varint(len(new_header)) + new_header + body[position + length:]
 
 
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def pushing_clients(body: bytes) -> set[str]:
     """
     The client ids named by statements on the sync table in a pipeline
-    request (what a replica's push sends); empty for anything else.
+    request (what a replica's push sends); empty for anything else,
+    whatever its shape.
     """
     if SYNC_TABLE not in body:
         return set()
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return set()
     found: set[str] = set()
-    for request in document.get("requests", []) if isinstance(document, dict) else []:
+    for request in _list(document.get("requests")) if isinstance(document, dict) else []:
         if not isinstance(request, dict):
             continue
         statements = [request.get("stmt")]
         batch = request.get("batch")
         if isinstance(batch, dict):
-            statements += [step.get("stmt") for step in batch.get("steps", []) if isinstance(step, dict)]
+            statements += [step.get("stmt") for step in _list(batch.get("steps")) if isinstance(step, dict)]
         for statement in statements:
             if not isinstance(statement, dict) or SYNC_TABLE.decode() not in str(statement.get("sql")):
                 continue
             # The sync table's statements bind pull_gen and change_id as
             # integers: their one text argument is the client id.
-            for arg in statement.get("args") or []:
+            for arg in _list(statement.get("args")):
                 if isinstance(arg, dict) and arg.get("type") == "text" and isinstance(arg.get("value"), str):
                     found.add(arg["value"])
     return found
@@ -195,7 +200,7 @@ class HistoryGuard:
 
     state: StateStore
 
-    def inbound(self, record: NamespaceRecord, path: bytes, body: bytes) -> bytes:
+    def inbound(self, record: NamespaceRecord, method: bytes, path: bytes, body: bytes) -> bytes:
         """
         The request body a child gets: a pull's revisions untagged, a push
         checked against retired replicas (and its new replicas noted, saved
@@ -204,6 +209,8 @@ class HistoryGuard:
         @raise Conflict: for a replica of another history.
         @raise Invalid: for a pull request that cannot be parsed.
         """
+        if method != b"POST":
+            return body
         if path == PULL_PATH:
             try:
                 return untag_pull_request(body, record.history, record.name)
@@ -217,13 +224,13 @@ class HistoryGuard:
                 self._check_pushing(record, clients)
         return body
 
-    def outbound(self, history: str, path: bytes, status: int, body: bytes) -> bytes:
+    def outbound(self, history: str, method: bytes, path: bytes, status: int, body: bytes) -> bytes:
         """
         The response body a client gets: a pull's revision tagged.
 
         @raise MalformedSyncMessage: when the child's answer cannot be parsed.
         """
-        if path == PULL_PATH and status == 200:
+        if method == b"POST" and path == PULL_PATH and status == 200:
             return tag_pull_response(body, history)
         return body
 
