@@ -9,11 +9,12 @@ from typing import Any
 
 from twisted.internet.defer import maybeDeferred
 
+from turso_twisted.archival import Archival
 from turso_twisted.archive import Archiver
 from turso_twisted.hibernation import Hibernator
 from turso_twisted.leases import Leases
 from turso_twisted.locks import KeyedLocks
-from turso_twisted.namespaces import NamespaceManager
+from turso_twisted.namespaces import Admission, NamespaceManager
 from turso_twisted.ports import PortAllocator
 from turso_twisted.process import TursodbProcess
 from turso_twisted.recovery import reconcile
@@ -61,18 +62,22 @@ class ManagerFixture:
         self.guard = HistoryGuard(self.state)
         self.hibernator = Hibernator(self.reactor, self.state, self.supervisor, self.leases, self.locks,
                                      max_running=max_running)
+        self.admission = Admission(self.state, max_namespaces)
+        archiver = Archiver(data_dir, run_in_thread=synchronously)
         self.manager = NamespaceManager(
             clock=self.reactor,
             state=self.state,
             supervisor=self.supervisor,
-            archiver=Archiver(data_dir, run_in_thread=synchronously),
+            archiver=archiver,
             guard=self.guard,
             leases=self.leases,
             locks=self.locks,
             hibernator=self.hibernator,
-            max_namespaces=max_namespaces,
+            admission=self.admission,
             allow_auto_provision=allow_auto_provision,
         )
+        self.archival = Archival(self.reactor, self.state, self.supervisor, archiver, self.guard, self.leases,
+                                 self.locks, self.admission)
         self.stats = NamespaceStats(self.reactor, data_dir, self.state, self.supervisor)
 
     def reconcile(self) -> None:

@@ -30,9 +30,10 @@ class AdminFixture(SynchronousTestCase):
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp(), max_namespaces=3)
         self.readiness = Readiness(self.fx.data_dir, state_loaded=True, listening=True)
-        self.api = AdminAPI(self.fx.manager, self.fx.stats, BearerToken(TOKEN), self.readiness,
-                            Backups(self.fx.reactor, self.fx.manager, self.fx.supervisor,
-                                    os.path.join(self.fx.data_dir, "_tmp")))
+        backups = Backups(self.fx.reactor, self.fx.manager, self.fx.archival, self.fx.supervisor,
+                          os.path.join(self.fx.data_dir, "_tmp"))
+        self.api = AdminAPI(self.fx.manager, self.fx.archival, self.fx.stats, BearerToken(TOKEN),
+                            self.readiness, backups)
         self.stub = StubTreq(self.api.resource())
 
     def call(self, method: str, path: str, body: Any = None, headers: Any = AUTH,

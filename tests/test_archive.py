@@ -100,7 +100,7 @@ class ArchiveTestCase(SynchronousTestCase):
         Either live with all its files, or archived completely: never half.
         """
         live = self.fx.state.records.get("alpha")
-        entries = self.fx.manager.archiver.entries("alpha")
+        entries = self.fx.archival.archiver.entries("alpha")
         self.assertEqual([e for e in self.archive_listing() if e.startswith(".")], [])
         if live is not None:
             self.assertEqual(live.id, record_id)
@@ -126,7 +126,7 @@ class CrashSafetyTests(ArchiveTestCase):
             self.fx = self.start()
             record = self.make_alpha()
             crash = CrashAt(self, at)
-            archived = self.fx.manager.archive("alpha", "test")
+            archived = self.fx.archival.archive("alpha", "test")
             if not crash.fired:
                 self.successResultOf(archived)
                 self.assertEqual(self.assertConsistent(record.id), "archived")
@@ -148,9 +148,9 @@ class CrashSafetyTests(ArchiveTestCase):
             shutil.rmtree(self.data_dir)
             self.fx = self.start()
             record = self.make_alpha()
-            self.successResultOf(self.fx.manager.archive("alpha", "test"))
+            self.successResultOf(self.fx.archival.archive("alpha", "test"))
             crash = CrashAt(self, at)
-            restored = self.fx.manager.unarchive("alpha")
+            restored = self.fx.archival.unarchive("alpha")
             if not crash.fired:
                 self.successResultOf(restored)
                 self.assertEqual(self.assertConsistent(record.id), "live")
@@ -175,10 +175,10 @@ class CrashSafetyTests(ArchiveTestCase):
 class UnarchiveTests(ArchiveTestCase):
     def archive_alpha(self) -> dict[str, Any]:
         self.make_alpha()
-        return self.successResultOf(self.fx.manager.archive("alpha", "test"))
+        return self.successResultOf(self.fx.archival.archive("alpha", "test"))
 
     def refused(self, status: int, code: str, **kwargs: Any) -> Refusal:
-        failure = self.failureResultOf(self.fx.manager.unarchive("alpha", **kwargs), Refusal)
+        failure = self.failureResultOf(self.fx.archival.unarchive("alpha", **kwargs), Refusal)
         self.assertEqual((status_for(failure.value), failure.value.code), (status, code),
                          failure.value.message)
         return failure.value
@@ -186,7 +186,7 @@ class UnarchiveTests(ArchiveTestCase):
     def test_round_trip_keeps_identity(self) -> None:
         manifest = self.archive_alpha()
         self.fx.reactor.advance(100)
-        record = self.successResultOf(self.fx.manager.unarchive("alpha"))
+        record = self.successResultOf(self.fx.archival.unarchive("alpha"))
         self.assertEqual((record.id, record.origin, record.locked, record.ttl),
                          (manifest["id"], "auto", True, 3600))
         self.assertEqual(record.last_access_at, self.fx.reactor.seconds())
@@ -197,19 +197,19 @@ class UnarchiveTests(ArchiveTestCase):
 
     def test_unlocked_on_request(self) -> None:
         self.archive_alpha()
-        record = self.successResultOf(self.fx.manager.unarchive("alpha", locked=False))
+        record = self.successResultOf(self.fx.archival.unarchive("alpha", locked=False))
         self.assertFalse(record.locked)
 
     def test_pick_by_archived_at_and_newest_by_default(self) -> None:
         first = self.archive_alpha()
         self.fx.reactor.advance(10)
         self.make_alpha()
-        second = self.successResultOf(self.fx.manager.archive("alpha", "test"))
+        second = self.successResultOf(self.fx.archival.archive("alpha", "test"))
         self.assertNotEqual(first["id"], second["id"])
-        record = self.successResultOf(self.fx.manager.unarchive("alpha", archived_at=first["archivedAt"]))
+        record = self.successResultOf(self.fx.archival.unarchive("alpha", archived_at=first["archivedAt"]))
         self.assertEqual(record.id, first["id"])
-        self.successResultOf(self.fx.manager.archive("alpha", "again"))
-        record = self.successResultOf(self.fx.manager.unarchive("alpha"))
+        self.successResultOf(self.fx.archival.archive("alpha", "again"))
+        record = self.successResultOf(self.fx.archival.unarchive("alpha"))
         self.assertEqual(record.id, first["id"], "the newest entry is the one just archived")
 
     def test_refused_while_live(self) -> None:
@@ -226,7 +226,7 @@ class UnarchiveTests(ArchiveTestCase):
         self.refused(400, "invalid_archived_at", archived_at="yesterday")
 
     def entry_dir(self) -> str:
-        [entry] = self.fx.manager.archiver.entries("alpha")
+        [entry] = self.fx.archival.archiver.entries("alpha")
         return os.path.join(self.data_dir, "archive", entry.entry)
 
     def assertNothingChanged(self, listing: list[str]) -> None:

@@ -27,8 +27,8 @@ class GCTests(SynchronousTestCase):
     def fixture(self) -> ManagerFixture:
         fx = ManagerFixture(self.data_dir)
         fx.reactor.exit_on_signal = True
-        self.gc = GarbageCollector(clock=fx.reactor, manager=fx.manager, leases=fx.leases, interval=3600,
-                                   auto_idle=7 * DAY, retention=30 * DAY)
+        self.gc = GarbageCollector(clock=fx.reactor, manager=fx.manager, archival=fx.archival,
+                                   leases=fx.leases, interval=3600, auto_idle=7 * DAY, retention=30 * DAY)
         return fx
 
     def add(self, name: str, origin: str = "auto", locked: bool | None = None,
@@ -62,7 +62,7 @@ class GCTests(SynchronousTestCase):
         self.fx.reactor.advance(0.001)
         self.sweep()
         self.assertEqual(self.live(), [])
-        [entry] = self.fx.manager.archiver.entries("idle")
+        [entry] = self.fx.archival.archiver.entries("idle")
         self.assertEqual(entry.manifest["reason"], "auto-created idle > 168h0m0s")
         self.assertEqual(self.gc.archives, 1)
 
@@ -84,7 +84,7 @@ class GCTests(SynchronousTestCase):
         self.fx.reactor.advance(1)
         self.sweep()
         self.assertEqual(self.live(), ["ttl-locked"])
-        reasons = {e.name: e.manifest["reason"] for e in self.fx.manager.archiver.entries()}
+        reasons = {e.name: e.manifest["reason"] for e in self.fx.archival.archiver.entries()}
         self.assertEqual(reasons, {"ttl-auto": "ttl 24h0m0s expired", "ttl-explicit": "ttl 24h0m0s expired"})
 
     def test_cleared_ttl_does_not_fire(self) -> None:
@@ -141,7 +141,7 @@ class GCTests(SynchronousTestCase):
         self.add("broken")
         self.add("fine")
         self.fx.reactor.advance(8 * DAY)
-        archiver = self.fx.manager.archiver
+        archiver = self.fx.archival.archiver
         real = archiver.run_in_thread
 
         def flaky(function: Any, *args: Any) -> Any:
@@ -161,16 +161,16 @@ class GCTests(SynchronousTestCase):
 
     def test_retention_purges_old_entries(self) -> None:
         self.add("old", origin="explicit")
-        self.successResultOf(self.fx.manager.delete("old"))
+        self.successResultOf(self.fx.archival.delete("old"))
         self.fx.reactor.advance(10 * DAY)
         self.add("young", origin="explicit")
-        self.successResultOf(self.fx.manager.delete("young"))
+        self.successResultOf(self.fx.archival.delete("young"))
         self.fx.reactor.advance(20 * DAY)
         self.sweep()
-        self.assertEqual([e.name for e in self.fx.manager.archiver.entries()], ["old", "young"])
+        self.assertEqual([e.name for e in self.fx.archival.archiver.entries()], ["old", "young"])
         self.fx.reactor.advance(1)
         self.sweep()
-        self.assertEqual([e.name for e in self.fx.manager.archiver.entries()], ["young"])
+        self.assertEqual([e.name for e in self.fx.archival.archiver.entries()], ["young"])
         self.assertEqual(self.gc.purges, 1)
 
     def test_looping_call_runs_every_interval_until_stopped(self) -> None:

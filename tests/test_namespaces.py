@@ -61,7 +61,7 @@ class LeaseTests(SynchronousTestCase):
         leased = fx.manager.lease("alpha")
         fx.settle()
         lease = self.successResultOf(leased)
-        deleted = fx.manager.delete("alpha")
+        deleted = fx.archival.delete("alpha")
         fx.reactor.advance(1)
         self.assertEqual(lease.child.process.transport.signals, [])
         # A request arriving meanwhile waits for the lock.
@@ -80,7 +80,7 @@ class LeaseTests(SynchronousTestCase):
 
     def test_no_new_leases_while_stopping(self) -> None:
         fx = ManagerFixture(self.mktemp())
-        fx.manager.stopping = True
+        fx.admission.stopping = True
         failure = self.failureResultOf(fx.manager.lease("alpha"), Refusal)
         self.assertEqual((status_for(failure.value), failure.value.code), (503, "shutting_down"))
         self.assertEqual(self.failureResultOf(fx.manager.create("beta"), Refusal).value.code,
@@ -124,7 +124,7 @@ class LeaseTests(SynchronousTestCase):
         leased = fx.manager.lease("alpha")
         fx.settle()
         lease = self.successResultOf(leased)
-        deleted = fx.manager.delete("alpha")
+        deleted = fx.archival.delete("alpha")
         fx.reactor.advance(10)
         self.assertEqual(lease.child.process.transport.signals, ["TERM"])
         end(lease.child.process, signal=15)
@@ -172,7 +172,7 @@ class AdminOperationTests(SynchronousTestCase):
             handle.write(b"alpha data")
         with open(db + "-wal", "wb") as handle:
             handle.write(b"wal")
-        deleted = self.manager.delete("alpha")
+        deleted = self.fx.archival.delete("alpha")
         end(self.fx.children("alpha")[0], signal=15)
         manifest = self.successResultOf(deleted)
         self.assertFalse(os.path.exists(db))
@@ -217,13 +217,13 @@ class AdminOperationTests(SynchronousTestCase):
         self.patch(type(self.fx.state), "save", real)
 
     def test_delete_unknown_is_404(self) -> None:
-        failure = self.failureResultOf(self.manager.delete("ghost"), Refusal)
+        failure = self.failureResultOf(self.fx.archival.delete("ghost"), Refusal)
         self.assertEqual(status_for(failure.value), 404)
 
     def test_two_archives_of_one_name_in_one_millisecond(self) -> None:
         for _ in range(2):
             self.create("alpha")
-            deleted = self.manager.delete("alpha")
+            deleted = self.fx.archival.delete("alpha")
             end(self.fx.children("alpha")[-1], signal=15)
             self.successResultOf(deleted)
         self.assertEqual(len(os.listdir(os.path.join(self.fx.data_dir, "archive"))), 2)

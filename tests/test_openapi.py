@@ -31,8 +31,8 @@ class OpenAPITests(SynchronousTestCase):
 
     def routed(self) -> set[tuple[str, str]]:
         fx = ManagerFixture(self.mktemp())
-        api = AdminAPI(fx.manager, fx.stats, BearerToken(""), Readiness(fx.data_dir),
-                       Backups(fx.reactor, fx.manager, fx.supervisor, fx.data_dir))
+        api = AdminAPI(fx.manager, fx.archival, fx.stats, BearerToken(""), Readiness(fx.data_dir),
+                       Backups(fx.reactor, fx.manager, fx.archival, fx.supervisor, fx.data_dir))
         found = set()
         for rule in api.app.url_map.iter_rules():
             path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)

@@ -26,6 +26,7 @@ from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as NoRoute
 
 from . import names
+from .archival import Archival
 from .archive import parse_entry_name
 from .auth import BearerToken
 from .backup import Backups
@@ -98,6 +99,7 @@ def _json_body(request: IRequest) -> dict[str, Any]:
 @attrs.define(eq=False)
 class AdminAPI:
     manager: NamespaceManager
+    archival: Archival
     stats_view: NamespaceStats
     token: BearerToken
     readiness: Readiness
@@ -216,7 +218,7 @@ class AdminAPI:
 
     async def delete(self, request: IRequest, name: str) -> bytes:
         """Stop the namespace and move its files to the archive."""
-        manifest = await self.manager.delete(_valid(name))
+        manifest = await self.archival.delete(_valid(name))
         return _json(request, {"archived": manifest})
 
     async def lock(self, request: IRequest, name: str) -> bytes:
@@ -265,7 +267,7 @@ class AdminAPI:
         """Archive entries with their manifests, oldest first."""
         raw = request.args.get(b"name", [None])[0]
         name = None if raw is None else _valid(raw.decode("utf-8", "replace"))
-        entries = await self.manager.archive_entries(name)
+        entries = await self.archival.entries(name)
         return _json(request, {"entries": [entry.to_json() for entry in entries]})
 
     async def unarchive(self, request: IRequest, name: str) -> bytes:
@@ -281,7 +283,7 @@ class AdminAPI:
         unknown = set(body) - {"archivedAt", "locked"}
         if unknown:
             raise Invalid("bad_request", f"unknown fields: {', '.join(sorted(unknown))}")
-        record = await self.manager.unarchive(name, archived_at, locked)
+        record = await self.archival.unarchive(name, archived_at, locked)
         return _json(request, self._describe(record))
 
     async def delete_archive_entry(self, request: IRequest, entry: str) -> bytes:
@@ -290,10 +292,10 @@ class AdminAPI:
             name, _ = parse_entry_name(entry)
         except ValueError as error:
             raise Invalid("invalid_entry", str(error)) from None
-        found = [e for e in await self.manager.archive_entries(name) if e.entry == entry]
+        found = [e for e in await self.archival.entries(name) if e.entry == entry]
         if not found:
             raise NotFound("archive_not_found", f"archive entry {entry} does not exist")
-        await self.manager.remove_archive_entry(found[0])
+        await self.archival.remove_archive_entry(found[0])
         self._log.info("archive entry {entry} removed: {reason}", name=name, entry=entry,
                        reason="deleted via admin API")
         return _json(request, {"deleted": entry})

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import __version__, names
+from .archival import Archival
 from .channel import ChannelClosed, QueueFull, QueueTimeout
 from .errors import Conflict, Failed, Invalid, Unavailable, Unprocessable, not_found
 from .files import RunInThread, remove_database_copy, remove_paths, sha256_and_size
@@ -130,6 +131,7 @@ def _save_upload(content: IO[bytes], path: str) -> None:
 class Backups:
     reactor: IReactorTime
     manager: NamespaceManager
+    archival: Archival
     supervisor: Supervisor
     #: Where copies and builds are made (C{_tmp/} of the data dir).
     scratch: str
@@ -265,7 +267,7 @@ class Backups:
                 keep_id = identity.namespace_id if identity and identity.namespace == name else None
                 origin = (f"backup of {identity.namespace!r} taken {identity.backup_at}"
                           if identity else "a file without identity")
-                record = await self.manager.replace_files(
+                record = await self.archival.replace_files(
                     name, build, retired=clients, namespace_id=keep_id,
                     reason=f"replaced by a restore from {origin}")
             finally:
@@ -295,7 +297,7 @@ class Backups:
         try:
             build = await self._build(target, backup.path)
             try:
-                record = await self.manager.install_new(target, build, reason=f"fork of {source!r}")
+                record = await self.archival.install_new(target, build, reason=f"fork of {source!r}")
             finally:
                 remove_paths(build)
         finally:

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .archival import Archival
 from .archive import ArchiveEntry
 from .leases import Leases
 from .namespaces import NamespaceManager
@@ -35,6 +36,7 @@ from .timefmt import format_duration
 class GarbageCollector:
     clock: IReactorTime
     manager: NamespaceManager
+    archival: Archival
     leases: Leases
     interval: float
     auto_idle: float
@@ -90,7 +92,7 @@ class GarbageCollector:
             if reason is None:
                 continue
             try:
-                manifest = await self.manager.archive(
+                manifest = await self.archival.archive(
                     record.name, reason, still=lambda r, t: self.why_archive(r, t) is not None)
             except Exception:
                 self.failures += 1
@@ -103,7 +105,7 @@ class GarbageCollector:
                                reason=reason, entry=manifest["entry"])
 
         try:
-            entries = await self.manager.archive_entries()
+            entries = await self.archival.entries()
         except Exception:
             self.failures += 1
             self._log.failure("gc could not list the archive; retrying next sweep")
@@ -113,7 +115,7 @@ class GarbageCollector:
             if reason is None:
                 continue
             try:
-                await self.manager.remove_archive_entry(entry)
+                await self.archival.remove_archive_entry(entry)
             except Exception:
                 self.failures += 1
                 self._log.failure("gc could not purge archive entry {entry}; retrying next sweep",

@@ -1,7 +1,7 @@
 """
-The namespace lifecycle: provisioning on a data request, and the admin
-operations (create, archive, unarchive, replace files, install, update),
-each serialized per name.
+The namespace lifecycle: provisioning on a data request, create and
+update, each serialized per name (the moves of files out and in are in
+L{turso_twisted.archival}).
 
 Every operation on a name runs under that name's lock (L{KeyedLocks}): N
 concurrent first requests spawn one child, and a delete never races a
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -22,33 +22,52 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import names
-from .archive import ArchiveEntry, Archiver, record_from_manifest
-from .errors import Conflict, LimitReached, NotFound, Unavailable, not_found
-from .files import fsync_directory, move_no_clobber
+from .archive import Archiver
+from .errors import LimitReached, NotFound, Unavailable, not_found
 from .hibernation import Hibernator
 from .leases import Lease, Leases
 from .locks import KeyedLocks
-from .state import NamespaceRecord, Origin, StateStore, new_history
+from .state import NamespaceRecord, Origin, StateStore
 from .supervisor import Child, Supervisor
 from .syncproto import HistoryGuard
 
 T = TypeVar("T")
 
 
-def _move_files_in(build_dir: str, data_dir: str, name: str) -> None:
-    """
-    Move a built database's files into the data dir, never over a file,
-    the main file last: where it is, the whole set is.
-    """
-    for source in reversed(names.data_files(build_dir, name)):
-        if os.path.exists(source):
-            move_no_clobber(source, os.path.join(data_dir, os.path.basename(source)))
-    fsync_directory(data_dir)
-
-
 def _make_explicit(record: NamespaceRecord) -> None:
     record.origin = "explicit"
     record.locked = True
+
+
+@attrs.define(eq=False)
+class Admission:
+    """
+    Whether new work is taken: not while shutting down, and no new namespace
+    past C{TURSO_MAX_NAMESPACES}.
+    """
+
+    state: StateStore
+    max_namespaces: int = 0
+    #: Set at shutdown: new leases and creates are refused with a 503.
+    stopping: bool = False
+
+    def check_open(self) -> None:
+        """
+        @raise Unavailable: while shutting down.
+        """
+        if self.stopping:
+            raise Unavailable("shutting_down", "turso-server is shutting down; retry shortly",
+                              retry_after=5)
+
+    def check_capacity(self) -> None:
+        """
+        @raise LimitReached: at C{max_namespaces} live namespaces.
+        """
+        if self.max_namespaces and len(self.state.records) >= self.max_namespaces:
+            raise LimitReached(
+                "namespace_limit",
+                f"TURSO_MAX_NAMESPACES={self.max_namespaces} live namespaces reached; "
+                "delete one or raise the limit")
 
 
 @attrs.define(eq=False)
@@ -61,10 +80,8 @@ class NamespaceManager:
     leases: Leases
     locks: KeyedLocks
     hibernator: Hibernator
-    max_namespaces: int
+    admission: Admission
     allow_auto_provision: bool
-    #: Set at shutdown: new leases and creates are refused with a 503.
-    stopping: bool = False
     _log = Logger()
 
     # -- queries -----------------------------------------------------------------
@@ -74,12 +91,6 @@ class NamespaceManager:
 
     def __iter__(self) -> Iterator[NamespaceRecord]:
         return iter(self.state)
-
-    def archive_entries(self, name: str | None = None) -> Deferred[list[ArchiveEntry]]:
-        """
-        Complete archive entries (of C{name}), oldest first, read in a thread.
-        """
-        return self.archiver.list_entries(name)
 
     # -- data path ---------------------------------------------------------------
 
@@ -95,7 +106,7 @@ class NamespaceManager:
             return succeed(fast)
 
         async def work() -> Lease:
-            self._check_open()
+            self.admission.check_open()
             record = self.state.records.get(name)
             created = False
             if record is None:
@@ -103,7 +114,7 @@ class NamespaceManager:
                     raise NotFound("namespace_not_found",
                                    f"namespace {name!r} does not exist"
                                    + (" and auto-provisioning is off" if data_request else ""))
-                self._check_capacity()
+                self.admission.check_capacity()
                 record = self._add(name, "auto")
                 created = True
             child = await self._running_child(name, created)
@@ -123,7 +134,7 @@ class NamespaceManager:
         here is synchronous on the reactor thread, so nothing can come in
         between).
         """
-        if self.stopping or self.locks.is_locked(name) or name not in self.state.records:
+        if self.admission.stopping or self.locks.is_locked(name) or name not in self.state.records:
             return None
         child = self.supervisor.running(name)
         if child is None:
@@ -171,18 +182,6 @@ class NamespaceManager:
                         os.unlink(path)
             raise
 
-    def _check_open(self) -> None:
-        if self.stopping:
-            raise Unavailable("shutting_down", "turso-server is shutting down; retry shortly",
-                              retry_after=5)
-
-    def _check_capacity(self) -> None:
-        if self.max_namespaces and len(self.state.records) >= self.max_namespaces:
-            raise LimitReached(
-                "namespace_limit",
-                f"TURSO_MAX_NAMESPACES={self.max_namespaces} live namespaces reached; "
-                "delete one or raise the limit")
-
     # -- admin operations ----------------------------------------------------------
 
     def _add(self, name: str, origin: Origin) -> NamespaceRecord:
@@ -208,177 +207,19 @@ class NamespaceManager:
         names.validate(name)
 
         async def work() -> tuple[NamespaceRecord, bool]:
-            self._check_open()
+            self.admission.check_open()
             existing = self.state.records.get(name)
             if existing is not None:
                 if existing.origin == "auto":
                     self._change(existing, _make_explicit)
                     self._log.info("namespace {name} made explicit", name=name, id=existing.id)
                 return existing, False
-            self._check_capacity()
+            self.admission.check_capacity()
             record = self._add(name, "explicit")
             await self._running_child(name, created=True)
             return record, True
 
         return self.locks.run(name, work)
-
-    def delete(self, name: str) -> Deferred[dict[str, Any]]:
-        """
-        Stop C{name} and move its files into the archive; fires with the
-        archive manifest.
-        """
-
-        def found(manifest: dict[str, Any] | None) -> dict[str, Any]:
-            if manifest is None:
-                raise not_found(name)
-            return manifest
-
-        return self.archive(name, "deleted via admin API").addCallback(found)
-
-    def archive(self, name: str, reason: str,
-                still: Callable[[NamespaceRecord, float], bool] | None = None,
-                ) -> Deferred[dict[str, Any] | None]:
-        """
-        Stop C{name} and move its files into the archive; fires with the
-        manifest, or C{None} if C{name} is not live or C{still} (checked
-        again under the lock, so a request that came in meanwhile counts)
-        says no.
-        """
-        names.validate(name)
-
-        async def work() -> dict[str, Any] | None:
-            record = self.state.records.get(name)
-            if record is None or (still is not None and not still(record, self.clock.seconds())):
-                return None
-            await self.leases.drained(name)
-            await self.supervisor.stop(name)
-            manifest = await self._move_to_archive(record, reason)
-            del self.state.records[name]
-            self.guard.retire(name, record.clients | record.retired)
-            self.state.save()
-            return manifest
-
-        return self.locks.run(name, work)
-
-    async def _move_to_archive(self, record: NamespaceRecord, reason: str) -> dict[str, Any]:
-        """
-        Move a stopped namespace's files into a new archive entry, having
-        first saved that intent (see L{turso_twisted.recovery}).
-        """
-        now = self.clock.seconds()
-        record.archiving = self.archiver.new_entry_name(record.name, now)
-        self.state.save()
-        manifest = await self.archiver.archive(record, reason, now, record.archiving)
-        self._log.info("namespace {name} archived into {entry}: {reason}", name=record.name, id=record.id,
-                       entry=manifest["entry"], reason=reason)
-        return manifest
-
-    def unarchive(self, name: str, archived_at: str | None = None,
-                  locked: bool = True) -> Deferred[NamespaceRecord]:
-        """
-        Bring back C{name}'s newest archive entry (or the one archived at
-        C{archived_at}) after checking its manifest and checksums.  The
-        namespace keeps its id, origin, creation time and ttl.
-        """
-        names.validate(name)
-
-        async def work() -> NamespaceRecord:
-            if name in self.state.records:
-                raise Conflict("namespace_exists",
-                               f"namespace {name!r} is live; delete it before unarchiving")
-            self._check_capacity()
-            entry = self.archiver.find(name, archived_at)
-            manifest = await self.archiver.unarchive(entry)
-            record = record_from_manifest(manifest, locked, self.clock.seconds())
-            # The files come back with their history: their replicas are
-            # good again, every other replica of the name is not.
-            record.retired = (self.guard.retired(name) | record.retired) - record.clients
-            self.state.records[name] = record
-            self.state.save()
-            await self.archiver.finish_unarchive(entry)
-            self._log.info("namespace {name} unarchived from {entry}", name=name, id=record.id,
-                           entry=entry.entry)
-            return record
-
-        return self.locks.run(name, work)
-
-    def replace_files(self, name: str, build_dir: str, retired: set[str], namespace_id: str | None,
-                      reason: str) -> Deferred[NamespaceRecord]:
-        """
-        Swap C{name}'s files for the database built in C{build_dir} (a
-        restore).  The current files go to the archive; the namespace keeps
-        its id, origin, lock and ttl and gets a new history, so every
-        replica of the old data is refused.  A name that is not live is
-        created (explicit, locked).
-        """
-        names.validate(name)
-
-        async def work() -> NamespaceRecord:
-            self._check_open()
-            record = self.state.records.get(name)
-            if record is None:
-                return await self._install(name, build_dir, retired, namespace_id, reason)
-            await self.leases.drained(name)
-            await self.supervisor.stop(name)
-            old_replicas = record.clients | record.retired
-            # The new history is saved before any file moves: a crash can
-            # never pair the old replicas with the new data.
-            record.history = new_history()
-            record.clients = set()
-            record.retired = self.guard.retired(name) | old_replicas | retired
-            record.last_access_at = self.clock.seconds()
-            if any(os.path.exists(p) for p in names.data_files(self.archiver.data_dir, name)):
-                await self._move_to_archive(record, reason)
-            self.guard.retire(name, old_replicas)
-            await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
-            record.archiving = None
-            self.state.save()
-            return record
-
-        return self.locks.run(name, work)
-
-    def install_new(self, name: str, build_dir: str, reason: str) -> Deferred[NamespaceRecord]:
-        """
-        Make C{name} a new explicit namespace from the database built in
-        C{build_dir} (a fork).
-
-        @raise Conflict: if it exists.
-        """
-        names.validate(name)
-
-        async def work() -> NamespaceRecord:
-            self._check_open()
-            if name in self.state.records:
-                raise Conflict("namespace_exists", f"namespace {name!r} exists already")
-            return await self._install(name, build_dir, set(), None, reason)
-
-        return self.locks.run(name, work)
-
-    async def _install(self, name: str, build_dir: str, retired: set[str], namespace_id: str | None,
-                       reason: str) -> NamespaceRecord:
-        self._check_capacity()
-        # Files first: a crash before the state is saved leaves files that
-        # the next start adopts (explicit, locked, a new history).
-        await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
-        record = NamespaceRecord.new(name, "explicit", self.clock.seconds())
-        if namespace_id:
-            record.id = namespace_id
-        record.retired = self.guard.retired(name) | retired
-        self.state.records[name] = record
-        self.state.save()
-        self._log.info("namespace {name} created (explicit): {reason}", name=name, origin="explicit",
-                       id=record.id, reason=reason)
-        return record
-
-    def remove_archive_entry(self, entry: ArchiveEntry) -> Deferred[None]:
-        """
-        Delete one archive entry for good, under its namespace's lock.
-        """
-
-        async def work() -> None:
-            await self.archiver.remove(entry)
-
-        return self.locks.run(entry.name, work)
 
     def update(self, name: str, change: Callable[[NamespaceRecord], None]) -> Deferred[NamespaceRecord]:
         """
@@ -422,7 +263,7 @@ class NamespaceManager:
         """
         Refuse new work, wait (bounded) for requests in flight, stop every child.
         """
-        self.stopping = True
+        self.admission.stopping = True
 
         async def stop() -> None:
             await self.leases.all_drained()

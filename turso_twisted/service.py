@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from .admin import AdminAPI, Readiness
+from .archival import Archival
 from .archive import Archiver
 from .auth import BearerToken
 from .backup import Backups
@@ -32,7 +33,7 @@ from .hibernation import Hibernator
 from .leases import Leases
 from .locks import KeyedLocks
 from .metrics import Metrics
-from .namespaces import NamespaceManager
+from .namespaces import Admission, NamespaceManager
 from .ports import PortAllocator
 from .process import child_environment, child_wrappers
 from .proxy import DataPlane
@@ -72,21 +73,26 @@ class TursoService(Service):
         self.guard = HistoryGuard(state)
         self.hibernator = Hibernator(reactor, state, self.supervisor, self.leases, locks,
                                      idle_after=config.hibernate_after, max_running=config.max_running)
+        self.admission = Admission(state, config.max_namespaces)
+        archiver = Archiver(config.data_dir)
+        self.archival = Archival(reactor, state, self.supervisor, archiver, self.guard, self.leases, locks,
+                                 self.admission)
         self.manager = NamespaceManager(
             clock=reactor,
             state=state,
             supervisor=self.supervisor,
-            archiver=Archiver(config.data_dir),
+            archiver=archiver,
             guard=self.guard,
             leases=self.leases,
             locks=locks,
             hibernator=self.hibernator,
-            max_namespaces=config.max_namespaces,
+            admission=self.admission,
             allow_auto_provision=config.allow_auto_provision,
         )
         self.gc = GarbageCollector(
             clock=reactor,
             manager=self.manager,
+            archival=self.archival,
             leases=self.leases,
             interval=config.gc_interval,
             auto_idle=config.auto_idle_duration,
@@ -98,10 +104,10 @@ class TursoService(Service):
         self.data_plane = DataPlane(reactor, self.manager, self.guard, self.stats, self.metrics,
                                     access_log=config.access_log)
         scratch = temp_dir(config.data_dir)
-        self.backups = Backups(reactor, self.manager, self.supervisor, scratch)
+        self.backups = Backups(reactor, self.manager, self.archival, self.supervisor, scratch)
         admin_token = BearerToken(config.admin_token)
-        self.admin = AdminAPI(self.manager, self.stats, admin_token, self.readiness, self.backups,
-                              self.metrics, metrics_public=config.metrics_public)
+        self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
+                              self.backups, self.metrics, metrics_public=config.metrics_public)
         self.data_site = CappedSite(self.data_plane, "data", config.max_body_bytes,
                                     BearerToken(config.auth_token), authorize_every_request=True,
                                     scratch_dir=scratch, timeout=config.client_idle_timeout,
@@ -179,7 +185,7 @@ class TursoService(Service):
     async def _shutdown(self) -> None:
         self._log.info("shutting down with {inflight} requests in flight", inflight=self.leases.count())
         # Connections already open may still send requests: they get a 503.
-        self.manager.stopping = True
+        self.admission.stopping = True
         await DeferredList([stopped for port in self.ports.values()
                             if (stopped := port.stopListening()) is not None])
         self.ports = {}
