@@ -154,6 +154,8 @@ class DataSiteTests(SynchronousTestCase):
 
     def exchange(self, raw: bytes) -> bytes:
         protocol = self.site.buildProtocol(None)
+        # The channel's idle timer runs on the test's clock, not the reactor.
+        protocol.callLater = self.fx.reactor.callLater
         transport = StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(raw)
