@@ -143,6 +143,8 @@ class Daemon:
                        "TURSO_DATA_ADDR": f"127.0.0.1:{self.data_port}",
                        "TURSO_ADMIN_ADDR": f"127.0.0.1:{self.admin_port}",
                        "TURSO_BACKEND_PORT_START": str(base), "TURSO_BACKEND_PORT_END": str(base + 999),
+                       # Children confined as shipped, where ./dev bench built the helper.
+                       "TURSO_LANDLOCK_BIN": os.environ.get("TURSO_LANDLOCK_BIN", "turso-landlock"),
                        **env}
         self.log = open(os.path.join(workdir, "daemon.log"), "wb")
         self.process = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "turso-server"],

@@ -81,8 +81,6 @@ RUNNING = "namespace {name} running on port {port} (pid {pid}, {startup_ms} ms)"
 STOPPED = "namespace {name} stopped ({status})"
 HIBERNATED = "namespace {name} hibernated: {reason}"
 EXITED = "tursodb of namespace {name} exited unexpectedly ({status}) after {uptime} s"
-ADOPTED = ("adopted data file {file} that had no state record as namespace {name} "
-           "(explicit, locked)")
 GC_ARCHIVED = "gc archived namespace {name} into {entry}: {reason}"
 GC_PURGED = "gc purged archive entry {entry}: {reason}"
 BACKUP_TAKEN = "backup of namespace {name} taken: {bytes} bytes, sha256 {sha256}"
@@ -118,6 +116,8 @@ class Daemon:
             "TURSO_ADMIN_ADDR": "127.0.0.1:0",
             "TURSO_BACKEND_PORT_START": str(base),
             "TURSO_BACKEND_PORT_END": str(base + 99),
+            # Children confined as shipped, where ./dev test built the helper.
+            "TURSO_LANDLOCK_BIN": os.environ.get("TURSO_LANDLOCK_BIN", "turso-landlock"),
             **env,
         }
         self.process: _Exit | None = None

@@ -299,7 +299,7 @@ class UnarchiveTests(ArchiveTestCase):
         self.fx.settle()
         self.successResultOf(leased).release()
         self.assertNotEqual(self.fx.state.records["alpha"].id, manifest["id"])
-        self.assertEqual(self.data_files(), {"alpha.db": b""}, "a new, empty database")
+        self.assertEqual(self.data_files(), {"alpha.db": b"", "alpha.db-wal": b""}, "a new, empty database")
 
 
 class EntryNameTests(SynchronousTestCase):

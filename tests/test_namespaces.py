@@ -238,15 +238,42 @@ class ReconcileTests(SynchronousTestCase):
         with open(os.path.join(self.data_dir, name), "wb") as handle:
             handle.write(content)
 
-    def test_adopts_data_files_without_records(self) -> None:
-        self.write("restored.db")
+    def test_files_without_records_are_quarantined_not_served(self) -> None:
+        self.fx.state.records["kept"] = NamespaceRecord.new("kept", "auto", 0)
+        self.write("kept.db", b"mine")
+        self.write("victim.db", b"planted")
+        self.write("victim.db-log", b"planted")
+        self.write("stray.db-wal", b"frames")
         self.write("Bad.db")
         self.write("notes.txt")
         self.fx.reconcile()
-        self.assertEqual(list(self.fx.state.records), ["restored"])
-        record = self.fx.state.records["restored"]
-        self.assertEqual((record.origin, record.locked), ("explicit", True))
-        self.assertEqual(self.fx.state.writes, 1)
+        self.assertEqual(list(self.fx.state.records), ["kept"], "nothing adopted")
+        [stamp] = os.listdir(os.path.join(self.data_dir, "_quarantine"))
+        quarantine = os.path.join(self.data_dir, "_quarantine", stamp)
+        self.assertEqual(sorted(os.listdir(quarantine)), ["stray.db-wal", "victim.db", "victim.db-log"])
+        self.assertEqual(sorted(os.listdir(self.data_dir)),
+                         ["Bad.db", "_quarantine", "_state", "kept.db", "notes.txt"])
+        # The name is free: a new namespace of it starts empty, not on the planted file.
+        leased = self.fx.manager.lease("victim")
+        self.fx.settle()
+        self.successResultOf(leased).release()
+        with open(os.path.join(self.data_dir, "victim.db"), "rb") as handle:
+            self.assertEqual(handle.read(), b"")
+
+    def test_an_interrupted_install_is_dropped_or_completed(self) -> None:
+        for name, main_file_in in (("forked", True), ("half", False)):
+            record = NamespaceRecord.new(name, "explicit", 0)
+            record.installing = True
+            self.fx.state.records[name] = record
+            if main_file_in:
+                self.write(f"{name}.db", b"built")
+            else:
+                self.write(f"{name}.db-wal", b"moved before the crash")
+        self.fx.reconcile()
+        self.assertEqual(list(self.fx.state.records), ["forked"])
+        self.assertFalse(self.fx.state.records["forked"].installing)
+        [stamp] = os.listdir(os.path.join(self.data_dir, "_quarantine"))
+        self.assertEqual(os.listdir(os.path.join(self.data_dir, "_quarantine", stamp)), ["half.db-wal"])
 
     def test_undoes_an_interrupted_archive(self) -> None:
         record = NamespaceRecord.new("alpha", "auto", 0)

@@ -10,6 +10,7 @@ import os
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from turso_twisted.confine import Confinement
 from turso_twisted.errors import Refusal, status_for
 from turso_twisted.ports import PortAllocator, PortsExhausted
 from turso_twisted.process import TursodbProcess, child_environment, child_wrappers
@@ -51,12 +52,23 @@ class SupervisorTests(SynchronousTestCase):
         protocol, args, extra = self.reactor.spawned[0]
         self.assertEqual(args, ["/usr/bin/setsid", "/opt/tursodb", f"{self.data_dir}/alpha.db",
                                 "--sync-server", "127.0.0.1:9000"])
-        scratch = f"{self.data_dir}/_tmp/tursodb-alpha-9000"
-        self.assertEqual(extra["env"], {"PATH": "/bin", "TMPDIR": scratch})
-        self.assertTrue(os.path.isdir(scratch))
+        root = f"{self.data_dir}/_tmp/tursodb-alpha-9000"
+        self.assertEqual(extra["env"], {"PATH": "/bin", "TMPDIR": f"{root}/tmp"})
+        self.assertEqual(extra["path"], f"{root}/cwd", "an empty working dir of its own")
+        self.assertEqual(os.listdir(f"{root}/cwd"), [])
+        self.assertEqual(sorted(os.listdir(self.data_dir)), ["_tmp", "alpha.db", "alpha.db-wal"])
         end(protocol, signal=9)
-        self.assertFalse(os.path.exists(scratch), "the child's temp dir goes with it")
+        self.assertFalse(os.path.exists(root), "the child's own dirs go with it")
         self.assertTrue(protocol.transport.stdin_closed)
+
+    def test_confined_command_line(self) -> None:
+        self.supervisor.confinement = Confinement(helper="/usr/bin/turso-landlock", abi=7)
+        self.start()
+        _, args, _ = self.reactor.spawned[0]
+        db, root = f"{self.data_dir}/alpha.db", f"{self.data_dir}/_tmp/tursodb-alpha-9000"
+        self.assertEqual(args, ["/usr/bin/setsid", "/usr/bin/turso-landlock", "--rw", db, "--rw", db + "-wal",
+                                "--rwdir", f"{root}/tmp", "--", "/opt/tursodb", db,
+                                "--sync-server", "127.0.0.1:9000"])
 
     def test_ready_only_when_serving(self) -> None:
         started = self.start()

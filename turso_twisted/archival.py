@@ -196,14 +196,23 @@ class Archival:
     async def _install(self, name: str, build_dir: str, retired: set[str], namespace_id: str | None,
                        reason: str) -> NamespaceRecord:
         self.admission.check_capacity()
-        # Files first: a crash before the state is saved leaves files that
-        # the next start adopts (explicit, locked, a new history).
-        await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
+        # The record first, marked as installing: a crash before the files
+        # are in leaves a record that start-up drops, never files without
+        # a record (which start-up quarantines).
         record = NamespaceRecord.new(name, "explicit", self.clock.seconds())
         if namespace_id:
             record.id = namespace_id
         record.retired = self.guard.retired(name) | retired
+        record.installing = True
         self.state.records[name] = record
+        self.state.save()
+        try:
+            await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
+        except BaseException:
+            del self.state.records[name]
+            self.state.save()
+            raise
+        record.installing = False
         self.state.save()
         self._log.info("namespace {name} created (explicit): {reason}", name=name, origin="explicit",
                        id=record.id, reason=reason)

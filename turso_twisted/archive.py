@@ -115,7 +115,7 @@ def _build_entry(data_dir: str, archive_dir: str, record: NamespaceRecord,
         files.append({"name": os.path.basename(path), "size": size, "sha256": sha256})
     manifest = {"formatVersion": FORMAT_VERSION, "entry": entry_name, **record.to_json(),
                 "archivedAt": to_rfc3339(now), "reason": reason, "files": files}
-    del manifest["archiving"]
+    del manifest["archiving"], manifest["installing"]
     write_atomically(os.path.join(staging, MANIFEST),
                      json.dumps(manifest, indent=1).encode("utf-8") + b"\n")
     fsync_directory(data_dir)
@@ -134,7 +134,7 @@ def record_from_manifest(manifest: dict[str, Any], locked: bool, now: float) -> 
     # Entries from before histories were kept get a new one.
     return NamespaceRecord.from_json(manifest.get("name", ""), {
         **manifest, "history": manifest.get("history") or new_history(),
-        "locked": locked, "lastAccessAt": to_rfc3339(now), "archiving": None})
+        "locked": locked, "lastAccessAt": to_rfc3339(now), "archiving": None, "installing": False})
 
 
 def verify_entry(directory: str, entry: str, name: str) -> dict[str, Any]:

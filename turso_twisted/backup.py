@@ -1,7 +1,8 @@
 """
 Hot backups, verified restores and forks.
 
-A backup is C{VACUUM INTO} a file in C{_tmp/} through the live child (a
+A backup is C{VACUUM INTO} a file in the child's scratch dir (moved to
+C{_tmp/} at once) through the live child (a
 consistent copy while the namespace keeps serving), stamped with an
 identity table (C{turso_server_backup}: namespace, id, history, times,
 server version) that any SQLite tool can read.  A restore checks the file
@@ -34,8 +35,9 @@ from twisted.python.failure import Failure
 from . import __version__, names
 from .archival import Archival
 from .channel import ChannelClosed, QueueFull, QueueTimeout
-from .errors import Conflict, Failed, Invalid, Unavailable, Unprocessable, not_found
+from .errors import Conflict, Failed, Forbidden, Invalid, Unavailable, Unprocessable, not_found
 from .files import RunInThread, remove_database_copy, remove_paths, sha256_and_size
+from .gate import check_document
 from .hrana import ChildSQLError, execute, pipeline
 from .locks import KeyedLocks
 from .namespaces import NamespaceManager
@@ -190,9 +192,13 @@ class Backups:
                 # The record read under the lease is the incarnation copied.
                 record = self.manager.get(name)
                 assert record is not None
+                # The child writes the copy in its own scratch dir (the one
+                # place outside its files it may write); it moves out at once.
+                written = os.path.join(lease.child.scratch, os.path.basename(path))
                 try:
-                    quoted = path.replace("'", "''")
+                    quoted = written.replace("'", "''")
                     await pipeline(lease.channel, [execute(f"VACUUM INTO '{quoted}'")])
+                    os.rename(written, path)
                 except ChildSQLError as error:
                     raise Failed("backup_failed",
                                  f"namespace {name!r}: VACUUM INTO failed: {error}") from None
@@ -200,6 +206,8 @@ class Backups:
                     raise Unavailable("namespace_busy",
                                       f"namespace {name!r}: the backup could not get its turn: {error}",
                                       retry_after=5) from None
+                finally:
+                    remove_database_copy(written)
             identity = {
                 "namespace": name,
                 "namespace_id": record.id,
@@ -320,7 +328,15 @@ class Backups:
             source = await self.run_in_thread(SqliteSource, source_path)
             requests = iter(source.requests())
             while (request := await self.run_in_thread(next_request, requests)) is not None:
+                # A backup's schema is replayed as SQL: it passes the same
+                # gate as a client's statements (a view or trigger could
+                # call load_extension).
+                check_document({"requests": [request]})
                 await pipeline(child.channel, [request])
+        except Forbidden as error:
+            remove_paths(build)
+            raise Unprocessable("statement_not_allowed",
+                                f"the backup holds SQL the server does not run: {error.message}") from None
         except ChildSQLError as error:
             remove_paths(build)
             raise Unprocessable(

@@ -103,6 +103,13 @@ def _optional_count(text: str) -> int | None:
     return None if not text.strip() else _non_negative_int(text)
 
 
+def _confine_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in ("auto", "landlock", "none"):
+        raise ValueError("expected auto, landlock or none")
+    return mode
+
+
 def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -184,6 +191,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve GET /metrics on the admin port without the admin token"),
     Setting("TURSO_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", parse_duration,
             "How long a graceful shutdown waits for in-flight requests"),
+    Setting("TURSO_CONFINE", "confine", "auto", _confine_mode,
+            "Confine each child to its own files and scratch dir: landlock (required), auto "
+            "(Landlock where the kernel and the helper allow, else a WARN), none"),
+    Setting("TURSO_LANDLOCK_BIN", "landlock-bin", "turso-landlock", str,
+            "The Landlock helper children are started through (PATH is searched)"),
 )
 
 SETTINGS_BY_ENV = {setting.env: setting for setting in SETTINGS}
@@ -219,6 +231,8 @@ class Config:
     access_log: bool
     metrics_public: bool
     shutdown_timeout: float
+    confine: str
+    landlock_bin: str
 
     @classmethod
     def load(

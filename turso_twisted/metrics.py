@@ -106,6 +106,8 @@ class _DaemonCollector:
             ("turso_restores", "Restores done", service.backups.restores),
             ("turso_forks", "Forks done", service.backups.forks),
             ("turso_state_writes", "Writes of the state file", service.state.writes),
+            ("turso_quarantined_files", "Data files no namespace owned, quarantined at start-up",
+             len(service.quarantined)),
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)

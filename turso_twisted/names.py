@@ -70,5 +70,16 @@ def data_files(data_dir: str, name: str) -> list[str]:
     return [os.path.join(data_dir, name + suffix) for suffix in DATA_FILE_SUFFIXES]
 
 
+def name_of_data_file(file_name: str) -> str | None:
+    """
+    The namespace whose data file C{file_name} would be, or C{None}.
+    """
+    for suffix in DATA_FILE_SUFFIXES:
+        if file_name.endswith(suffix):
+            stem = file_name[: -len(suffix)]
+            return stem if is_valid(stem) else None
+    return None
+
+
 def db_path(data_dir: str, name: str) -> str:
     return data_files(data_dir, name)[0]

@@ -155,10 +155,12 @@ def spawn_tursodb(
     name: str,
     wrappers: list[str],
     env: dict[str, str],
+    cwd: str,
 ) -> TursodbProcess:
     """
-    Start C{tursodb <db> --sync-server 127.0.0.1:<port>}, through the
-    C{wrappers} (see L{child_wrappers}), which all exec: the pid is tursodb's.
+    Start C{tursodb <db> --sync-server 127.0.0.1:<port>} in C{cwd}, through
+    the C{wrappers} (see L{child_wrappers}), which all exec: the pid is
+    tursodb's.
     """
     protocol = TursodbProcess(name, port)
     args = [*wrappers, tursodb_bin, db_path, "--sync-server", f"127.0.0.1:{port}"]
@@ -167,7 +169,7 @@ def spawn_tursodb(
         args[0],
         args,
         env=env,
-        path=os.path.dirname(db_path),
+        path=cwd,
         childFDs={0: "w", 1: "r", 2: "r"},
     )
     return protocol

@@ -25,12 +25,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import names
 from .channel import BackendResponse, ChannelClosed, QueueFull, QueueTimeout
 from .errors import INTERNAL, Invalid, NotFound, Refusal, Unavailable, UpstreamFailed, render
+from .gate import check_pipeline
 from .leases import Lease
 from .metrics import Metrics, request_kind
 from .namespaces import NamespaceManager
 from .process import TursodbProcess
 from .stats import NamespaceStats
-from .syncproto import HistoryGuard, MalformedSyncMessage
+from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMessage
 
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
@@ -143,6 +144,7 @@ class DataPlane(Resource):
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
+        self._check_route(info.path, body)
         for attempt in (1, 2):
             lease = await self.manager.lease(name)
             with lease:
@@ -186,6 +188,24 @@ class DataPlane(Resource):
             raise self._upstream_error(lease.name, request, error) from None
         info.upstream_seconds = self.reactor.seconds() - began
         return record.history, response
+
+    def _check_route(self, path: bytes, body: bytes) -> None:
+        """
+        What a child may be sent: a request without a body (it can carry no
+        SQL: a CORS preflight, say), a pull, or a pipeline whose every
+        statement the gate lets through, checked before any namespace is
+        touched.
+
+        @raise Forbidden: for a statement the gate refuses.
+        @raise Invalid: for a pipeline body the child would not accept.
+        @raise NotFound: for a body sent to any other path.
+        """
+        if not body:
+            return
+        if path == PIPELINE_PATH:
+            check_pipeline(body)
+        elif path != PULL_PATH:
+            raise NotFound("no_such_route", "only /v2/pipeline and /pull-updates take a request body")
 
     def _death_noticed(self, lease: Lease) -> Deferred[TursodbProcess | None]:
         """

@@ -7,7 +7,8 @@ anything is served, so that state, archive and data files agree.
     kills them with the daemon; this is the second line);
   - scratch files of the earlier run are removed;
   - archives and unarchives a crash interrupted are finished or undone;
-  - data files with no record are adopted rather than ever served empty.
+  - data files no record owns are quarantined, never served (the daemon
+    serves only files it created).
 """
 
 from __future__ import annotations
@@ -28,22 +29,28 @@ from .archive import (
     read_manifest,
 )
 from .datadir import temp_dir
-from .files import move_no_clobber
+from .files import fsync_directory, move_no_clobber
 from .state import NamespaceRecord, StateStore
 from .syncproto import HistoryGuard
+from .timefmt import compact
 
 _log = Logger()
 
+#: Where files no namespace owns are moved at start-up.
+QUARANTINE = "_quarantine"
 
-def recover(data_dir: str, tursodb_bin: str, state: StateStore, guard: HistoryGuard, now: float) -> None:
+
+def recover(data_dir: str, tursodb_bin: str, state: StateStore, guard: HistoryGuard,
+            now: float) -> list[str]:
     """
-    Everything start-up recovery does, in order.
+    Everything start-up recovery does, in order; returns the files
+    quarantined.
     """
     killed = kill_orphans(data_dir, tursodb_bin)
     if killed:
         _log.warn("killed orphaned tursodb processes: {pids}", pids=killed)
     clean_scratch(data_dir)
-    reconcile(data_dir, state, guard, now)
+    return reconcile(data_dir, state, guard, now)
 
 
 def clean_scratch(data_dir: str) -> None:
@@ -61,12 +68,11 @@ def clean_scratch(data_dir: str) -> None:
             os.unlink(os.path.join(state_dir, entry))
 
 
-def reconcile(data_dir: str, state: StateStore, guard: HistoryGuard, now: float) -> None:
+def reconcile(data_dir: str, state: StateStore, guard: HistoryGuard, now: float) -> list[str]:
     """
-    Make state, archive and data files agree: finish or undo archives a
-    crash interrupted, and adopt data files that have no record (an
-    operator restoring files, or a lost state file) instead of ever serving
-    an empty namespace over them.
+    Make state, archive and data files agree: finish or undo archives and
+    installs a crash interrupted, and quarantine data files no record owns.
+    Returns the files quarantined.
     """
     finished = recover_archive(data_dir, state.records)
     changed = False
@@ -80,23 +86,53 @@ def reconcile(data_dir: str, state: StateStore, guard: HistoryGuard, now: float)
             # the namespace is live as it stands.
             record.archiving = None
             changed = True
-    for entry in sorted(os.listdir(data_dir)):
-        stem, dot, ext = entry.rpartition(".")
-        if not dot or ext != "db" or not names.is_valid(stem) or stem in state.records:
-            continue
-        if not os.path.isfile(os.path.join(data_dir, entry)):
-            continue
-        record = NamespaceRecord.new(stem, "explicit", now)
-        record.retired = guard.retired(stem)
-        state.records[stem] = record
-        changed = True
-        _log.warn("adopted data file {file} that had no state record as namespace {name} "
-                  "(explicit, locked)", file=entry, name=stem, id=record.id)
+    for record in state:
+        if record.installing:
+            # A fork or a restore to a new name moves its main file last:
+            # with it in place the install completed, else it did not.
+            if os.path.exists(names.db_path(data_dir, record.name)):
+                record.installing = False
+            else:
+                _log.warn("dropping namespace {name}: its install was interrupted by a crash",
+                          name=record.name)
+                del state.records[record.name]
+            changed = True
+    quarantined = quarantine_unrecorded(data_dir, set(state.records), now)
     for record in state:
         if not os.path.exists(names.db_path(data_dir, record.name)) and record.name not in finished:
             _log.warn("namespace {name} has no data file yet; it starts empty", name=record.name)
     if changed:
         state.save()
+    return quarantined
+
+
+def quarantine_unrecorded(data_dir: str, recorded: set[str], now: float) -> list[str]:
+    """
+    Move every data file of a name the state does not record into
+    C{_quarantine/<timestamp>/}: the daemon serves only files it created,
+    and a file that appeared in the data dir by any other way (planted
+    through a child, copied by hand) is never adopted.  An operator who
+    wants such a file served restores it (C{?allow_foreign=true}), which
+    replays it through the checks.  Returns the files moved.
+    """
+    strays = []
+    for entry in sorted(os.listdir(data_dir)):
+        name = names.name_of_data_file(entry)
+        path = os.path.join(data_dir, entry)
+        if name is None or name in recorded or not (os.path.isfile(path) or os.path.islink(path)):
+            continue
+        strays.append(entry)
+    if not strays:
+        return []
+    target = os.path.join(data_dir, QUARANTINE, compact(now))
+    os.makedirs(target, exist_ok=True)
+    for entry in strays:
+        move_no_clobber(os.path.join(data_dir, entry), os.path.join(target, entry))
+        _log.warn("quarantined {file}: no namespace of this daemon owns it (moved to {directory})",
+                  file=entry, directory=target)
+    fsync_directory(target)
+    fsync_directory(data_dir)
+    return strays
 
 
 # -- interrupted archives and unarchives ------------------------------------------

@@ -27,6 +27,7 @@ from .auth import BearerToken
 from .backup import Backups
 from .channel import BackendChannel
 from .config import Config, ConfigError
+from .confine import Confinement, ConfinementUnavailable, choose
 from .datadir import DataDirBusy, lock_data_dir, temp_dir
 from .gc import GarbageCollector
 from .hibernation import Hibernator
@@ -53,7 +54,8 @@ class TursoService(Service):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Reactor, state: StateStore) -> None:
+    def __init__(self, config: Config, reactor: Reactor, state: StateStore,
+                 confinement: Confinement | None = None) -> None:
         self.config = config
         self.reactor = reactor
         self.state = state
@@ -65,6 +67,7 @@ class TursoService(Service):
             startup_timeout=config.startup_timeout,
             child_env=child_environment(os.environ),
             wrappers=child_wrappers(),
+            confinement=confinement or Confinement(reason="not configured"),
             make_channel=lambda port: BackendChannel(reactor, port, max_queue=config.queue_depth,
                                                      queue_timeout=config.queue_timeout),
         )
@@ -116,6 +119,8 @@ class TursoService(Service):
                                      authorize_every_request=False, limit_name="TURSO_MAX_RESTORE_BYTES",
                                      scratch_dir=scratch)
         self.ports: dict[str, IListeningPort] = {}
+        #: Files start-up recovery found with no namespace and quarantined.
+        self.quarantined: list[str] = []
         self.metrics.watch(self)
         #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
         self.lock_fd: int | None = None
@@ -151,8 +156,14 @@ class TursoService(Service):
         if not self.ports:
             self.privilegedStartService()
         # We hold the data dir lock: any child still serving it is an orphan.
-        recover(self.config.data_dir, self.config.tursodb_bin, self.state, self.guard,
-                self.reactor.seconds())
+        self.quarantined = recover(self.config.data_dir, self.config.tursodb_bin, self.state, self.guard,
+                                   self.reactor.seconds())
+        confinement = self.supervisor.confinement
+        if confinement.helper is None:
+            self._log.warn("{confinement}: a statement that gets past the gate could write any file "
+                           "this user can", confinement=confinement.describe())
+        else:
+            self._log.info("{confinement}", confinement=confinement.describe())
         if not any(w.endswith("setpriv") for w in self.supervisor.wrappers):
             self._log.warn("setpriv not found: children may outlive a daemon killed with SIGKILL "
                            "(they are cleaned up at the next start)")
@@ -222,6 +233,10 @@ def make_service(options: Mapping[str, str | None], reactor: Reactor | None = No
     except ConfigError as error:
         _fatal(str(error))
     try:
+        confinement = choose(config.confine, config.landlock_bin)
+    except ConfinementUnavailable as error:
+        _fatal(str(error))
+    try:
         lock_fd = lock_data_dir(config.data_dir)
     except (DataDirBusy, OSError) as error:
         _fatal(str(error))
@@ -230,6 +245,6 @@ def make_service(options: Mapping[str, str | None], reactor: Reactor | None = No
         state.load()
     except (StateError, OSError) as error:
         _fatal(str(error))
-    service = TursoService(config, reactor, state)
+    service = TursoService(config, reactor, state, confinement)
     service.lock_fd = lock_fd
     return service

@@ -65,6 +65,11 @@ class NamespaceRecord:
     #: The archive entry this namespace's files are moving to, saved
     #: before they move, so that start-up knows what a crash interrupted.
     archiving: str | None = None
+    #: Set while a database built elsewhere (a fork, a restore to a new
+    #: name) is moved in: the record is saved before its files exist, so
+    #: start-up never meets files without a record (see
+    #: L{turso_twisted.recovery}).
+    installing: bool = False
 
     @classmethod
     def new(cls, name: str, origin: Origin, now: float) -> NamespaceRecord:
@@ -89,6 +94,7 @@ class NamespaceRecord:
             "clients": sorted(self.clients),
             "retiredClients": sorted(self.retired),
             "archiving": self.archiving,
+            "installing": self.installing,
         }
 
     @classmethod
@@ -116,7 +122,14 @@ class NamespaceRecord:
             clients=_strings(data.get("clients", []), "clients"),
             retired=_strings(data.get("retiredClients", []), "retiredClients"),
             archiving=_optional_string(data.get("archiving"), "archiving"),
+            installing=_bool(data.get("installing", False), "installing"),
         )
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false")
+    return value
 
 
 def _optional_string(value: Any, what: str) -> str | None:
@@ -227,7 +240,7 @@ class StateStore:
             # again (sets only grow, or come with a new history).
             key = (record.id, record.origin, record.locked, record.ttl, record.created_at,
                    record.last_access_at, record.history, len(record.clients), len(record.retired),
-                   record.archiving)
+                   record.archiving, record.installing)
             cached = cache.get(name)
             if cached is None or cached[0] != key:
                 cached = cache[name] = (key, f"{dumps(name)}: {dumps(record.to_json())}")

@@ -61,7 +61,7 @@ class NamespaceStats:
         # Client ids are for the daemon; the API shows how many there are.
         out["replicas"] = len(out.pop("clients"))
         out["retiredReplicas"] = len(out.pop("retiredClients"))
-        del out["archiving"]
+        del out["archiving"], out["installing"]
         return out
 
     def stats(self, name: str) -> dict[str, Any]:

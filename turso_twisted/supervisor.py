@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from . import names
 from .channel import BackendChannel, ChannelReactor
+from .confine import Confinement
 from .datadir import temp_dir
 from .errors import Unavailable
 from .ports import PortAllocator, PortsExhausted
@@ -63,6 +64,8 @@ class Child:
     process: TursodbProcess
     channel: BackendChannel
     started_at: float
+    #: The child's own temp dir (its TMPDIR), which it may write.
+    scratch: str
     phase: Phase = "starting"
 
     @property
@@ -102,6 +105,8 @@ class Supervisor:
     wrappers: list[str] = attrs.field(factory=list)
     stop_grace: float = 5.0
     is_serving: Callable[[int, int], bool] = owns_listener
+    #: How children are confined (see L{turso_twisted.confine}).
+    confinement: Confinement = attrs.field(factory=lambda: Confinement(reason="not configured"))
     #: Makes the channel to a child on a port (see L{BackendChannel}).
     make_channel: Callable[[int], BackendChannel] = attrs.field(
         default=attrs.Factory(_default_channels, takes_self=True))
@@ -202,11 +207,13 @@ class Supervisor:
             except PortsExhausted as error:
                 raise spawn_failed(label, str(error), retry_after=5) from None
             began = self.reactor.seconds()
-            scratch = self._scratch_dir(label, port)
-            process = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, self.wrappers,
-                                    {**self.child_env, "TMPDIR": scratch})
-            process.whenEnded().addBoth(self._remove_scratch, scratch)
-            child = Child(label, process, self.make_channel(port), began)
+            root, scratch, cwd = self._scratch_dirs(label, port)
+            files = self._files_of(db_path)
+            wrappers = self.wrappers + self.confinement.wrap(files, [scratch])
+            process = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, wrappers,
+                                    {**self.child_env, "TMPDIR": scratch}, cwd)
+            process.whenEnded().addBoth(self._remove_scratch, root)
+            child = Child(label, process, self.make_channel(port), began, scratch)
             process.whenEnded().addBoth(self._close_channel, child.channel)
             if register:
                 self._children[label] = child
@@ -228,15 +235,29 @@ class Supervisor:
                         stderr=process.stderr_summary())
         raise spawn_failed(label, why)
 
-    def _scratch_dir(self, name: str, port: int) -> str:
+    def _scratch_dirs(self, name: str, port: int) -> tuple[str, str, str]:
         """
-        A temp dir for one child (tursodb puts its temp database there),
-        inside the data dir and removed when the child ends, so nothing of
-        a tenant lingers in the system's /tmp.
+        One child's own dirs inside the data dir, removed when it ends: the
+        root, its temp dir (tursodb puts its temp databases there; so
+        nothing of a tenant lingers in the system's /tmp) and an empty
+        working dir it cannot write, so a relative path lands nowhere.
         """
-        path = os.path.join(temp_dir(self.data_dir), f"tursodb-{name}-{port}")
-        os.makedirs(path, exist_ok=True)
-        return path
+        root = os.path.join(temp_dir(self.data_dir), f"tursodb-{name}-{port}")
+        scratch, cwd = os.path.join(root, "tmp"), os.path.join(root, "cwd")
+        os.makedirs(scratch, exist_ok=True)
+        os.makedirs(cwd, exist_ok=True)
+        return root, scratch, cwd
+
+    @staticmethod
+    def _files_of(db_path: str) -> list[str]:
+        """
+        The files a child writes: its database and WAL, made now if new
+        (tursodb would make them at once; confinement needs them to exist).
+        """
+        files = [db_path, db_path + "-wal"]
+        for path in files:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        return files
 
     def _remove_scratch(self, result: object, path: str) -> object:
         shutil.rmtree(path, ignore_errors=True)

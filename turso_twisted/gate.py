@@ -1,0 +1,403 @@
+"""
+The statement gate: what a data-port client may ask a child to run.
+
+A child runs whatever C{/v2/pipeline} carries with the daemon's file-system
+authority: C{VACUUM INTO '<path>'} writes a database anywhere the daemon
+can, C{load_extension} runs code, some C{PRAGMA}s break a namespace for
+good.  So every statement of every C{execute} and C{batch} step is
+tokenised the way SQLite does (comments, quoting, any case and spacing,
+several statements in one string, the bodies of C{CREATE TRIGGER}) and
+classified; only the kinds of statement sync clients and applications use
+pass, and anything the gate cannot classify is refused.  It refuses:
+
+  - C{VACUUM} in every form, C{ATTACH} and C{DETACH};
+  - a call of a function that reaches the file system or loads code
+    (C{load_extension}, ...), anywhere: in a query, a C{DEFAULT}, a
+    C{CHECK}, a view, a trigger body;
+  - every C{PRAGMA} but a short list of read-only ones, and those only read;
+  - virtual tables (their module decides what they touch);
+  - a request type other than C{execute} and C{batch}, and a body that is
+    not the pipeline JSON the child accepts.
+
+Measured against pyturso 0.8.3 and C{@tursodatabase/sync} 0.7.2: a push is
+C{batch} requests only, with C{BEGIN IMMEDIATE}, C{COMMIT}, DML, C{CREATE
+TABLE|INDEX ... IF NOT EXISTS}, C{ALTER TABLE ... ADD COLUMN}, C{DROP
+TABLE|INDEX} and the statements on C{turso_sync_last_change_id}, and no
+C{PRAGMA} at all; all of it passes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from functools import lru_cache
+from itertools import pairwise
+from typing import Any, Literal
+
+import attrs
+
+from .errors import Forbidden, Invalid
+
+#: What a statement does: reads, writes, or controls the transaction.
+Kind = Literal["read", "write", "transaction"]
+
+#: Functions no client may call: each reaches the file system or loads code
+#: (only the first exists in tursodb 0.6.0; the others in SQLite builds).
+FORBIDDEN_FUNCTIONS = frozenset({
+    "load_extension", "readfile", "writefile", "edit", "fts3_tokenizer", "zipfile", "sqlar_compress",
+    "sqlar_uncompress",
+})
+
+#: Read-only PRAGMAs a client may run, without a value.
+READ_PRAGMAS = frozenset({
+    "application_id", "data_version", "encoding", "freelist_count", "page_count", "page_size",
+    "schema_version", "user_version", "table_list", "integrity_check", "quick_check",
+    "foreign_key_check",
+})
+#: Read-only PRAGMAs that take a table or index name in parentheses.
+READ_PRAGMAS_OF = frozenset({
+    "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list",
+})
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<line_comment>--[^\n]*)
+  | (?P<block_comment>/\*.*?(?:\*/|\Z))
+  | (?P<string>'(?:[^']|'')*')
+  | (?P<blob>[xX]'[^']*')
+  | (?P<quoted>"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\])
+  | (?P<number>0[xX][0-9a-fA-F]+|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
+  | (?P<word>(?:(?!\s)[A-Za-z_\u0080-\U0010ffff])(?:(?!\s)[A-Za-z0-9_$\u0080-\U0010ffff])*)
+  | (?P<param>\?\d*|[:@$][A-Za-z0-9_]+)
+  | (?P<semicolon>;)
+  | (?P<lparen>\()
+  | (?P<rparen>\))
+  | (?P<operator>\|\||<<|>>|<=|>=|==|!=|<>|->>|->|[-+*/%<>=~&|,.!])
+""", re.VERBOSE | re.DOTALL)
+
+
+class StatementRefused(Exception):
+    """
+    A statement the gate does not let through; the message says which and why.
+    """
+
+
+@attrs.frozen
+class Token:
+    kind: str
+    text: str
+
+    @property
+    def word(self) -> str | None:
+        """
+        The token as a keyword or name, lower case (quotes removed), or
+        C{None} for anything else.
+        """
+        if self.kind == "word":
+            return self.text.lower()
+        if self.kind == "quoted":
+            return self.text[1:-1].lower()
+        return None
+
+
+def tokenize(sql: str) -> list[Token]:
+    """
+    The tokens of C{sql} without spaces and comments.  Any Unicode space
+    separates words (SQLite would take a no-break space as part of a name:
+    splitting there only makes the gate see more, never less).
+
+    @raise StatementRefused: for text SQLite would not tokenise either (an
+        unterminated string or quoted name, a stray character).
+    """
+    tokens = []
+    position = 0
+    while position < len(sql):
+        match = _TOKEN.match(sql, position)
+        if match is None:
+            raise StatementRefused(f"cannot read the SQL at {sql[position:position + 20]!r}")
+        kind = match.lastgroup
+        assert kind is not None
+        if kind not in ("space", "line_comment", "block_comment"):
+            tokens.append(Token(kind, match.group()))
+        position = match.end()
+    return tokens
+
+
+def split_statements(tokens: list[Token]) -> Iterator[list[Token]]:
+    """
+    The statements of a token list, split on C{;} as SQLite does: the
+    C{;}s inside a C{CREATE TRIGGER ... BEGIN ... END} body (where C{CASE
+    ... END} nests) do not end the statement.
+    """
+    statement: list[Token] = []
+    in_body = False
+    depth = 0
+    for token in tokens:
+        word = token.word if token.kind == "word" else None
+        if token.kind == "semicolon" and not in_body:
+            if statement:
+                yield statement
+            statement = []
+            continue
+        statement.append(token)
+        if _is_trigger(statement):
+            if word == "begin" and not in_body:
+                in_body = True
+            elif in_body and word == "case":
+                depth += 1
+            elif in_body and word == "end":
+                if depth:
+                    depth -= 1
+                else:
+                    in_body = False
+    if in_body:
+        raise StatementRefused("CREATE TRIGGER body without its END")
+    if statement:
+        yield statement
+
+
+def _is_trigger(statement: list[Token]) -> bool:
+    words = [t.word for t in statement[:4] if t.kind == "word"]
+    return len(words) >= 2 and words[0] == "create" and (
+        words[1] == "trigger" or (words[1] in ("temp", "temporary") and words[2:3] == ["trigger"]))
+
+
+def _head(statement: list[Token], count: int) -> list[str | None]:
+    return [t.word if t.kind == "word" else None for t in statement[:count]]
+
+
+def _check_calls(statement: list[Token]) -> None:
+    for token, following in pairwise(statement):
+        if following.kind == "lparen" and token.word in FORBIDDEN_FUNCTIONS:
+            raise StatementRefused(f"{token.word}() reaches the file system or loads code")
+
+
+def classify(statement: list[Token]) -> Kind:
+    """
+    What one statement does.
+
+    @raise StatementRefused: if it is not allowed, or not understood.
+    """
+    _check_calls(statement)
+    head = _head(statement, 4)
+    verb = head[0]
+    if verb == "explain":
+        rest = statement[3:] if head[1:3] == ["query", "plan"] else statement[1:]
+        classify(rest)
+        return "read"
+    if verb in ("select", "values"):
+        return "read"
+    if verb == "with":
+        return _classify_with(statement)
+    if verb in ("insert", "replace", "update", "delete"):
+        return "write"
+    if verb in ("begin", "commit", "end", "rollback", "savepoint", "release"):
+        return "transaction"
+    if verb == "create":
+        return _classify_create(statement, head)
+    if verb == "drop" and head[1] in ("table", "index", "view", "trigger"):
+        return "write"
+    if verb == "alter" and head[1] == "table":
+        return "write"
+    if verb in ("analyze", "reindex"):
+        return "write"
+    if verb == "pragma":
+        return _classify_pragma(statement)
+    if verb == "vacuum":
+        raise StatementRefused("VACUUM writes files outside the namespace (and rewrites it)")
+    if verb in ("attach", "detach"):
+        raise StatementRefused(f"{verb.upper()} opens other database files")
+    shown = statement[0].text if statement else ""
+    raise StatementRefused(f"statement starting {shown[:30]!r} is not one the gate knows")
+
+
+def _classify_with(statement: list[Token]) -> Kind:
+    """
+    C{WITH <common table expressions> <verb> ...}: the verb is the first
+    keyword outside the parentheses of the CTEs.
+    """
+    depth = 0
+    for token in statement[1:]:
+        if token.kind == "lparen":
+            depth += 1
+        elif token.kind == "rparen":
+            depth -= 1
+        elif depth == 0 and token.kind == "word":
+            word = token.text.lower()
+            if word in ("select", "values"):
+                return "read"
+            if word in ("insert", "replace", "update", "delete"):
+                return "write"
+            if word not in ("recursive", "as", "not", "materialized") and not _is_name(token):
+                break
+    raise StatementRefused("WITH must lead to SELECT, INSERT, UPDATE or DELETE")
+
+
+def _is_name(token: Token) -> bool:
+    return token.kind in ("word", "quoted") and token.text.lower() not in _KEYWORDS_AFTER_CTE
+
+
+#: Keywords that cannot name a CTE and do not start its body.
+_KEYWORDS_AFTER_CTE = frozenset({"vacuum", "attach", "detach", "pragma", "create", "drop", "alter",
+                                 "begin", "commit", "rollback", "analyze", "reindex", "explain"})
+
+
+def _classify_create(statement: list[Token], head: list[str | None]) -> Kind:
+    words = [w for w in head[1:4] if w is not None]
+    while words and words[0] in ("temp", "temporary", "unique"):
+        words.pop(0)
+    what = words[0] if words else None
+    if what == "virtual":
+        raise StatementRefused("virtual tables are not allowed (their module decides what they touch)")
+    if what == "trigger":
+        _check_trigger_body(statement)
+        return "write"
+    if what in ("table", "index", "view"):
+        return "write"
+    raise StatementRefused("CREATE of something other than a table, index, view or trigger")
+
+
+def _check_trigger_body(statement: list[Token]) -> None:
+    """
+    The statements of a trigger body: SQLite allows only DML and SELECT
+    there; each is classified like a statement of its own.
+    """
+    words = [t.word if t.kind == "word" else None for t in statement]
+    start = words.index("begin") + 1
+    end = len(statement) - 1 - words[::-1].index("end")
+    body = statement[start:end]
+    for inner in _split_body(body):
+        if classify(inner) not in ("read", "write") or _head(inner, 1)[0] not in (
+                "select", "values", "with", "insert", "replace", "update", "delete"):
+            raise StatementRefused("a trigger body may hold only SELECT, INSERT, UPDATE and DELETE")
+
+
+def _split_body(body: list[Token]) -> Iterator[list[Token]]:
+    statement: list[Token] = []
+    for token in body:
+        if token.kind == "semicolon":
+            if statement:
+                yield statement
+            statement = []
+        else:
+            statement.append(token)
+    if statement:
+        yield statement
+
+
+def _classify_pragma(statement: list[Token]) -> Kind:
+    names = [t for t in statement[1:] if t.kind in ("word", "quoted")]
+    name = names[0].word if names else None
+    rest = statement[2:]
+    if name in READ_PRAGMAS and not rest:
+        return "read"
+    if name in READ_PRAGMAS_OF and len(rest) == 3 and rest[0].kind == "lparen" and \
+            rest[1].kind in ("word", "quoted", "string") and rest[2].kind == "rparen":
+        return "read"
+    shown = name or (statement[1].text if len(statement) > 1 else "")
+    raise StatementRefused(f"PRAGMA {shown} is not one of the read-only PRAGMAs clients may run")
+
+
+def check_sql(sql: str) -> list[Kind]:
+    """
+    The kind of each statement in C{sql}.
+
+    @raise StatementRefused: if any is refused.
+    """
+    if len(sql) > _CACHED_LENGTH:
+        return _check_sql(sql)
+    verdict = _cached_verdict(sql)
+    if isinstance(verdict, str):
+        raise StatementRefused(verdict)
+    return list(verdict)
+
+
+def _check_sql(sql: str) -> list[Kind]:
+    return [classify(statement) for statement in split_statements(tokenize(sql))]
+
+
+#: Statements up to this long have their verdict cached: clients send the
+#: same parameterised statements over and over.
+_CACHED_LENGTH = 2048
+
+
+@lru_cache(maxsize=4096)
+def _cached_verdict(sql: str) -> tuple[Kind, ...] | str:
+    try:
+        return tuple(_check_sql(sql))
+    except StatementRefused as error:
+        return str(error)
+
+
+@attrs.frozen
+class PipelineVerdict:
+    """
+    What a pipeline request asks: the kinds of all its statements.
+    """
+
+    kinds: frozenset[str]
+
+    @property
+    def read_only(self) -> bool:
+        return self.kinds <= {"read"}
+
+
+def _statements(document: Any) -> Iterator[str]:
+    if not isinstance(document, dict) or not isinstance(document.get("requests"), list):
+        raise ValueError('expected {"requests": [...]}')
+    for request in document["requests"]:
+        if not isinstance(request, dict):
+            raise ValueError("each request must be an object")
+        kind = request.get("type")
+        if kind == "execute":
+            steps = [request.get("stmt")]
+        elif kind == "batch":
+            batch = request.get("batch")
+            if not isinstance(batch, dict) or not isinstance(batch.get("steps"), list):
+                raise ValueError("a batch request needs batch.steps")
+            steps = [step.get("stmt") if isinstance(step, dict) else None for step in batch["steps"]]
+        else:
+            raise ValueError(f"request type {kind!r} is not supported (only execute and batch)")
+        for statement in steps:
+            if not isinstance(statement, dict):
+                raise ValueError("each statement must be an object")
+            sql = statement.get("sql")
+            if sql is None:
+                continue
+            if not isinstance(sql, str):
+                raise ValueError("sql must be a string")
+            yield sql
+
+
+def check_pipeline(body: bytes) -> PipelineVerdict:
+    """
+    Check every statement a C{/v2/pipeline} body carries.
+
+    @raise Invalid: if the body is not the pipeline JSON the child accepts.
+    @raise Forbidden: if a statement is refused (C{statement_not_allowed}).
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError, UnicodeDecodeError) as error:
+        raise Invalid("bad_pipeline", f"not a pipeline request: {error}") from None
+    return check_document(document)
+
+
+def check_document(document: Any) -> PipelineVerdict:
+    """
+    L{check_pipeline} of a decoded body (the daemon's own replays use it).
+    """
+    try:
+        statements = list(_statements(document))
+    except ValueError as error:
+        raise Invalid("bad_pipeline", f"not a pipeline request: {error}") from None
+    kinds: set[str] = set()
+    for sql in statements:
+        try:
+            kinds.update(check_sql(sql))
+        except StatementRefused as error:
+            shown = " ".join(sql.split())
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            raise Forbidden("statement_not_allowed", f"statement {shown!r} refused: {error}") from None
+    return PipelineVerdict(frozenset(kinds))
