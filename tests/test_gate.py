@@ -161,7 +161,9 @@ class PipelineTests(SynchronousTestCase):
                      b'{"requests": [{"type": "store_sql", "sql": "VACUUM", "sql_id": 1}]}',
                      b'{"requests": [{"type": "batch", "batch": {"steps": 5}}]}',
                      b'{"requests": [{"type": "execute", "stmt": {"sql": 5}}]}',
-                     b"[" * 100_000):
+                     b"[" * 100_000,
+                     b'{"requests": [{"type": "execute", "stmt": {"sql": "VACUUM", "sql": "select 1"}}]}',
+                     b'{"requests": [{"type": "execute", "type": "batch", "stmt": {"sql": "select 1"}}]}'):
             with self.assertRaises(Invalid, msg=body[:60]):
                 check_pipeline(body)
 
