@@ -100,6 +100,21 @@ class AdminTests(AdminFixture):
         self.assertError(self.call("GET", "/v2/nothing"), 404, "not_found")
         self.assertError(self.call("PUT", "/v1/namespaces/alpha/create"), 405, "method_not_allowed")
 
+    def test_odd_paths_are_json_errors_that_change_nothing(self) -> None:
+        self.call("POST", "/v1/namespaces/dummy2/create")
+        writes = self.fx.state.writes
+        for method, path, status, code in (
+                ("GET", "/v1//namespaces", 404, "not_found"),
+                ("GET", "/v1/namespaces//dummy2", 404, "not_found"),
+                ("DELETE", "/v1//namespaces/dummy2", 404, "not_found"),
+                ("POST", "/v1/namespaces/%c0%ae%c0%ae/create", 400, "invalid_name"),
+                ("DELETE", "/v1/namespaces/%64ummy2", 400, "invalid_name"),
+                ("POST", "/v1/namespaces/%64ummy2/lock", 400, "invalid_name")):
+            self.assertError(self.call(method, path), status, code)
+        self.assertEqual(self.fx.state.writes, writes)
+        self.assertIn("dummy2", self.fx.state.records)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_lock_unlock(self) -> None:
         self.call("POST", "/v1/namespaces/alpha/create")
         self.assertFalse(self.call("POST", "/v1/namespaces/alpha/unlock")[1]["locked"])
@@ -123,7 +138,9 @@ class AdminTests(AdminFixture):
         self.call("POST", "/v1/namespaces/alpha/ttl", {"ttl": "1h"})
         writes = self.fx.state.writes
         for body, raw in (({"ttl": "soon"}, None), ({"ttl": 5}, None), ({}, None), ([1], None),
-                          ({"ttl": "0s"}, None), (None, b"{nope")):
+                          ({"ttl": "0s"}, None), ({"ttl": "10ns"}, None), ({"ttl": "999ms"}, None),
+                          ({"ttl": "\uff11h"}, None), ({"ttl": "\u0663h"}, None), (None, b"{nope"),
+                          (None, b'{"ttl": ' + b"[" * 30_000 + b"]" * 30_000 + b"}")):
             status, error, _ = self.call("POST", "/v1/namespaces/alpha/ttl", body, raw=raw)
             self.assertIn(status, (400,), (body, raw))
             self.assertIn(error["error"], ("invalid_ttl", "bad_json"))
@@ -210,7 +227,7 @@ class ArchiveRouteTests(AdminFixture):
         manifest = self.archive("alpha")
         self.assertError(self.call("DELETE", "/v1/archive/alpha"), 400, "invalid_entry")
         # A decoded slash never reaches the handler: no route matches.
-        self.assertError(self.call("DELETE", "/v1/archive/..%2F..%2Fetc"), 404, "not_found")
+        self.assertError(self.call("DELETE", "/v1/archive/..%2F..%2Fetc"), 400, "invalid_name")
         self.assertError(self.call("DELETE", "/v1/archive/alpha.20000101T000000.000Z"), 404,
                          "archive_not_found")
         status, body, _ = self.call("DELETE", f"/v1/archive/{manifest['entry']}")

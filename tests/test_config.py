@@ -30,13 +30,29 @@ class DurationTests(SynchronousTestCase):
         self.assertEqual(parse_duration("30d"), 30 * 86400)
 
     def test_rejects(self) -> None:
-        for text in ("", "5", "s", "5x", "1h 30m", "-5s", "5s5", "h1", "1e3s", "five seconds"):
+        for text in ("", "5", "s", "5x", "1h 30m", "-5s", "5s5", "h1", "1e3s", "five seconds",
+                     "\uff11h", "\u0663h", "1\u0660s"):
             with self.assertRaises(ValueError, msg=text):
                 parse_duration(text)
 
     @given(st.integers(min_value=0, max_value=10**7))
     def test_format_round_trips(self, seconds: int) -> None:
         self.assertEqual(parse_duration(format_duration(seconds)), seconds)
+
+    @given(st.text(alphabet="0123456789.", min_size=1, max_size=8),
+           st.sampled_from(["ns", "us", "µs", "ms", "s", "m", "h", "d"]))
+    def test_every_duration_read_is_written_back_readable(self, number: str, unit: str) -> None:
+        """
+        Whatever parse_duration accepts, format_duration writes in a form
+        it reads back to the same value (a TTL stored in the state file
+        must load again).
+        """
+        try:
+            seconds = parse_duration(number + unit)
+        except ValueError:
+            return
+        again = parse_duration(format_duration(seconds))
+        self.assertAlmostEqual(again, seconds, delta=max(1e-9, seconds * 1e-9))
 
     def test_format(self) -> None:
         self.assertEqual(format_duration(3600), "1h0m0s")

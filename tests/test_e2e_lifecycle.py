@@ -102,6 +102,26 @@ class LifecycleTests(E2ETestCase):
 
 class ReplicaHistoryTests(E2ETestCase):
     @inlineCallbacks
+    def test_a_stale_replica_creates_nothing(self) -> Any:
+        """
+        After DELETE, a replica of the deleted namespace that pushes or
+        pulls is refused before anything is created: the name stays free.
+        """
+        daemon = yield Daemon(self).start()
+        old = yield self.replica(daemon, "alpha")
+        yield run_replica(old.run, "create table t (x text)", "insert into t values ('old')")
+        yield run_replica(old.push)
+        yield get_json(daemon.admin_url("/v1/namespaces/alpha"), "DELETE")
+        yield run_replica(old.run, "insert into t values ('written offline')")
+        for action in (old.push, old.pull):
+            with self.assertRaises(Exception) as caught:
+                yield run_replica(action)
+            self.assertIn("stale_replica", str(caught.exception))
+            status, listed = yield get_json(daemon.admin_url("/v1/namespaces"))
+            self.assertEqual(listed["namespaces"], [], "nothing auto-provisioned")
+        self.assertFalse(os.path.exists(os.path.join(daemon.data_dir, "alpha.db")))
+
+    @inlineCallbacks
     def test_replica_of_a_deleted_namespace_cannot_touch_the_new_one(self) -> Any:
         """
         After DELETE, the name starts empty, and a replica of the old

@@ -79,14 +79,32 @@ class StateStoreTests(SynchronousTestCase):
             self.assertIn("alpha", json.load(handle)["namespaces"])
 
     def test_invalid_content_is_refused(self) -> None:
-        for document in ({"version": 99, "namespaces": {}},
-                         {"version": 1, "namespaces": {"../x": {}}},
-                         {"version": 1, "namespaces": {"a": {"origin": "weird"}}},
-                         [1, 2]):
+        for document in ({"version": 99, "namespaces": {}}, {"version": 1, "namespaces": []}, [1, 2]):
             with open(self.store.path, "w") as handle:
                 json.dump(document, handle)
             with self.assertRaises(StateError):
                 self.reload()
+
+    def test_one_bad_record_is_set_aside_not_fatal(self) -> None:
+        good = NamespaceRecord.new("alpha", "auto", self.clock.seconds())
+        self.store.records["alpha"] = good
+        self.store.save()
+        with open(self.store.path) as handle:
+            document = json.load(handle)
+        document["namespaces"]["../x"] = {}
+        document["namespaces"]["beta"] = {**good.to_json(), "ttl": "1e-05ms"}
+        document["namespaces"]["gamma"] = {**good.to_json(), "origin": "weird"}
+        with open(self.store.path, "w") as handle:
+            json.dump(document, handle)
+        store = self.reload()
+        self.assertEqual(list(store.records), ["alpha"])
+        self.assertEqual(store.quarantined_records, ["../x", "beta", "gamma"])
+        [aside] = [f for f in os.listdir(os.path.dirname(store.path)) if f.startswith("quarantined-records-")]
+        with open(os.path.join(os.path.dirname(store.path), aside)) as handle:
+            kept = json.load(handle)
+        self.assertEqual(kept["beta"]["record"]["ttl"], "1e-05ms", "the record is kept as it was")
+        self.assertIn("not a duration", kept["beta"]["problem"])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
 
     def test_missing_file_with_previous_copy_is_refused(self) -> None:
         self.store.save()

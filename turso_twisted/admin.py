@@ -20,9 +20,10 @@ from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from twisted.web.static import File
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as NoRoute
 
 from . import names
@@ -41,6 +42,8 @@ from .stats import NamespaceStats
 from .timefmt import format_duration, parse_duration
 
 _MAX_ADMIN_JSON = 64 * 1024
+#: The shortest TTL: anything shorter is a mistake, not a lifetime.
+MIN_TTL = 1.0
 _R = TypeVar("_R")
 
 
@@ -89,11 +92,33 @@ def _json_body(request: IRequest) -> dict[str, Any]:
         raise TooLarge("body_too_large", "admin request bodies are limited to 64 KiB")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Invalid("bad_json", "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Invalid("bad_json", "request body must be a JSON object")
     return body
+
+
+class _RawPath(Resource):
+    """
+    The admin routes, behind a check of the raw path: names are checked on
+    the raw bytes, as on the data port, and no name or archive entry holds a
+    "%", so nothing percent-decoded ever becomes one (nor reaches Klein's
+    decoding).
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: KleinResource) -> None:
+        super().__init__()
+        self.routes = routes
+
+    def render(self, request: IRequest) -> bytes | int:
+        if b"%" in request.uri.partition(b"?")[0]:
+            return render(request, Invalid("invalid_name", "percent-encoded paths are not accepted: "
+                                           "namespace names are plain a-z, 0-9, '_' and '-'"), "admin")
+        # Klein renders NOT_DONE_YET and finishes the request itself.
+        return cast("bytes | int", self.routes.render(request))
 
 
 @attrs.define(eq=False)
@@ -111,6 +136,8 @@ class AdminAPI:
 
     def __attrs_post_init__(self) -> None:
         app = self.app
+        # "//" is no path of ours: not found, never a redirect.
+        app.url_map.merge_slashes = False
         route = app.route
 
         route("/healthz", methods=["GET"])(self.healthz)
@@ -135,10 +162,11 @@ class AdminAPI:
         app.handle_errors(Refusal)(self._refusal)
         app.handle_errors(NoRoute)(self._route_not_found)
         app.handle_errors(MethodNotAllowed)(self._method_not_allowed)
+        app.handle_errors(HTTPException)(self._bad_request)
         app.handle_errors(Exception)(self._unexpected)
 
-    def resource(self) -> KleinResource:
-        return self.app.resource()
+    def resource(self) -> Resource:
+        return _RawPath(self.app.resource())
 
     # -- plumbing ------------------------------------------------------------
 
@@ -163,6 +191,10 @@ class AdminAPI:
         request.setHeader(b"allow", ", ".join(allowed).encode())
         return render(request, NotAllowed("method_not_allowed",
                                           f"method {request.method.decode()} not allowed here"), "admin")
+
+    def _bad_request(self, request: IRequest, failure: Failure) -> bytes:
+        return render(request, Invalid("bad_request", "the request cannot be routed (a malformed path?)"),
+                      "admin")
 
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         self._log.failure("unexpected error in the admin API", failure)
@@ -245,8 +277,9 @@ class AdminAPI:
                 seconds = parse_duration(value)
             except ValueError as error:
                 raise Invalid("invalid_ttl", str(error)) from None
-            if seconds <= 0:
-                raise Invalid("invalid_ttl", "ttl must be longer than zero (null clears it)")
+            if seconds < MIN_TTL:
+                raise Invalid("invalid_ttl", f"ttl must be at least {format_duration(MIN_TTL)} "
+                              "(null clears it)")
         else:
             raise Invalid("invalid_ttl", "ttl must be a duration string such as \"30d\", or null")
         record = await self.manager.update(name, lambda r: setattr(r, "ttl", seconds))

@@ -145,6 +145,8 @@ class DataPlane(Resource):
         request.content.seek(0)
         body = request.content.read()
         self._check_route(info.path, body)
+        if self.manager.get(name) is None:
+            self.guard.before_create(name, request.method, info.path, body)
         for attempt in (1, 2):
             lease = await self.manager.lease(name)
             with lease:

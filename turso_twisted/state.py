@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from . import names
 from .files import write_atomically
-from .timefmt import format_duration, from_rfc3339, parse_duration, to_rfc3339
+from .timefmt import compact, format_duration, from_rfc3339, parse_duration, to_rfc3339
 
 Origin = Literal["explicit", "auto"]
 STATE_VERSION = 1
@@ -157,6 +157,8 @@ class StateStore:
     #: name -> client ids of every archived history of that name.
     tombstones: dict[str, set[str]] = attrs.field(factory=dict)
     writes: int = 0
+    #: Names whose records could not be read at load (see L{_set_aside}).
+    quarantined_records: list[str] = attrs.field(factory=list)
     _pending_flush: IDelayedCall | None = attrs.field(default=None, init=False)
     _lines: dict[str, tuple[tuple[Any, ...], str]] = attrs.field(factory=dict, init=False)
     _log = Logger()
@@ -196,10 +198,14 @@ class StateStore:
             if not isinstance(entries, dict):
                 raise ValueError("'namespaces' must be an object")
             records = {}
+            set_aside: dict[str, Any] = {}
             for name, data in entries.items():
-                if not isinstance(data, dict):
-                    raise ValueError(f"namespace {name!r}: expected an object")
-                records[name] = NamespaceRecord.from_json(name, data)
+                try:
+                    if not isinstance(data, dict):
+                        raise ValueError("expected an object")
+                    records[name] = NamespaceRecord.from_json(name, data)
+                except (ValueError, KeyError, TypeError, AttributeError, names.InvalidName) as error:
+                    set_aside[name] = {"record": data, "problem": str(error)}
             raw_tombstones = document.get("tombstones", {})
             if not isinstance(raw_tombstones, dict):
                 raise ValueError("'tombstones' must be an object")
@@ -212,8 +218,25 @@ class StateStore:
                 else ""
             )
             raise StateError(f"state file {self.path} is unusable: {error}{hint}") from None
+        if set_aside:
+            self._set_aside(set_aside)
         self.records = records
         self.tombstones = tombstones
+
+    def _set_aside(self, set_aside: dict[str, Any]) -> None:
+        """
+        Keep records that cannot be read out of the way, in a file of their
+        own beside the state, and say so loudly: one bad record never keeps
+        the other namespaces down.  Its namespace is then not live (start-up
+        quarantines its files); an operator can restore it from them.
+        """
+        path = os.path.join(os.path.dirname(self.path),
+                            f"quarantined-records-{compact(self.clock.seconds())}.json")
+        write_atomically(path, json.dumps(set_aside, indent=1).encode("utf-8") + b"\n")
+        for name, entry in set_aside.items():
+            self._log.error("namespace {name} set aside: its record in the state file is unusable "
+                            "({problem}); kept in {path}", name=name, problem=entry["problem"], path=path)
+        self.quarantined_records = sorted(set_aside)
 
     def save(self) -> None:
         """

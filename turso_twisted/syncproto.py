@@ -224,6 +224,32 @@ class HistoryGuard:
                 self._check_pushing(record, clients)
         return body
 
+    def before_create(self, name: str, method: bytes, path: bytes, body: bytes) -> None:
+        """
+        Check a request that would create C{name} (not live): a replica
+        that has synced before (a revision to pull from, or a client id of
+        an earlier history pushing) cannot be served by a new, empty
+        namespace, so it is refused before anything is created.
+
+        @raise Conflict: for such a replica.
+        @raise Invalid: for a pull request that cannot be parsed.
+        """
+        if method != b"POST":
+            return
+        stale = False
+        if path == PULL_PATH:
+            try:
+                fields = parse_fields(body)
+            except MalformedSyncMessage as error:
+                raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
+            stale = any(number in (2, 3) and wire == _WIRE_BYTES and value for number, wire, value in fields)
+        elif path == PIPELINE_PATH:
+            stale = bool(pushing_clients(body) & self.retired(name))
+        if stale:
+            raise Conflict("stale_replica",
+                           f"this replica was made from data that namespace {name!r} no longer holds "
+                           "(it was deleted or archived); delete the local replica files and connect again")
+
     def outbound(self, history: str, method: bytes, path: bytes, status: int, body: bytes) -> bytes:
         """
         The response body a client gets: a pull's revision tagged.

@@ -33,7 +33,7 @@ def compact(seconds: float) -> str:
 #: Longer durations are refused: they would only overflow timestamps.
 MAX_DURATION = 100 * 365 * 86400.0
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h|d)")
 _DURATION_UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -72,11 +72,12 @@ def parse_duration(text: str) -> float:
 
 def format_duration(seconds: float) -> str:
     """
-    Render seconds the way Go does (C{"1h0m0s"}, C{"1.5s"}, C{"0s"}).
+    Render seconds the way Go does (C{"1h0m0s"}, C{"1.5s"}, C{"0s"}), in a
+    form L{parse_duration} reads back (never an exponent).
     """
     if seconds < 1:
         millis = seconds * 1000
-        return f"{millis:g}ms" if millis else "0s"
+        return f"{_decimal(millis)}ms" if millis else "0s"
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     out = ""
@@ -84,4 +85,8 @@ def format_duration(seconds: float) -> str:
         out += f"{int(hours)}h"
     if hours or minutes:
         out += f"{int(minutes)}m"
-    return out + f"{secs:g}s"
+    return out + f"{_decimal(secs)}s"
+
+
+def _decimal(value: float) -> str:
+    return f"{value:.9f}".rstrip("0").rstrip(".") or "0"
