@@ -253,6 +253,36 @@ class UnarchiveTests(ArchiveTestCase):
         self.refused(422, "archive_tampered")
         self.assertNothingChanged(listing)
 
+    def test_edited_manifest_refused_before_anything_moves(self) -> None:
+        """
+        A manifest whose sums still match but whose record is not one the
+        state would accept is refused before a file moves.
+        """
+        for change in ({"ttl": "forever"}, {"createdAt": 1700000000}, {"history": "x y"},
+                       {"origin": "weird"}, {"clients": "all"}):
+            self.archive_alpha()
+            path = os.path.join(self.entry_dir(), "manifest.json")
+            with open(path) as handle:
+                manifest = json.load(handle)
+            with open(path, "w") as handle:
+                json.dump({**manifest, **change}, handle)
+            listing = self.archive_listing()
+            self.refused(422, "archive_invalid")
+            self.assertNothingChanged(listing)
+            self.successResultOf(self.fx.archival.remove_archive_entry(
+                self.fx.archival.archiver.find("alpha")))
+
+    def test_symlink_instead_of_a_file_refused(self) -> None:
+        self.archive_alpha()
+        directory = self.entry_dir()
+        outside = os.path.abspath(self.mktemp())
+        os.rename(os.path.join(directory, "alpha.db"), outside)
+        os.symlink(outside, os.path.join(directory, "alpha.db"))
+        listing = self.archive_listing()
+        self.refused(422, "archive_tampered")
+        self.assertNothingChanged(listing)
+        self.assertFalse(os.path.lexists(os.path.join(self.fx.data_dir, "alpha.db")))
+
     def test_manifest_of_another_namespace_refused(self) -> None:
         self.archive_alpha()
         path = os.path.join(self.entry_dir(), "manifest.json")

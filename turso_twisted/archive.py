@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from typing import Any
 
 import attrs
@@ -170,6 +171,10 @@ def verify_entry(directory: str, entry: str, name: str) -> dict[str, Any]:
                             f"{listed_names}")
     for item in listed:
         path = os.path.join(directory, item["name"])
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise Unprocessable("archive_tampered",
+                                f"archive entry {entry}: {item['name']} is not a regular file; "
+                                "refusing to unarchive it")
         if sha256_and_size(path) != (item.get("sha256"), item.get("size")):
             raise Unprocessable("archive_tampered",
                                 f"archive entry {entry}: {item['name']} does not match its recorded "
