@@ -19,9 +19,19 @@ import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
-#: Tables that belong to the sync machinery or to our backups, not to the
-#: user: never replayed.
-SKIPPED_PREFIXES = ("sqlite_", "turso_sync_", "turso_cdc", "turso_server_")
+from .errors import Conflict
+
+#: Tables that belong to the sync machinery, tursodb's change capture or
+#: our backups, not to the user, by exact name and columns: never replayed.
+#: Every other table is (SQLite's own C{sqlite_*} aside).
+INTERNAL_TABLES = {
+    "turso_sync_last_change_id": {"client_id", "pull_gen", "change_id"},
+    "turso_cdc": {"change_id", "change_time", "change_txn_id", "change_type", "table_name", "id", "before",
+                  "after", "updates"},
+    "turso_cdc_version": {"table_name", "version"},
+    "turso_server_backup": {"namespace", "namespace_id", "history", "created_at", "backup_at",
+                            "server_version"},
+}
 
 ROWS_PER_REQUEST = 200
 BYTES_PER_REQUEST = 1 << 20
@@ -76,8 +86,39 @@ class SqliteSource:
     def _objects(self) -> list[tuple[str, str, str, str]]:
         rows = self.connection.execute(
             "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid")
-        return [row for row in rows if not row[1].startswith(SKIPPED_PREFIXES)
-                and not row[2].startswith(SKIPPED_PREFIXES)]
+        return [row for row in rows if not row[1].startswith("sqlite_") and not self._internal(row[2])]
+
+    def _internal(self, table: str) -> bool:
+        """
+        Whether C{table} is one of the internal tables (skipped).
+
+        @raise Conflict: for a user table that has an internal table's name
+            but not its columns: it cannot be replayed, nor dropped silently.
+        """
+        if table.startswith("sqlite_"):
+            return True
+        columns = INTERNAL_TABLES.get(table)
+        if columns is None:
+            return False
+        if set(self._columns(table)) != columns:
+            raise Conflict("internal_table_name",
+                           f"the file has a table named {table!r} that is not turso's own: the server "
+                           "keeps that name for itself; rename the table and take the backup again")
+        return True
+
+    def _columns(self, table: str) -> list[str]:
+        return [row[1] for row in self.connection.execute(f"PRAGMA table_info({quote(table)})")]
+
+    def _rowid(self, table: str, columns: list[str]) -> str | None:
+        """
+        The name that reaches C{table}'s rowid, asked of SQLite (not read
+        from its SQL text), or C{None} for a table without one.
+        """
+        listed = self.connection.execute(f"PRAGMA table_list({quote(table)})").fetchone()
+        if listed is None or listed[4]:  # wr: WITHOUT ROWID
+            return None
+        taken = {column.lower() for column in columns}
+        return next((name for name in ("rowid", "_rowid_", "oid") if name not in taken), None)
 
     def requests(self) -> Iterator[dict[str, Any]]:
         """
@@ -91,15 +132,16 @@ class SqliteSource:
         for name, sql in tables:
             if sql.lstrip().upper().startswith("CREATE VIRTUAL"):
                 continue
-            yield from self._rows(name, rowid="WITHOUT ROWID" not in sql.upper())
+            yield from self._rows(name)
         rest = [_execute(sql) for kind, _, _, sql in objects if kind != "table"]
         if rest:
             yield _batch(rest)
 
-    def _rows(self, table: str, rowid: bool) -> Iterator[dict[str, Any]]:
-        columns = [row[1] for row in self.connection.execute(f"PRAGMA table_info({quote(table)})")]
-        selected = (["rowid"] if rowid else []) + [quote(c) for c in columns]
-        target = (["rowid"] if rowid else []) + [quote(c) for c in columns]
+    def _rows(self, table: str) -> Iterator[dict[str, Any]]:
+        columns = self._columns(table)
+        rowid = self._rowid(table, columns)
+        selected = ([rowid] if rowid else []) + [quote(c) for c in columns]
+        target = selected
         insert = (f"INSERT INTO {quote(table)} ({', '.join(target)}) "
                   f"VALUES ({', '.join('?' for _ in target)})")
         cursor = self.connection.execute(f"SELECT {', '.join(selected)} FROM {quote(table)}")
