@@ -4,6 +4,7 @@ The admin API through StubTreq: routes, auth, JSON errors.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
@@ -14,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from turso_twisted.admin import AdminAPI, Readiness
 from turso_twisted.auth import BearerToken
 from turso_twisted.backup import Backups
+from turso_twisted.state import StateStore
 
 from .fakes import end
 from .support import ManagerFixture
@@ -99,6 +101,34 @@ class AdminTests(AdminFixture):
         self.assertError(self.call("POST", "/v1/namespaces/ghost/lock"), 404, "namespace_not_found")
         self.assertError(self.call("GET", "/v2/nothing"), 404, "not_found")
         self.assertError(self.call("PUT", "/v1/namespaces/alpha/create"), 405, "method_not_allowed")
+
+    def test_a_data_dir_that_cannot_be_written_is_a_503_or_507(self) -> None:
+        """
+        A read-only or full data dir: every change is refused with a JSON
+        error and no traceback, and memory stays as the disk says.
+        """
+        self.fx.reactor.exit_on_signal = True
+        self.call("POST", "/v1/namespaces/alpha/create")
+        real_save = StateStore.save
+        for number, status, code in ((errno.EROFS, 503, "data_dir_not_writable"),
+                                     (errno.EACCES, 503, "data_dir_not_writable"),
+                                     (errno.ENOSPC, 507, "insufficient_storage")):
+            def failing(store: StateStore, number: int = number) -> None:
+                raise OSError(number, os.strerror(number))
+
+            self.patch(StateStore, "save", failing)
+            for method, path, body in (("POST", "/v1/namespaces/beta/create", None),
+                                       ("POST", "/v1/namespaces/alpha/unlock", None),
+                                       ("POST", "/v1/namespaces/alpha/ttl", {"ttl": "1h"}),
+                                       ("DELETE", "/v1/namespaces/alpha", None)):
+                result = self.call(method, path, body)
+                self.assertError(result, status, code)
+                self.assertEqual(result[2].getRawHeaders(b"retry-after"), [b"30"])
+            self.patch(StateStore, "save", real_save)
+            self.assertEqual(sorted(self.fx.state.records), ["alpha"])
+            record = self.fx.state.records["alpha"]
+            self.assertEqual((record.locked, record.ttl, record.archiving), (True, None, None))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_odd_paths_are_json_errors_that_change_nothing(self) -> None:
         self.call("POST", "/v1/namespaces/dummy2/create")

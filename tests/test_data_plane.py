@@ -6,6 +6,7 @@ child's channel: relaying, the retry after a refused connection, 502s and
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any
 
@@ -20,6 +21,7 @@ from turso_twisted.channel import BackendResponse, QueueFull, ResponseIncomplete
 from turso_twisted.metrics import Metrics
 from turso_twisted.proxy import DataPlane
 from turso_twisted.sites import CappedSite
+from turso_twisted.state import StateStore
 
 from .fakes import end
 from .support import ManagerFixture
@@ -130,6 +132,17 @@ class DataPlaneTests(SynchronousTestCase):
         self.assertEqual((code, json.loads(body)["error"]), (503, "namespace_busy"))
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
         self.assertEqual(self.plane.rejected, 1)
+
+    def test_a_read_only_data_dir_is_a_503_and_creates_nothing(self) -> None:
+        def failing(store: StateStore) -> None:
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        self.patch(StateStore, "save", failing)
+        code, body, response = self.result(self.post("/alpha/v2/pipeline"))
+        self.assertEqual((code, json.loads(body)["error"]), (503, "data_dir_not_writable"))
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"30"])
+        self.assertEqual((self.fx.state.records, self.fx.reactor.spawned), ({}, []))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_unexpected_error_is_a_500_without_details(self) -> None:
         self.outcomes.append(lambda: succeed(object()))

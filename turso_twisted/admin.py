@@ -32,7 +32,17 @@ from .archive import parse_entry_name
 from .auth import BearerToken
 from .backup import Backups
 from .config import parse_bool
-from .errors import INTERNAL, Invalid, NotAllowed, NotFound, Refusal, TooLarge, not_found, render
+from .errors import (
+    INTERNAL,
+    Invalid,
+    NotAllowed,
+    NotFound,
+    Refusal,
+    TooLarge,
+    from_os_error,
+    not_found,
+    render,
+)
 from .files import remove_database_copy
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -197,6 +207,10 @@ class AdminAPI:
                       "admin")
 
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        refusal = from_os_error(failure.value)
+        if refusal is not None:
+            self._log.warn("admin request refused: {error}", error=str(failure.value))
+            return render(request, refusal, "admin")
         self._log.failure("unexpected error in the admin API", failure)
         return render(request, INTERNAL, "admin")
 

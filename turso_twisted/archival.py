@@ -106,7 +106,11 @@ class Archival:
         """
         now = self.clock.seconds()
         record.archiving = self.archiver.new_entry_name(record.name, now)
-        self.state.save()
+        try:
+            self.state.save()
+        except BaseException:
+            record.archiving = None
+            raise
         manifest = await self.archiver.archive(record, reason, now, record.archiving)
         self._log.info("namespace {name} archived into {entry}: {reason}", name=record.name, id=record.id,
                        entry=manifest["entry"], reason=reason)

@@ -11,6 +11,7 @@ logged with its traceback and shown to the client only as L{INTERNAL}.
 
 from __future__ import annotations
 
+import errno
 import json
 from http import HTTPStatus
 from typing import Literal
@@ -76,6 +77,10 @@ class Unavailable(Refusal):
     """Cannot be done now; C{retry_after} says when to try again."""
 
 
+class InsufficientStorage(Refusal):
+    """The data dir is out of space."""
+
+
 class UpstreamFailed(Refusal):
     """A child did not answer."""
 
@@ -100,6 +105,7 @@ STATUS: dict[type[Refusal], int] = {
     Failed: 500,
     UpstreamFailed: 502,
     Unavailable: 503,
+    InsufficientStorage: 507,
 }
 
 #: Where the data port answers differently.
@@ -107,6 +113,23 @@ _DATA_STATUS: dict[type[Refusal], int] = {LimitReached: 503}
 
 #: The realm a 401 names, per port.
 _REALM = {"data": b'Bearer realm="turso-server"', "admin": b'Bearer realm="turso-server-admin"'}
+
+
+def from_os_error(error: BaseException | None) -> Refusal | None:
+    """
+    The refusal a failed write to the data dir means for a client (a full
+    or read-only volume is the operator's to fix, not a bug), or C{None}
+    for any other error.  Whatever failed was rolled back by its caller.
+    """
+    if not isinstance(error, OSError):
+        return None
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("insufficient_storage",
+                                   "the data dir is out of space; nothing was changed", retry_after=30)
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return Unavailable("data_dir_not_writable",
+                           "the data dir is not writable; nothing was changed", retry_after=30)
+    return None
 
 
 def not_found(name: str) -> NotFound:

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from . import names
 from .channel import BackendResponse, ChannelClosed, QueueFull, QueueTimeout
-from .errors import INTERNAL, Invalid, NotFound, Refusal, Unavailable, UpstreamFailed, render
+from .errors import INTERNAL, Invalid, NotFound, Refusal, Unavailable, UpstreamFailed, from_os_error, render
 from .gate import check_pipeline
 from .leases import Lease
 from .metrics import Metrics, request_kind
@@ -248,8 +248,13 @@ class DataPlane(Resource):
             return
         error = failure.value
         if not isinstance(error, Refusal):
-            self._log.failure("unexpected error serving a data request", failure)
-            error = INTERNAL
+            refusal = from_os_error(error)
+            if refusal is None:
+                self._log.failure("unexpected error serving a data request", failure)
+                error = INTERNAL
+            else:
+                self._log.warn("data request refused: {error}", error=str(error))
+                error = refusal
         if _gone(request) or request.finished:
             return
         # Headers copied from a child's answer must not leak into an error.
