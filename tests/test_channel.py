@@ -16,6 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from turso_twisted.channel import (
     BackendChannel,
     BackendResponse,
+    BackendTimeout,
+    ChannelClosed,
     QueueFull,
     QueueTimeout,
     ResponseIncomplete,
@@ -157,3 +159,50 @@ class ChannelTests(SynchronousTestCase):
         fresh.dataReceived(OK)
         self.successResultOf(second)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class BackendDeadlineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.wedged: list[int] = []
+        self.channel = BackendChannel(self.reactor, 9000, queue_timeout=100, backend_timeout=30,
+                                      on_wedged=lambda: self.wedged.append(1))
+        self.connected = 0
+
+    connect_next = ChannelTests.connect_next
+
+    def test_a_child_that_does_not_answer_is_given_up_on(self) -> None:
+        first = self.channel.request(b"POST", b"/v2/pipeline", [], b"{}")
+        protocol, transport = self.connect_next()
+        waiting = self.channel.request(b"POST", b"/v2/pipeline", [], b"{}")
+        self.reactor.advance(29.9)
+        self.assertNoResult(first)
+        self.reactor.advance(0.2)
+        self.assertIn("no answer within 30s", str(self.failureResultOf(first, BackendTimeout).value))
+        self.assertEqual(self.wedged, [1], "the supervisor is told, to kill the child")
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+        # What waited for the wedged child is retried on the next one.
+        self.failureResultOf(waiting, ChannelClosed)
+        self.failureResultOf(self.channel.request(b"GET", b"/", [], b""), ChannelClosed)
+        self.assertEqual(self.channel.wedged, 1)
+
+    def test_answers_in_time_keep_one_lazy_timer(self) -> None:
+        for _ in range(3):
+            done = self.channel.request(b"GET", b"/", [], b"")
+            protocol, _ = self.connect_next()
+            self.reactor.advance(20)
+            protocol.dataReceived(OK)
+            self.successResultOf(done)
+        watchdogs = [c for c in self.reactor.getDelayedCalls() if c.func == self.channel._watch]
+        self.assertLessEqual(len(watchdogs), 1)
+        self.reactor.advance(100)
+        self.assertEqual(self.wedged, [])
+
+    def test_a_request_may_have_its_own_deadline(self) -> None:
+        done = self.channel.request(b"POST", b"/v2/pipeline", [], b"{}", timeout=3600)
+        protocol, _ = self.connect_next()
+        self.reactor.advance(1000)
+        self.assertNoResult(done)
+        protocol.dataReceived(OK)
+        self.successResultOf(done)
+        self.assertEqual(self.wedged, [])

@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.auth import BearerToken
-from turso_twisted.channel import BackendResponse, QueueFull, ResponseIncomplete
+from turso_twisted.channel import BackendResponse, BackendTimeout, QueueFull, ResponseIncomplete
 from turso_twisted.metrics import Metrics
 from turso_twisted.proxy import DataPlane
 from turso_twisted.sites import CappedSite
@@ -132,6 +132,14 @@ class DataPlaneTests(SynchronousTestCase):
         self.assertEqual((code, json.loads(body)["error"]), (503, "namespace_busy"))
         self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
         self.assertEqual(self.plane.rejected, 1)
+
+    def test_a_wedged_child_is_a_504(self) -> None:
+        self.outcomes.append(BackendTimeout("no answer within 30s"))
+        code, body, _ = self.result(self.post("/alpha/v2/pipeline"))
+        error = json.loads(body)
+        self.assertEqual((code, error["error"]), (504, "backend_timeout"))
+        self.assertIn("TURSO_BACKEND_TIMEOUT", error["message"])
+        self.assertEqual(self.fx.leases.count(), 0)
 
     def test_a_read_only_data_dir_is_a_503_and_creates_nothing(self) -> None:
         def failing(store: StateStore) -> None:

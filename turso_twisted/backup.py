@@ -34,8 +34,17 @@ from twisted.python.failure import Failure
 
 from . import __version__, names
 from .archival import Archival
-from .channel import ChannelClosed, QueueFull, QueueTimeout
-from .errors import Conflict, Failed, Forbidden, Invalid, Unavailable, Unprocessable, not_found
+from .channel import BackendTimeout, ChannelClosed, QueueFull, QueueTimeout
+from .errors import (
+    Conflict,
+    Failed,
+    Forbidden,
+    Invalid,
+    TimedOut,
+    Unavailable,
+    Unprocessable,
+    not_found,
+)
 from .files import RunInThread, remove_database_copy, remove_paths, sha256_and_size
 from .gate import check_document
 from .hrana import ChildSQLError, execute, pipeline
@@ -47,6 +56,8 @@ from .supervisor import Supervisor
 from .timefmt import compact, to_rfc3339
 
 IDENTITY_TABLE = "turso_server_backup"
+#: How long a child may take to write a backup copy (not the request deadline).
+BACKUP_TIMEOUT = 3600.0
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -197,11 +208,15 @@ class Backups:
                 written = os.path.join(lease.child.scratch, os.path.basename(path))
                 try:
                     quoted = written.replace("'", "''")
-                    await pipeline(lease.channel, [execute(f"VACUUM INTO '{quoted}'")])
+                    # A large namespace takes its time to copy.
+                    await pipeline(lease.channel, [execute(f"VACUUM INTO '{quoted}'")], BACKUP_TIMEOUT)
                     os.rename(written, path)
                 except ChildSQLError as error:
                     raise Failed("backup_failed",
                                  f"namespace {name!r}: VACUUM INTO failed: {error}") from None
+                except BackendTimeout as error:
+                    raise TimedOut("backend_timeout", f"namespace {name!r}: the copy gave {error}; "
+                                   "its child was restarted") from None
                 except (QueueFull, QueueTimeout, ChannelClosed) as error:
                     raise Unavailable("namespace_busy",
                                       f"namespace {name!r}: the backup could not get its turn: {error}",

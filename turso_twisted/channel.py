@@ -27,12 +27,20 @@ deadline, they fail with L{QueueFull} / L{QueueTimeout}.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IReactorTCP,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,6 +62,13 @@ class QueueFull(Exception):
 
 class QueueTimeout(Exception):
     pass
+
+
+class BackendTimeout(Exception):
+    """
+    The child did not answer a request within the backend deadline: it is
+    wedged (stopped, or stuck in a query) and is being killed.
+    """
 
 
 class ChannelClosed(ConnectionLost):
@@ -186,6 +201,8 @@ class _Pending:
     request: bytes
     result: Deferred[BackendResponse]
     timer: IDelayedCall | None = None
+    #: This request's backend deadline (None: the channel's; 0: none).
+    timeout: float | None = None
 
 
 @attrs.define(eq=False)
@@ -198,24 +215,35 @@ class BackendChannel:
     port: int
     max_queue: int = 128
     queue_timeout: float = 30.0
+    #: How long a request sent to the child may go unanswered (0: no limit).
+    backend_timeout: float = 30.0
     spare_idle: float = 5.0
+    #: Called when the child missed the backend deadline (the supervisor kills it).
+    on_wedged: Callable[[], None] | None = None
     requests: int = 0
     spare_hits: int = 0
     rejected: int = 0
+    wedged: int = 0
     _queue: deque[_Pending] = attrs.field(factory=deque)
     _busy: bool = False
     _closed: bool = False
     _spare: Deferred[_Exchange] | None = None
     _idle_timer: IDelayedCall | None = None
     _last_done: float = 0.0
+    #: The request the child is answering: its exchange, itself, its deadline.
+    _in_flight: tuple[_Exchange, _Pending, float] | None = None
+    #: One lazy timer that checks the deadline of whatever is in flight.
+    _watchdog: IDelayedCall | None = None
     _log = Logger()
 
     # -- public --------------------------------------------------------------------
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
-                body: bytes) -> Deferred[BackendResponse]:
+                body: bytes, timeout: float | None = None) -> Deferred[BackendResponse]:
         """
-        Send one request when the child is free; fire with its response.
+        Send one request when the child is free; fire with its response, or
+        fail with L{BackendTimeout} if the child does not answer within
+        C{timeout} (the channel's C{backend_timeout} if C{None}; 0: none).
         """
         if self._closed:
             return _failed(ChannelClosed("channel closed"))
@@ -225,7 +253,7 @@ class BackendChannel:
         head = [b"%s %s HTTP/1.1" % (method, target), b"Host: 127.0.0.1:%d" % self.port,
                 b"Content-Length: %d" % len(body), b"Connection: close"]
         head += [b"%s: %s" % (key, value) for key, value in headers]
-        pending = _Pending(b"\r\n".join(head) + b"\r\n\r\n" + body, Deferred(self._cancel))
+        pending = _Pending(b"\r\n".join(head) + b"\r\n\r\n" + body, Deferred(self._cancel), timeout=timeout)
         self._queue.append(pending)
         if self._busy and self.queue_timeout:
             # Only a request that has to wait gets a deadline.
@@ -239,6 +267,9 @@ class BackendChannel:
         fires when the child may be stopped without logging noise.
         """
         self._closed = True
+        if self._in_flight is None:
+            _cancel(self._watchdog)
+            self._watchdog = None
         while self._queue:
             pending = self._queue.popleft()
             _cancel(pending.timer)
@@ -295,14 +326,47 @@ class BackendChannel:
             self._connect().addCallback(self._send, pending).addErrback(self._done, pending)
             return
         answered = exchange.send(pending.request)
+        limit = self.backend_timeout if pending.timeout is None else pending.timeout
+        if limit:
+            self._in_flight = (exchange, pending, self.reactor.seconds() + limit)
+            if self._watchdog is None:
+                self._watchdog = self.reactor.callLater(limit, self._watch)
         # The next request's connection waits in the child's backlog now.
         if not self._closed:
             self._spare = self._connect()
             self._spare.addErrback(lambda _: None)
         answered.addBoth(self._done, pending)
 
+    def _watch(self) -> None:
+        """
+        The deadline check: one timer per channel, moved on lazily rather
+        than one per request.
+        """
+        self._watchdog = None
+        if self._in_flight is None:
+            return
+        exchange, pending, deadline = self._in_flight
+        left = deadline - self.reactor.seconds()
+        if left > 0:
+            self._watchdog = self.reactor.callLater(left, self._watch)
+            return
+        self._in_flight = None
+        self.wedged += 1
+        limit = self.backend_timeout if pending.timeout is None else pending.timeout
+        if not pending.result.called:
+            pending.result.errback(Failure(BackendTimeout(f"no answer within {limit:g}s")))
+        # Requests waiting for this child are failed as for a stopping one:
+        # they are retried on the child that replaces it.
+        self.close()
+        if exchange.transport is not None:
+            cast(ITCPTransport, exchange.transport).abortConnection()
+        if self.on_wedged is not None:
+            self.on_wedged()
+
     def _done(self, result: BackendResponse | Failure, pending: _Pending) -> None:
         self._busy = False
+        if self._in_flight is not None and self._in_flight[1] is pending:
+            self._in_flight = None
         if pending.result.called:
             pass  # cancelled by its client meanwhile: the answer is dropped
         elif isinstance(result, Failure):

@@ -183,6 +183,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Requests that may wait for one namespace's child; more get 503"),
     Setting("TURSO_QUEUE_TIMEOUT", "queue-timeout", "30s", _positive_duration,
             "How long a request may wait for its namespace's child; longer gets 503"),
+    Setting("TURSO_BACKEND_TIMEOUT", "backend-timeout", "30s", parse_duration,
+            "How long a child may take to answer one request; a child that takes longer is killed "
+            "and restarted, the request gets 504 (0 = no limit)"),
     Setting("TURSO_CLIENT_IDLE_TIMEOUT", "client-idle-timeout", "2m", _positive_duration,
             "Idle keep-alive client connections are closed after this"),
     Setting("TURSO_ACCESS_LOG", "access-log", "true", parse_bool,
@@ -227,6 +230,7 @@ class Config:
     max_running: int
     queue_depth: int
     queue_timeout: float
+    backend_timeout: float
     client_idle_timeout: float
     access_log: bool
     metrics_public: bool

@@ -85,6 +85,10 @@ class UpstreamFailed(Refusal):
     """A child did not answer."""
 
 
+class TimedOut(Refusal):
+    """A child did not answer in time."""
+
+
 class Failed(Refusal):
     """The server could not do what was asked, through no fault of the client."""
 
@@ -104,6 +108,7 @@ STATUS: dict[type[Refusal], int] = {
     LimitReached: 409,
     Failed: 500,
     UpstreamFailed: 502,
+    TimedOut: 504,
     Unavailable: 503,
     InsufficientStorage: 507,
 }

@@ -17,7 +17,8 @@ class ChildSQLError(Exception):
     """
 
 
-async def pipeline(channel: BackendChannel, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def pipeline(channel: BackendChannel, requests: list[dict[str, Any]],
+                   timeout: float | None = None) -> list[dict[str, Any]]:
     """
     Send Hrana C{requests} (C{execute} or C{batch}) to the child and return
     their results.
@@ -26,7 +27,7 @@ async def pipeline(channel: BackendChannel, requests: list[dict[str, Any]]) -> l
     """
     body = json.dumps({"requests": requests}).encode("utf-8")
     response = await channel.request(b"POST", b"/v2/pipeline",
-                                     [(b"Content-Type", b"application/json")], body)
+                                     [(b"Content-Type", b"application/json")], body, timeout)
     if response.code != 200:
         raise ChildSQLError(f"status {response.code}: {response.body[:300].decode('utf-8', 'replace')}")
     out = []

@@ -23,8 +23,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import names
-from .channel import BackendResponse, ChannelClosed, QueueFull, QueueTimeout
-from .errors import INTERNAL, Invalid, NotFound, Refusal, Unavailable, UpstreamFailed, from_os_error, render
+from .channel import BackendResponse, BackendTimeout, ChannelClosed, QueueFull, QueueTimeout
+from .errors import (
+    INTERNAL,
+    Invalid,
+    NotFound,
+    Refusal,
+    TimedOut,
+    Unavailable,
+    UpstreamFailed,
+    from_os_error,
+    render,
+)
 from .gate import check_pipeline
 from .leases import Lease
 from .metrics import Metrics, request_kind
@@ -180,6 +190,10 @@ class DataPlane(Resource):
             headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
             info.waiting = lease.channel.request(request.method, target, headers, sent)
             response = await info.waiting
+        except BackendTimeout as error:
+            raise TimedOut("backend_timeout",
+                           f"namespace {lease.name!r}: its tursodb child gave {error}; it was restarted "
+                           "(a long query needs a larger TURSO_BACKEND_TIMEOUT)") from None
         except (QueueFull, QueueTimeout) as error:
             self.rejected += 1
             raise Unavailable("namespace_busy", f"namespace {lease.name!r} is overloaded: {error}",

@@ -69,7 +69,8 @@ class TursoService(Service):
             wrappers=child_wrappers(),
             confinement=confinement or Confinement(reason="not configured"),
             make_channel=lambda port: BackendChannel(reactor, port, max_queue=config.queue_depth,
-                                                     queue_timeout=config.queue_timeout),
+                                                     queue_timeout=config.queue_timeout,
+                                                     backend_timeout=config.backend_timeout),
         )
         locks = KeyedLocks()
         self.leases = Leases(reactor, drain_timeout=config.shutdown_timeout)

@@ -214,6 +214,7 @@ class Supervisor:
                                     {**self.child_env, "TMPDIR": scratch}, cwd)
             process.whenEnded().addBoth(self._remove_scratch, root)
             child = Child(label, process, self.make_channel(port), began, scratch)
+            child.channel.on_wedged = partial(self._kill_wedged, child)
             process.whenEnded().addBoth(self._close_channel, child.channel)
             if register:
                 self._children[label] = child
@@ -309,6 +310,15 @@ class Supervisor:
                 "tursodb of namespace {name} exited unexpectedly ({status}) after {uptime} s",
                 name=name, port=child.port, pid=child.pid, status=child.process.exit_description(),
                 uptime=round(uptime, 3), stderr=child.process.stderr_summary())
+
+    def _kill_wedged(self, child: Child) -> None:
+        """
+        A child missed the backend deadline: it cannot be trusted to answer
+        SIGTERM either.  Kill it; the next request starts a new one.
+        """
+        self._log.error("tursodb of namespace {name} did not answer within the backend timeout; "
+                        "killing it (pid {pid})", name=child.name, pid=child.pid, port=child.port)
+        child.process.signal("KILL")
 
     def _note_failure(self, name: str, uptime: float = 0.0) -> None:
         backoff = self._backoff.setdefault(name, _Backoff())
