@@ -4,10 +4,13 @@
  *   turso-landlock --probe
  *       print the kernel's Landlock ABI version and exit 0, or exit 3 if
  *       the kernel has no Landlock.
- *   turso-landlock [--rw FILE]... [--rwdir DIR]... -- COMMAND [ARG]...
+ *   turso-landlock [--rw FILE]... [--rwdir DIR]... [--tcp-bind PORT] -- COMMAND [ARG]...
  *       exec COMMAND able to read and execute anything, to write only the
  *       FILEs given (read, write, truncate; each must exist) and beneath
  *       the DIRs given (everything); nothing else on the file system.
+ *       From Landlock ABI 4 on, with --tcp-bind, it may bind that TCP port
+ *       only and connect nowhere; from ABI 6 on, it may signal and reach
+ *       abstract unix sockets only within its own domain.
  *
  * turso-server starts each tursodb child through it, so that whatever SQL
  * a client gets past the statement gate cannot write outside the
@@ -17,6 +20,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +37,11 @@
 
 #define LANDLOCK_CREATE_RULESET_VERSION (1U << 0)
 #define LANDLOCK_RULE_PATH_BENEATH 1
+#define LANDLOCK_RULE_NET_PORT 2
+#define ACCESS_NET_BIND_TCP (1ULL << 0)
+#define ACCESS_NET_CONNECT_TCP (1ULL << 1)
+#define SCOPE_ABSTRACT_UNIX_SOCKET (1ULL << 0)
+#define SCOPE_SIGNAL (1ULL << 1)
 
 #define ACCESS_EXECUTE (1ULL << 0)
 #define ACCESS_WRITE_FILE (1ULL << 1)
@@ -52,6 +61,13 @@
 
 struct ruleset_attr {
     uint64_t handled_access_fs;
+    uint64_t handled_access_net; /* ABI 4 */
+    uint64_t scoped;             /* ABI 6 */
+};
+
+struct net_port_attr {
+    uint64_t allowed_access;
+    uint64_t port;
 };
 
 struct path_beneath_attr {
@@ -65,7 +81,8 @@ static int abi_version(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: turso-landlock --probe | [--rw FILE]... [--rwdir DIR]... -- COMMAND [ARG]...\n");
+    fprintf(stderr, "usage: turso-landlock --probe | [--rw FILE]... [--rwdir DIR]... [--tcp-bind PORT] "
+                    "-- COMMAND [ARG]...\n");
     exit(2);
 }
 
@@ -102,7 +119,8 @@ int main(int argc, char **argv) {
             command = i + 1;
             break;
         }
-        if ((strcmp(argv[i], "--rw") == 0 || strcmp(argv[i], "--rwdir") == 0) && i + 1 < argc) {
+        if ((strcmp(argv[i], "--rw") == 0 || strcmp(argv[i], "--rwdir") == 0 ||
+             strcmp(argv[i], "--tcp-bind") == 0) && i + 1 < argc) {
             i++;
             continue;
         }
@@ -121,15 +139,41 @@ int main(int argc, char **argv) {
     uint64_t all = read | file_write | ACCESS_REMOVE_DIR | ACCESS_REMOVE_FILE | ACCESS_MAKE_CHAR |
                    ACCESS_MAKE_DIR | ACCESS_MAKE_REG | ACCESS_MAKE_SOCK | ACCESS_MAKE_FIFO |
                    ACCESS_MAKE_BLOCK | ACCESS_MAKE_SYM | (abi >= 2 ? ACCESS_REFER : 0);
+    long bind_port = -1;
+    for (int i = 1; i < command - 1; i += 2)
+        if (strcmp(argv[i], "--tcp-bind") == 0) {
+            char *end;
+            bind_port = strtol(argv[i + 1], &end, 10);
+            if (*end || bind_port < 1 || bind_port > 65535)
+                usage();
+        }
     struct ruleset_attr attr = {.handled_access_fs = all};
-    int ruleset = (int)syscall(__NR_landlock_create_ruleset, &attr, sizeof(attr), 0);
+    size_t attr_size = sizeof(attr.handled_access_fs);
+    if (abi >= 4 && bind_port > 0) {
+        attr.handled_access_net = ACCESS_NET_BIND_TCP | ACCESS_NET_CONNECT_TCP;
+        attr_size = offsetof(struct ruleset_attr, scoped);
+    }
+    if (abi >= 6) {
+        attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL;
+        attr_size = sizeof(attr);
+    }
+    int ruleset = (int)syscall(__NR_landlock_create_ruleset, &attr, attr_size, 0);
     if (ruleset < 0) {
         fprintf(stderr, "turso-landlock: cannot create a ruleset: %s\n", strerror(errno));
         return 1;
     }
     if (add_rule(ruleset, "/", read) < 0)
         return 1;
+    if (attr.handled_access_net) {
+        struct net_port_attr port = {.allowed_access = ACCESS_NET_BIND_TCP, .port = (uint64_t)bind_port};
+        if (syscall(__NR_landlock_add_rule, ruleset, LANDLOCK_RULE_NET_PORT, &port, 0) < 0) {
+            fprintf(stderr, "turso-landlock: rule for port %ld: %s\n", bind_port, strerror(errno));
+            return 1;
+        }
+    }
     for (int i = 1; i < command - 1; i += 2) {
+        if (strcmp(argv[i], "--tcp-bind") == 0)
+            continue;
         /* A rule on a file may name only rights on files. */
         uint64_t access = strcmp(argv[i], "--rw") == 0 ? ACCESS_READ_FILE | file_write : all;
         if (add_rule(ruleset, argv[i + 1], access) < 0)

@@ -14,7 +14,7 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -36,6 +36,14 @@ def landlock_helper() -> str:
     if probe.returncode != 0:
         raise SkipTest(f"this kernel has no Landlock: {probe.stderr.strip()}")
     return helper
+
+
+class _Child(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
 
 
 class ChooseTests(SynchronousTestCase):
@@ -79,10 +87,16 @@ class ConfinedChildTests(TestCase):
         confinement = Confinement(helper=helper, abi=1)
         args = [*confinement.wrap([db, db + "-wal"], [scratch]), tursodb_bin(), db,
                 "--sync-server", f"127.0.0.1:{port}"]
-        child = ProcessProtocol()
+        child = _Child()
         transport = reactor.spawnProcess(child, args[0], args, env={"TMPDIR": scratch}, path=cwd,
                                          childFDs={0: "w", 1: "r", 2: "r"})
-        self.addCleanup(lambda: transport.signalProcess("KILL") if transport.pid else None)
+
+        def kill() -> Deferred[None]:
+            if not child.ended.called:
+                transport.signalProcess("KILL")
+            return child.ended
+
+        self.addCleanup(kill)
         yield wait_for(lambda: owns_listener(transport.pid, port), "the confined child to listen")
 
         @inlineCallbacks

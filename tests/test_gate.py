@@ -61,6 +61,16 @@ HONEST = [
     "/* a comment */ select 1 /* unterminated at the end",
     "SELECT [order], `group` FROM [my table]",
     "ANALYZE",
+    "SELECT :名前, @имя, $x1 FROM t",
+    "PRAGMA main.table_info(t)",
+    "PRAGMA foreign_keys",
+    "PRAGMA journal_mode",
+    "SELECT name FROM pragma_table_info('t')",
+    "BEGIN; SAVEPOINT a; RELEASE a; ROLLBACK TO b; COMMIT",
+    "SELECT x, row_number() OVER (PARTITION BY y ORDER BY z) FROM t",
+    "INSERT INTO t VALUES (1) RETURNING id",
+    "SELECT data ->> '$.a', data -> '$.b' FROM t",
+    "CREATE TABLE s (a INTEGER, b TEXT GENERATED ALWAYS AS (upper(a)) VIRTUAL) STRICT",
 ]
 
 #: Hand-written attacks: each must be refused.
@@ -97,7 +107,9 @@ ATTACKS = [
     "PRAGMA query_only=1",
     "PRAGMA query_only",
     "PRAGMA user_version=7",
-    "PRAGMA main.user_version",
+    "PRAGMA other.user_version",
+    "SELECT * FROM pragma_database_list",
+    "SELECT name FROM pragma_module_list()",
     "PRAGMA capture_data_changes_conn('full')",
     "PRAGMA wal_checkpoint(TRUNCATE)",
     "PRAGMA synchronous=OFF",
@@ -130,8 +142,7 @@ class GateTableTests(SynchronousTestCase):
 
     def test_kinds(self) -> None:
         self.assertEqual(check_sql("select 1; pragma table_info(t)"), ["read", "read"])
-        self.assertEqual(check_sql("BEGIN; INSERT INTO t VALUES (1); COMMIT"),
-                         ["transaction", "write", "transaction"])
+        self.assertEqual(check_sql("BEGIN; INSERT INTO t VALUES (1); COMMIT"), ["begin", "write", "commit"])
         self.assertEqual(check_sql("WITH d AS (SELECT 1) DELETE FROM t"), ["write"])
 
 
@@ -166,6 +177,27 @@ class PipelineTests(SynchronousTestCase):
                      b'{"requests": [{"type": "execute", "type": "batch", "stmt": {"sql": "select 1"}}]}'):
             with self.assertRaises(Invalid, msg=body[:60]):
                 check_pipeline(body)
+
+    def test_a_transaction_left_open_is_refused(self) -> None:
+        """
+        The child's connection is shared by every request: a transaction
+        one request leaves open would take in the next client's writes and
+        block backups.
+        """
+        for statements in (["BEGIN"], ["BEGIN", "INSERT INTO t VALUES (1)"], ["SAVEPOINT a"],
+                           ["BEGIN; COMMIT; BEGIN IMMEDIATE"], ["BEGIN", "SAVEPOINT a", "RELEASE a"]):
+            with self.assertRaises(Forbidden, msg=statements) as caught:
+                check_pipeline(pipeline(*statements))
+            self.assertIn("transaction open", caught.exception.message)
+        for statements in (["BEGIN IMMEDIATE", "INSERT INTO t VALUES (1)", "COMMIT"],
+                           ["BEGIN", "SAVEPOINT a", "ROLLBACK TO a", "RELEASE a", "END"],
+                           ["SAVEPOINT a", "RELEASE a"], ["BEGIN", "ROLLBACK"]):
+            check_pipeline(pipeline(*statements))
+
+    def test_the_work_per_request_is_bounded(self) -> None:
+        with self.assertRaises(Forbidden) as caught:
+            check_pipeline(pipeline("select " + "a," * 150_000 + "1", "select " + "b," * 150_000 + "1"))
+        self.assertIn("tokens", caught.exception.message)
 
     def test_a_statement_by_id_alone_runs_nothing(self) -> None:
         body = b'{"requests": [{"type": "execute", "stmt": {"sql_id": 1}}]}'

@@ -67,7 +67,7 @@ class SupervisorTests(SynchronousTestCase):
         _, args, _ = self.reactor.spawned[0]
         db, root = f"{self.data_dir}/alpha.db", f"{self.data_dir}/_tmp/tursodb-alpha-9000"
         self.assertEqual(args, ["/usr/bin/setsid", "/usr/bin/turso-landlock", "--rw", db, "--rw", db + "-wal",
-                                "--rwdir", f"{root}/tmp", "--", "/opt/tursodb", db,
+                                "--rwdir", f"{root}/tmp", "--tcp-bind", "9000", "--", "/opt/tursodb", db,
                                 "--sync-server", "127.0.0.1:9000"])
 
     def test_ready_only_when_serving(self) -> None:

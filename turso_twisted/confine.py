@@ -35,10 +35,11 @@ class Confinement:
     abi: int = 0
     reason: str = ""
 
-    def wrap(self, writable_files: list[str], writable_dirs: list[str]) -> list[str]:
+    def wrap(self, writable_files: list[str], writable_dirs: list[str], port: int | None = None) -> list[str]:
         """
         The words that start a command confined to writing C{writable_files}
-        (which must exist) and beneath C{writable_dirs}.
+        (which must exist) and beneath C{writable_dirs}, and to binding TCP
+        C{port} only and connecting nowhere (where the kernel can).
         """
         if self.helper is None:
             return []
@@ -47,6 +48,8 @@ class Confinement:
             words += ["--rw", path]
         for path in writable_dirs:
             words += ["--rwdir", path]
+        if port is not None:
+            words += ["--tcp-bind", str(port)]
         return [*words, "--"]
 
     def describe(self) -> str:

@@ -40,7 +40,11 @@ import attrs
 from .errors import Forbidden, Invalid
 
 #: What a statement does: reads, writes, or controls the transaction.
-Kind = Literal["read", "write", "transaction"]
+Kind = Literal["read", "write", "begin", "savepoint", "commit", "release", "neutral"]
+
+#: The most tokens one request's statements may have: the gate's work is
+#: bounded (about half a second at worst), whatever a client sends.
+MAX_TOKENS = 200_000
 
 #: Functions no client may call: each reaches the file system or loads code
 #: (only the first exists in tursodb 0.6.0; the others in SQLite builds).
@@ -53,7 +57,7 @@ FORBIDDEN_FUNCTIONS = frozenset({
 READ_PRAGMAS = frozenset({
     "application_id", "data_version", "encoding", "freelist_count", "page_count", "page_size",
     "schema_version", "user_version", "table_list", "integrity_check", "quick_check",
-    "foreign_key_check",
+    "foreign_key_check", "foreign_keys", "journal_mode", "cache_size", "busy_timeout", "synchronous",
 })
 #: Read-only PRAGMAs that take a table or index name in parentheses.
 READ_PRAGMAS_OF = frozenset({
@@ -69,7 +73,7 @@ _TOKEN = re.compile(r"""
   | (?P<quoted>"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\])
   | (?P<number>0[xX][0-9a-fA-F]+|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<word>(?:(?!\s)[A-Za-z_\u0080-\U0010ffff])(?:(?!\s)[A-Za-z0-9_$\u0080-\U0010ffff])*)
-  | (?P<param>\?\d*|[:@$][A-Za-z0-9_]+)
+  | (?P<param>\?\d*|[:@$](?:(?!\s)[A-Za-z0-9_$\u0080-\U0010ffff])+)
   | (?P<semicolon>;)
   | (?P<lparen>\()
   | (?P<rparen>\))
@@ -101,16 +105,17 @@ class Token:
         return None
 
 
-def tokenize(sql: str) -> list[Token]:
+def tokenize(sql: str, limit: int = MAX_TOKENS) -> list[Token]:
     """
     The tokens of C{sql} without spaces and comments.  Any Unicode space
     separates words (SQLite would take a no-break space as part of a name:
     splitting there only makes the gate see more, never less).
 
     @raise StatementRefused: for text SQLite would not tokenise either (an
-        unterminated string or quoted name, a stray character).
+        unterminated string or quoted name, a stray character), or for more
+        than C{limit} tokens.
     """
-    tokens = []
+    tokens: list[Token] = []
     position = 0
     while position < len(sql):
         match = _TOKEN.match(sql, position)
@@ -119,6 +124,9 @@ def tokenize(sql: str) -> list[Token]:
         kind = match.lastgroup
         assert kind is not None
         if kind not in ("space", "line_comment", "block_comment"):
+            if len(tokens) >= limit:
+                raise StatementRefused(f"more than {MAX_TOKENS} tokens in one request; split it, or "
+                                       "pass values as arguments")
             tokens.append(Token(kind, match.group()))
         position = match.end()
     return tokens
@@ -168,9 +176,15 @@ def _head(statement: list[Token], count: int) -> list[str | None]:
 
 
 def _check_calls(statement: list[Token]) -> None:
-    for token, following in pairwise(statement):
-        if following.kind == "lparen" and token.word in FORBIDDEN_FUNCTIONS:
-            raise StatementRefused(f"{token.word}() reaches the file system or loads code")
+    for token, following in pairwise([*statement, Token("end", "")]):
+        word = token.word
+        if word is None:
+            continue
+        if following.kind == "lparen" and word in FORBIDDEN_FUNCTIONS:
+            raise StatementRefused(f"{word}() reaches the file system or loads code")
+        # The table-valued PRAGMA functions: only the read-only ones.
+        if word.startswith("pragma_") and word[7:] not in READ_PRAGMAS | READ_PRAGMAS_OF:
+            raise StatementRefused(f"{word} is not one of the read-only PRAGMAs clients may run")
 
 
 def classify(statement: list[Token]) -> Kind:
@@ -192,8 +206,16 @@ def classify(statement: list[Token]) -> Kind:
         return _classify_with(statement)
     if verb in ("insert", "replace", "update", "delete"):
         return "write"
-    if verb in ("begin", "commit", "end", "rollback", "savepoint", "release"):
-        return "transaction"
+    if verb == "begin":
+        return "begin"
+    if verb in ("commit", "end") or (verb == "rollback" and "to" not in head[1:4]):
+        return "commit"
+    if verb == "savepoint":
+        return "savepoint"
+    if verb == "release":
+        return "release"
+    if verb == "rollback":
+        return "neutral"  # ROLLBACK TO: the savepoint stays
     if verb == "create":
         return _classify_create(statement, head)
     if verb == "drop" and head[1] in ("table", "index", "view", "trigger"):
@@ -287,6 +309,8 @@ def _split_body(body: list[Token]) -> Iterator[list[Token]]:
 
 
 def _classify_pragma(statement: list[Token]) -> Kind:
+    if len(statement) > 3 and statement[1].word in ("main", "temp") and statement[2].text == ".":
+        statement = [statement[0], *statement[3:]]
     names = [t for t in statement[1:] if t.kind in ("word", "quoted")]
     name = names[0].word if names else None
     rest = statement[2:]
@@ -299,22 +323,34 @@ def _classify_pragma(statement: list[Token]) -> Kind:
     raise StatementRefused(f"PRAGMA {shown} is not one of the read-only PRAGMAs clients may run")
 
 
-def check_sql(sql: str) -> list[Kind]:
+def check_sql(sql: str, limit: int = MAX_TOKENS) -> list[Kind]:
     """
     The kind of each statement in C{sql}.
 
     @raise StatementRefused: if any is refused.
     """
+    return _verdict(sql, limit)[0]
+
+
+def _verdict(sql: str, limit: int) -> tuple[list[Kind], int]:
+    """
+    The kinds of C{sql}'s statements and how many tokens they took.
+    """
     if len(sql) > _CACHED_LENGTH:
-        return _check_sql(sql)
+        return _check_sql(sql, limit)
     verdict = _cached_verdict(sql)
     if isinstance(verdict, str):
         raise StatementRefused(verdict)
-    return list(verdict)
+    kinds, count = verdict
+    if count > limit:
+        raise StatementRefused(f"more than {MAX_TOKENS} tokens in one request; split it, or "
+                               "pass values as arguments")
+    return list(kinds), count
 
 
-def _check_sql(sql: str) -> list[Kind]:
-    return [classify(statement) for statement in split_statements(tokenize(sql))]
+def _check_sql(sql: str, limit: int = MAX_TOKENS) -> tuple[list[Kind], int]:
+    tokens = tokenize(sql, limit)
+    return [classify(statement) for statement in split_statements(tokens)], len(tokens)
 
 
 #: Statements up to this long have their verdict cached: clients send the
@@ -323,11 +359,12 @@ _CACHED_LENGTH = 2048
 
 
 @lru_cache(maxsize=4096)
-def _cached_verdict(sql: str) -> tuple[Kind, ...] | str:
+def _cached_verdict(sql: str) -> tuple[tuple[Kind, ...], int] | str:
     try:
-        return tuple(_check_sql(sql))
+        kinds, count = _check_sql(sql)
     except StatementRefused as error:
         return str(error)
+    return tuple(kinds), count
 
 
 @attrs.frozen
@@ -340,7 +377,7 @@ class PipelineVerdict:
 
     @property
     def read_only(self) -> bool:
-        return self.kinds <= {"read"}
+        return "write" not in self.kinds
 
 
 def _statements(document: Any) -> Iterator[str]:
@@ -404,11 +441,32 @@ def check_document(document: Any) -> PipelineVerdict:
     except ValueError as error:
         raise Invalid("bad_pipeline", f"not a pipeline request: {error}") from None
     kinds: set[str] = set()
+    budget = MAX_TOKENS
+    # The child's one connection is shared by every request: a transaction
+    # left open would swallow the next client's writes and block backups.
+    depth = 0
     for sql in statements:
         try:
-            kinds.update(check_sql(sql))
+            found, used = _verdict(sql, budget)
         except StatementRefused as error:
-            shown = " ".join(sql.split())
-            shown = shown if len(shown) <= 120 else shown[:117] + "..."
-            raise Forbidden("statement_not_allowed", f"statement {shown!r} refused: {error}") from None
+            raise _refused(sql, str(error)) from None
+        budget -= used
+        kinds.update(found)
+        for kind in found:
+            if kind in ("begin", "savepoint"):
+                depth += 1
+            elif kind == "commit":
+                depth = 0
+            elif kind == "release":
+                depth = max(0, depth - 1)
+    if depth:
+        raise Forbidden("statement_not_allowed",
+                        "the request leaves a transaction open: end it with COMMIT or ROLLBACK in the same "
+                        "request (the namespace's connection is shared by every request)")
     return PipelineVerdict(frozenset(kinds))
+
+
+def _refused(sql: str, why: str) -> Forbidden:
+    shown = " ".join(sql.split())
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    return Forbidden("statement_not_allowed", f"statement {shown!r} refused: {why}")

@@ -16,7 +16,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _NAME_BYTES = re.compile(rb"[a-z0-9][a-z0-9_-]{0,62}")
 
 #: The files tursodb keeps for one database, by suffix after C{<name>}.
-DATA_FILE_SUFFIXES = (".db", ".db-wal", ".db-log")
+DATA_FILE_SUFFIXES = (".db", ".db-wal", ".db-log", ".db-tshm")
 
 
 class InvalidName(ValueError):

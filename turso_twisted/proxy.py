@@ -16,6 +16,7 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -35,6 +36,7 @@ from .errors import (
     from_os_error,
     render,
 )
+from .files import RunInThread
 from .gate import check_pipeline
 from .leases import Lease
 from .metrics import Metrics, request_kind
@@ -46,6 +48,9 @@ from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMess
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
 _access_log = Logger(namespace="turso_twisted.access")
+
+#: Pipeline bodies larger than this are checked by the gate in a thread.
+GATE_INLINE_BYTES = 64 * 1024
 
 #: How long a request waits for a dying child to be noticed before retrying.
 DEATH_NOTICE_TIMEOUT = 2.0
@@ -128,7 +133,8 @@ class DataPlane(Resource):
     _log = Logger()
 
     def __init__(self, reactor: IReactorTime, manager: NamespaceManager, guard: HistoryGuard,
-                 stats: NamespaceStats, metrics: Metrics | None = None, access_log: bool = True) -> None:
+                 stats: NamespaceStats, metrics: Metrics | None = None, access_log: bool = True,
+                 run_in_thread: RunInThread = deferToThread) -> None:
         super().__init__()
         self.reactor = reactor
         self.manager = manager
@@ -136,6 +142,7 @@ class DataPlane(Resource):
         self.stats = stats
         self.metrics = metrics
         self.access_log = access_log
+        self.run_in_thread = run_in_thread
         self.rejected = 0
 
     def render(self, request: Request) -> int:
@@ -154,7 +161,7 @@ class DataPlane(Resource):
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
-        self._check_route(info.path, body)
+        await self._check_route(info.path, body)
         if self.manager.get(name) is None:
             self.guard.before_create(name, request.method, info.path, body)
         for attempt in (1, 2):
@@ -205,7 +212,7 @@ class DataPlane(Resource):
         info.upstream_seconds = self.reactor.seconds() - began
         return record.history, response
 
-    def _check_route(self, path: bytes, body: bytes) -> None:
+    async def _check_route(self, path: bytes, body: bytes) -> None:
         """
         What a child may be sent: a request without a body (it can carry no
         SQL: a CORS preflight, say), a pull, or a pipeline whose every
@@ -219,7 +226,12 @@ class DataPlane(Resource):
         if not body:
             return
         if path == PIPELINE_PATH:
-            check_pipeline(body)
+            if len(body) > GATE_INLINE_BYTES:
+                # A large body is checked off the reactor: other tenants'
+                # requests go on meanwhile (the gate's work is bounded too).
+                await self.run_in_thread(check_pipeline, body)
+            else:
+                check_pipeline(body)
         elif path != PULL_PATH:
             raise NotFound("no_such_route", "only /v2/pipeline and /pull-updates take a request body")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from functools import partial
 from typing import Literal
@@ -209,7 +210,7 @@ class Supervisor:
             began = self.reactor.seconds()
             root, scratch, cwd = self._scratch_dirs(label, port)
             files = self._files_of(db_path)
-            wrappers = self.wrappers + self.confinement.wrap(files, [scratch])
+            wrappers = self.wrappers + self.confinement.wrap(files, [scratch], port)
             process = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, wrappers,
                                     {**self.child_env, "TMPDIR": scratch}, cwd)
             process.whenEnded().addBoth(self._remove_scratch, root)
@@ -257,7 +258,10 @@ class Supervisor:
         """
         files = [db_path, db_path + "-wal"]
         for path in files:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+                raise Unavailable("namespace_files_invalid",
+                                  f"{os.path.basename(path)} is not a regular file; refusing to start on it")
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644))
         return files
 
     def _remove_scratch(self, result: object, path: str) -> object:
