@@ -5,8 +5,10 @@ not wedge its namespace.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 from typing import Any
 
 from twisted.internet.defer import DeferredList, inlineCallbacks
@@ -58,3 +60,70 @@ class WedgedChildTests(E2ETestCase):
         [killed] = [e for e in daemon.logs()
                     if "did not answer within the backend timeout" in e.get("msg", "")]
         self.assertEqual(killed["pid"], wedged)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class SlowReaderTests(E2ETestCase):
+    @inlineCallbacks
+    def test_clients_that_do_not_read_hold_files_not_memory_and_a_bounded_amount(self) -> Any:
+        """
+        Large answers wait for slow clients in spooled files, counted
+        against TURSO_MAX_HELD_BYTES; past it new requests get 503 with
+        Retry-After; when the clients go, the budget is free again.
+        """
+        daemon = yield Daemon(self, TURSO_MAX_HELD_BYTES="20MiB").start()
+        url = daemon.data_url("/big/v2/pipeline")
+        setup = {"requests": [
+            {"type": "execute", "stmt": {"sql": "create table t (b blob)"}},
+            {"type": "execute", "stmt": {"sql": "insert into t values (randomblob(3000000))"}}]}
+        response = yield treq.post(url, json.dumps(setup).encode())
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        query = json.dumps({"requests": [{"type": "execute", "stmt": {"sql": "select b from t"}}]}).encode()
+        head = b"POST /big/v2/pipeline HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(query)
+        raw = head + query
+        before = rss_bytes(daemon.pid)
+        readers = []
+        for _ in range(6):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", daemon.data_port))
+            sock.sendall(raw)
+            readers.append(sock)
+            self.addCleanup(sock.close)
+
+        def held() -> float:
+            return metric_value(daemon, "turso_answers_held_bytes")
+
+        # Each answer is ~4 MB of JSON: six of them pass the 20 MiB budget.
+        yield wait_for(lambda: held() > 20 * 2**20, "answers to wait for the slow clients")
+        response = yield treq.post(url, query)
+        body = json.loads((yield response.content()))
+        self.assertEqual((response.code, body["error"]), (503, "answers_held"))
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"5"])
+        grown = rss_bytes(daemon.pid) - before
+        self.assertLess(grown, 12 * 2**20, "the answers wait in files, not in the daemon's memory")
+        for sock in readers:
+            sock.close()
+        yield wait_for(lambda: held() == 0, "the budget to be free once the clients went away")
+        response = yield treq.post(url, query)
+        answer = json.loads((yield response.content()))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(answer["results"][0]["response"]["result"]["rows"]), 1)
+
+
+def metric_value(daemon: Daemon, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(daemon.admin_url("/metrics"), timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0

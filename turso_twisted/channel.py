@@ -102,7 +102,7 @@ class _Exchange(Protocol):
         self.response: Deferred[BackendResponse] = Deferred()
         self.lost = False
         self.sent = False
-        self._buffer = b""
+        self._buffer = bytearray()
         self._head: tuple[int, bytes, list[tuple[bytes, bytes]], int | None] | None = None
 
     def connectionMade(self) -> None:
@@ -115,22 +115,24 @@ class _Exchange(Protocol):
         return self.response
 
     def dataReceived(self, data: bytes) -> None:
+        # A bytearray grows in place: a large answer is not copied per chunk.
         self._buffer += data
         if self._head is None:
             end = self._buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
             try:
-                self._head = _parse_head(self._buffer[:end])
+                self._head = _parse_head(bytes(self._buffer[:end]))
             except ValueError as error:
                 self.response.errback(Failure(ResponseIncomplete(str(error))))
                 assert self.transport is not None
                 self.transport.loseConnection()
                 return
-            self._buffer = self._buffer[end + 4:]
+            del self._buffer[:end + 4]
         length = self._head[3]
         if length is not None and len(self._buffer) >= length:
-            self._finish(self._buffer[:length])
+            self._finish(bytes(self._buffer[:length]))
+            self._buffer = bytearray()
             assert self.transport is not None
             self.transport.loseConnection()
 
@@ -144,7 +146,7 @@ class _Exchange(Protocol):
         if self.response.called or not self.sent:
             return  # a spare that died unused: nobody waits for it
         if self._head is not None and self._head[3] is None:
-            self._finish(self._buffer)  # answer delimited by the close
+            self._finish(bytes(self._buffer))  # answer delimited by the close
         else:
             self.response.errback(Failure(ResponseIncomplete(reason.getErrorMessage())))
 

@@ -186,6 +186,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TURSO_BACKEND_TIMEOUT", "backend-timeout", "30s", parse_duration,
             "How long a child may take to answer one request; a child that takes longer is killed "
             "and restarted, the request gets 504 (0 = no limit)"),
+    Setting("TURSO_MAX_HELD_BYTES", "max-held-bytes", "1GiB", parse_size,
+            "Answers waiting for clients that read slowly, in bytes (spooled to the data dir past "
+            "256 KiB each); past it new data requests get 503"),
     Setting("TURSO_CLIENT_IDLE_TIMEOUT", "client-idle-timeout", "2m", _positive_duration,
             "Idle keep-alive client connections are closed after this"),
     Setting("TURSO_ACCESS_LOG", "access-log", "true", parse_bool,
@@ -231,6 +234,7 @@ class Config:
     queue_depth: int
     queue_timeout: float
     backend_timeout: float
+    max_held_bytes: int
     client_idle_timeout: float
     access_log: bool
     metrics_public: bool

@@ -113,3 +113,9 @@ class _DaemonCollector:
             yield CounterMetricFamily(name, documentation, value=value)
         yield GaugeMetricFamily("turso_queued_requests", "Requests waiting for their namespace's child",
                                 value=supervisor.queued())
+        yield GaugeMetricFamily("turso_answers_held_bytes",
+                                "Bytes of answers waiting for clients that read slowly",
+                                value=service.data_plane.held_bytes)
+        yield CounterMetricFamily("turso_answers_held_refusals",
+                                  "503 answers_held: TURSO_MAX_HELD_BYTES of answers were waiting",
+                                  value=service.data_plane.budget_refusals)

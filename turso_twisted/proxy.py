@@ -12,12 +12,17 @@ what is learnt about it on the way is in one L{ProxiedRequest}.
 
 from __future__ import annotations
 
+import os
+import uuid
+from typing import BinaryIO
+
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -48,6 +53,10 @@ from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMess
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
 _access_log = Logger(namespace="turso_twisted.access")
+
+#: Answers larger than this are spooled to a file and streamed to the
+#: client as it reads: a client that does not read holds a file, not memory.
+SPOOL_AT = 256 * 1024
 
 #: Pipeline bodies larger than this are checked by the gate in a thread.
 GATE_INLINE_BYTES = 64 * 1024
@@ -105,6 +114,23 @@ def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(key, value) for key, values in headers.getAllRawHeaders() for value in values]
 
 
+def _spool(path: str, body: bytes) -> BinaryIO:
+    """
+    Write C{body} to a new file at C{path} and return it open for reading,
+    already unlinked.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    handle = os.fdopen(fd, "w+b")
+    try:
+        os.unlink(path)
+        handle.write(body)
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
 def _gone(request: Request) -> bool:
     return bool(getattr(request, "_disconnected", False))
 
@@ -134,7 +160,8 @@ class DataPlane(Resource):
 
     def __init__(self, reactor: IReactorTime, manager: NamespaceManager, guard: HistoryGuard,
                  stats: NamespaceStats, metrics: Metrics | None = None, access_log: bool = True,
-                 run_in_thread: RunInThread = deferToThread) -> None:
+                 run_in_thread: RunInThread = deferToThread, scratch_dir: str | None = None,
+                 max_held_bytes: int = 1 << 30) -> None:
         super().__init__()
         self.reactor = reactor
         self.manager = manager
@@ -143,7 +170,13 @@ class DataPlane(Resource):
         self.metrics = metrics
         self.access_log = access_log
         self.run_in_thread = run_in_thread
+        #: Where large answers wait for slow clients (None: in memory).
+        self.scratch_dir = scratch_dir
+        #: The budget of answer bytes held for clients, and what is held now.
+        self.max_held_bytes = max_held_bytes
+        self.held_bytes = 0
         self.rejected = 0
+        self.budget_refusals = 0
 
     def render(self, request: Request) -> int:
         content = request.content
@@ -162,6 +195,11 @@ class DataPlane(Resource):
         request.content.seek(0)
         body = request.content.read()
         await self._check_route(info.path, body)
+        if self.held_bytes > self.max_held_bytes:
+            self.budget_refusals += 1
+            raise Unavailable("answers_held",
+                              "too many answers wait for clients that are not reading them "
+                              "(TURSO_MAX_HELD_BYTES); retry shortly", retry_after=5)
         if self.manager.get(name) is None:
             self.guard.before_create(name, request.method, info.path, body)
         for attempt in (1, 2):
@@ -261,8 +299,44 @@ class DataPlane(Resource):
         for key, value in end_to_end(response.headers, _NOT_RETURNED):
             request.responseHeaders.addRawHeader(key, value)
         request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
+        if len(body) <= SPOOL_AT or self.scratch_dir is None:
+            request.write(body)
+            request.finish()
+            return
+        self._send_spooled(request, info, body).addErrback(self._failed, request)
+
+    def _send_spooled(self, request: Request, info: ProxiedRequest, body: bytes) -> Deferred[None]:
+        """
+        Stream a large answer from a file, as fast as the client reads it:
+        the file waits in the scratch dir (unlinked: it goes when closed),
+        counted against the budget of bytes held for clients until sent.
+        """
+        size = len(body)
+        self.held_bytes += size
+        path = os.path.join(self.scratch_dir or "", f"answer-{uuid.uuid4().hex}")
+        # The answer's bytes are kept by nothing once they are in the file:
+        # not the request's turn, not this closure.
+        info.waiting = None
+        pending = [body]
+        del body
+
+        async def send() -> None:
+            try:
+                handle = await self.run_in_thread(_spool, path, pending.pop())
+            except BaseException:
+                self.held_bytes -= size
+                raise
+            try:
+                await FileSender().beginFileTransfer(handle, request)
+            except Exception:
+                return  # the client went away; its connection is gone
+            finally:
+                handle.close()
+                self.held_bytes -= size
+            if not _gone(request) and not request.finished:
+                request.finish()
+
+        return Deferred.fromCoroutine(send())
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if failure.check(CancelledError):

@@ -105,9 +105,10 @@ class TursoService(Service):
         self.readiness = Readiness(config.data_dir, state_loaded=True)
         self.metrics = Metrics()
         self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
-        self.data_plane = DataPlane(reactor, self.manager, self.guard, self.stats, self.metrics,
-                                    access_log=config.access_log)
         scratch = temp_dir(config.data_dir)
+        self.data_plane = DataPlane(reactor, self.manager, self.guard, self.stats, self.metrics,
+                                    access_log=config.access_log, scratch_dir=scratch,
+                                    max_held_bytes=config.max_held_bytes)
         self.backups = Backups(reactor, self.manager, self.archival, self.supervisor, scratch)
         admin_token = BearerToken(config.admin_token)
         self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
