@@ -157,8 +157,9 @@ def pipeline(*sql: str, kind: str = "batch") -> bytes:
 class PipelineTests(SynchronousTestCase):
     def test_a_push_passes(self) -> None:
         verdict = check_pipeline(pipeline(*HONEST[:10]))
-        self.assertFalse(verdict.read_only)
-        self.assertTrue(check_pipeline(pipeline("select 1", kind="execute")).read_only)
+        self.assertEqual(verdict.kinds, {"begin", "commit", "read", "write"})
+        self.assertEqual(check_pipeline(pipeline("select 1", kind="execute")).kinds, {"read"})
+        self.assertEqual(verdict.document["requests"][0]["type"], "batch", "the request, decoded once")
 
     def test_one_refused_statement_refuses_the_request(self) -> None:
         with self.assertRaises(Forbidden) as caught:
@@ -201,7 +202,7 @@ class PipelineTests(SynchronousTestCase):
 
     def test_a_statement_by_id_alone_runs_nothing(self) -> None:
         body = b'{"requests": [{"type": "execute", "stmt": {"sql_id": 1}}]}'
-        self.assertTrue(check_pipeline(body).read_only)
+        self.assertEqual(check_pipeline(body).kinds, set())
 
 
 # -- properties -----------------------------------------------------------------

@@ -4,7 +4,6 @@ The sync-protocol bits the proxy reads and rewrites.
 
 from __future__ import annotations
 
-import json
 import os
 
 from hypothesis import given
@@ -98,13 +97,12 @@ class PushTests(SynchronousTestCase):
                              "WHERE client_id = ?",
                       "args": [{"type": "integer", "value": "0"}, {"type": "integer", "value": "5"},
                                {"type": "text", "value": "my-app-2"}]}}]}}
-        body = json.dumps({"requests": [select, update]}).encode()
-        self.assertEqual(pushing_clients(body), {"turso-sync-py-1", "my-app-2"})
+        self.assertEqual(pushing_clients({"requests": [select, update]}), {"turso-sync-py-1", "my-app-2"})
 
     def test_ordinary_sql_is_not_a_push(self) -> None:
-        body = json.dumps({"requests": [{"type": "execute", "stmt": {"sql": "select 1"}}]}).encode()
-        self.assertEqual(pushing_clients(body), set())
-        self.assertEqual(pushing_clients(b"turso_sync_last_change_id {not json"), set())
+        self.assertEqual(pushing_clients({"requests": [{"type": "execute", "stmt": {"sql": "select 1"}}]}),
+                         set())
+        self.assertEqual(pushing_clients(None), set())
 
     @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
                         lambda inner: st.lists(inner, max_size=3)
@@ -116,11 +114,9 @@ class PushTests(SynchronousTestCase):
         Whatever a client sends, the scan answers: a malformed push is the
         child's to refuse, never a crash of ours.
         """
-        body = json.dumps({"x": "turso_sync_last_change_id", "requests": document}).encode()
-        self.assertIsInstance(pushing_clients(body), set)
-        self.assertEqual(pushing_clients(b'{"requests":[{"batch":{"steps":5}}],"x":"turso_sync_last_change_id"}'),
-                         set())
-        self.assertEqual(pushing_clients(b"[" * 100_000 + b'"turso_sync_last_change_id"'), set())
+        self.assertIsInstance(pushing_clients({"x": "turso_sync_last_change_id", "requests": document}), set)
+        self.assertIsInstance(pushing_clients(document), set)
+        self.assertEqual(pushing_clients({"requests": [{"batch": {"steps": 5}}]}), set())
 
 
 class HistoryGuardTests(SynchronousTestCase):

@@ -259,14 +259,12 @@ def _cached_verdict(sql: str) -> tuple[tuple[Kind, ...], int] | str:
 @attrs.frozen
 class PipelineVerdict:
     """
-    What a pipeline request asks: the kinds of all its statements.
+    What a pipeline request asks: the kinds of all its statements, and the
+    request decoded once (the history guard reads its pushing clients).
     """
 
     kinds: frozenset[str]
-
-    @property
-    def read_only(self) -> bool:
-        return "write" not in self.kinds
+    document: Any = attrs.field(eq=False, repr=False)
 
 
 def _statements(document: Any) -> Iterator[str]:
@@ -352,7 +350,7 @@ def check_document(document: Any) -> PipelineVerdict:
         raise Forbidden("statement_not_allowed",
                         "the request leaves a transaction open: end it with COMMIT or ROLLBACK in the same "
                         "request (the namespace's connection is shared by every request)")
-    return PipelineVerdict(frozenset(kinds))
+    return PipelineVerdict(frozenset(kinds), document)
 
 
 def _refused(sql: str, why: str) -> Forbidden:

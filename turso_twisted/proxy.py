@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -194,19 +194,19 @@ class DataPlane(Resource):
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
-        await self._check_route(info.path, body)
+        pipeline = await self._check_route(info.path, body)
         if self.held_bytes > self.max_held_bytes:
             self.budget_refusals += 1
             raise Unavailable("answers_held",
                               "too many answers wait for clients that are not reading them "
                               "(TURSO_MAX_HELD_BYTES); retry shortly", retry_after=5)
         if self.manager.get(name) is None:
-            self.guard.before_create(name, request.method, info.path, body)
+            self.guard.before_create(name, request.method, info.path, body, pipeline)
         for attempt in (1, 2):
             lease = await self.manager.lease(name)
             with lease:
                 try:
-                    history, response = await self._exchange(lease, request, info, target, body)
+                    history, response = await self._exchange(lease, request, info, target, body, pipeline)
                 except (ConnectError, ChannelClosed) as error:
                     # Nothing reached the child, so a retry cannot duplicate a
                     # write: the child is gone or going; wait until that is done.
@@ -222,7 +222,7 @@ class DataPlane(Resource):
             return
 
     async def _exchange(self, lease: Lease, request: Request, info: ProxiedRequest, target: bytes,
-                        body: bytes) -> tuple[str, BackendResponse]:
+                        body: bytes, pipeline: Any) -> tuple[str, BackendResponse]:
         """
         Send the request to the leased child; return the history it was
         served from and the child's answer.
@@ -231,7 +231,7 @@ class DataPlane(Resource):
         assert record is not None  # a lease is only given on a live namespace
         began = self.reactor.seconds()
         try:
-            sent = self.guard.inbound(record, request.method, info.path, body)
+            sent = self.guard.inbound(record, request.method, info.path, body, pipeline)
             headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
             info.waiting = lease.channel.request(request.method, target, headers, sent)
             response = await info.waiting
@@ -250,28 +250,30 @@ class DataPlane(Resource):
         info.upstream_seconds = self.reactor.seconds() - began
         return record.history, response
 
-    async def _check_route(self, path: bytes, body: bytes) -> None:
+    async def _check_route(self, path: bytes, body: bytes) -> Any:
         """
         What a child may be sent: a request without a body (it can carry no
         SQL: a CORS preflight, say), a pull, or a pipeline whose every
         statement the gate lets through, checked before any namespace is
-        touched.
+        touched.  Returns the pipeline request decoded (or C{None}).
 
         @raise Forbidden: for a statement the gate refuses.
         @raise Invalid: for a pipeline body the child would not accept.
         @raise NotFound: for a body sent to any other path.
         """
         if not body:
-            return
+            return None
         if path == PIPELINE_PATH:
             if len(body) > GATE_INLINE_BYTES:
                 # A large body is checked off the reactor: other tenants'
                 # requests go on meanwhile (the gate's work is bounded too).
-                await self.run_in_thread(check_pipeline, body)
+                verdict = await self.run_in_thread(check_pipeline, body)
             else:
-                check_pipeline(body)
-        elif path != PULL_PATH:
+                verdict = check_pipeline(body)
+            return verdict.document
+        if path != PULL_PATH:
             raise NotFound("no_such_route", "only /v2/pipeline and /pull-updates take a request body")
+        return None
 
     def _death_noticed(self, lease: Lease) -> Deferred[TursodbProcess | None]:
         """

@@ -24,7 +24,6 @@ out, and which replicas a namespace's archive retires.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
@@ -155,18 +154,12 @@ def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def pushing_clients(body: bytes) -> set[str]:
+def pushing_clients(document: Any) -> set[str]:
     """
-    The client ids named by statements on the sync table in a pipeline
-    request (what a replica's push sends); empty for anything else,
-    whatever its shape.
+    The client ids named by statements on the sync table in a decoded
+    pipeline request (what a replica's push sends); empty for anything
+    else, whatever its shape.
     """
-    if SYNC_TABLE not in body:
-        return set()
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        return set()
     found: set[str] = set()
     for request in _list(document.get("requests")) if isinstance(document, dict) else []:
         if not isinstance(request, dict):
@@ -200,7 +193,8 @@ class HistoryGuard:
 
     state: StateStore
 
-    def inbound(self, record: NamespaceRecord, method: bytes, path: bytes, body: bytes) -> bytes:
+    def inbound(self, record: NamespaceRecord, method: bytes, path: bytes, body: bytes,
+                pipeline: Any = None) -> bytes:
         """
         The request body a child gets: a pull's revisions untagged, a push
         checked against retired replicas (and its new replicas noted, saved
@@ -219,12 +213,13 @@ class HistoryGuard:
             except MalformedSyncMessage as error:
                 raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
         if path == PIPELINE_PATH:
-            clients = pushing_clients(body)
+            clients = pushing_clients(pipeline)
             if clients:
                 self._check_pushing(record, clients)
         return body
 
-    def before_create(self, name: str, method: bytes, path: bytes, body: bytes) -> None:
+    def before_create(self, name: str, method: bytes, path: bytes, body: bytes,
+                      pipeline: Any = None) -> None:
         """
         Check a request that would create C{name} (not live): a replica
         that has synced before (a revision to pull from, or a client id of
@@ -244,7 +239,7 @@ class HistoryGuard:
                 raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
             stale = any(number in (2, 3) and wire == _WIRE_BYTES and value for number, wire, value in fields)
         elif path == PIPELINE_PATH:
-            stale = bool(pushing_clients(body) & self.retired(name))
+            stale = bool(pushing_clients(pipeline) & self.retired(name))
         if stale:
             raise Conflict("stale_replica",
                            f"this replica was made from data that namespace {name!r} no longer holds "
