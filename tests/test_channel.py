@@ -5,6 +5,7 @@ spare connection, quiet drops, and the bounded queue.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -158,6 +159,22 @@ class ChannelTests(SynchronousTestCase):
         self.assertTrue(fresh_transport.value().startswith(b"GET /2"))
         fresh.dataReceived(OK)
         self.successResultOf(second)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_quiet_spare_that_never_connected_is_dropped_quietly(self) -> None:
+        # Found by the soak: a spare whose connection failed was dropped as
+        # if it were a connection (AttributeError, "Unhandled error in Deferred").
+        done = self.channel.request(b"GET", b"/", [], b"")
+        protocol, _ = self.connect_next()
+        _, _, spare_factory, _, _ = self.reactor.tcpClients[1]
+        spare_factory.clientConnectionFailed(None, Failure(ConnectionLost()))
+        protocol.dataReceived(OK)
+        self.successResultOf(done)
+        self.reactor.advance(5)
+        self.successResultOf(self.channel.close())
+        # An unhandled failure is logged when its Deferred is collected.
+        del spare_factory, self.reactor.tcpClients[:]
+        gc.collect()
         self.assertEqual(self.flushLoggedErrors(), [])
 
 

@@ -16,6 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from turso_twisted import sites
 from turso_twisted.auth import BearerToken
 from turso_twisted.channel import BackendResponse, BackendTimeout, QueueFull, ResponseIncomplete
 from turso_twisted.metrics import Metrics
@@ -196,3 +197,47 @@ class DataSiteTests(SynchronousTestCase):
         # Counted and logged like any other answer.
         counted = b'turso_proxy_requests_total{kind="other",status_class="4xx"} 2.0'
         self.assertIn(counted, self.metrics.render())
+
+
+class _FullDisk:
+    """A spool file on a volume that has just run out of space."""
+
+    closed = False
+
+    def write(self, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FullDiskBodyTests(SynchronousTestCase):
+    """
+    A large body waits in the data dir's scratch; when that volume is full
+    the client gets 507 at once (found by the soak: the write failed inside
+    twisted.web and the connection closed with no answer).
+    """
+
+    def setUp(self) -> None:
+        self.fx = ManagerFixture(self.mktemp())
+        plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats, Metrics())
+        self.site = CappedSite(plane, "data", 10_000_000, BearerToken("data-token"),
+                               authorize_every_request=True, scratch_dir=self.fx.data_dir)
+        self.spool = _FullDisk()
+        self.patch(sites.tempfile, "TemporaryFile", lambda **_: self.spool)
+
+    def test_a_body_the_volume_cannot_hold_gets_507(self) -> None:
+        protocol = self.site.buildProtocol(None)
+        protocol.callLater = self.fx.reactor.callLater
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        head = (b"POST /alpha/v2/pipeline HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer data-token\r\n"
+                b"Content-Length: 200000\r\n\r\n")
+        protocol.dataReceived(head + b"x" * 5000)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 507 "), head)
+        self.assertEqual(json.loads(body)["error"], "insufficient_storage")
+        self.assertTrue(self.spool.closed)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.fx.state.records, {})
+        self.assertEqual(self.flushLoggedErrors(), [])

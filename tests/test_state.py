@@ -5,10 +5,13 @@ the access-time debounce.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.state import NamespaceRecord, StateError, StateStore
@@ -129,6 +132,29 @@ class StateStoreTests(SynchronousTestCase):
         self.assertEqual(self.reload().records["alpha"].last_access_at, self.clock.seconds() - 50)
         self.clock.advance(120)
         self.assertEqual(self.store.writes, writes + 1)
+
+    def test_flush_on_a_full_disk_is_retried_without_a_traceback(self) -> None:
+        self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", 0)
+        self.store.save()
+        events: list[dict[str, Any]] = []
+        self.patch(StateStore, "_log", Logger(observer=events.append))
+        real_save = StateStore.save
+
+        def full(store: StateStore) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(StateStore, "save", full)
+        self.clock.advance(5)
+        touched_at = self.clock.seconds()
+        self.store.touch("alpha")
+        self.clock.advance(60)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertNotIn("log_failure", event)
+        self.assertIn("No space left", event["error"])
+        self.patch(StateStore, "save", real_save)
+        self.clock.advance(60)
+        self.assertEqual(self.reload().records["alpha"].last_access_at, touched_at, "retried")
 
     def test_save_cancels_the_pending_flush(self) -> None:
         self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", 0)

@@ -44,6 +44,7 @@ from .errors import (
     Unavailable,
     Unprocessable,
     not_found,
+    out_of_space,
 )
 from .files import RunInThread, remove_database_copy, remove_paths, sha256_and_size
 from .gate import check_document
@@ -212,6 +213,8 @@ class Backups:
                     await pipeline(lease.channel, [execute(f"VACUUM INTO '{quoted}'")], BACKUP_TIMEOUT)
                     os.rename(written, path)
                 except ChildSQLError as error:
+                    if error.out_of_space:
+                        raise out_of_space() from None
                     raise Failed("backup_failed",
                                  f"namespace {name!r}: VACUUM INTO failed: {error}") from None
                 except BackendTimeout as error:
@@ -354,6 +357,8 @@ class Backups:
                                 f"the backup holds SQL the server does not run: {error.message}") from None
         except ChildSQLError as error:
             remove_paths(build)
+            if error.out_of_space:
+                raise out_of_space() from None
             raise Unprocessable(
                 "replay_failed", f"tursodb refused the backup's content while rebuilding it: {error}",
             ) from None

@@ -405,8 +405,9 @@ class BackendChannel:
             return succeed(None)
         done: Deferred[None] = Deferred()
 
-        def drop(exchange: _Exchange) -> None:
-            if exchange.lost:
+        def drop(exchange: _Exchange | None) -> None:
+            # None: the spare never connected (its failure was swallowed).
+            if exchange is None or exchange.lost:
                 done.callback(None)
                 return
             exchange.send(_DROP_REQUEST).addBoth(lambda _: done.callback(None))

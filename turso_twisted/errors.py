@@ -120,6 +120,11 @@ _DATA_STATUS: dict[type[Refusal], int] = {LimitReached: 503}
 _REALM = {"data": b'Bearer realm="turso-server"', "admin": b'Bearer realm="turso-server-admin"'}
 
 
+def out_of_space() -> InsufficientStorage:
+    return InsufficientStorage("insufficient_storage",
+                               "the data dir is out of space; nothing was changed", retry_after=30)
+
+
 def from_os_error(error: BaseException | None) -> Refusal | None:
     """
     The refusal a failed write to the data dir means for a client (a full
@@ -129,8 +134,7 @@ def from_os_error(error: BaseException | None) -> Refusal | None:
     if not isinstance(error, OSError):
         return None
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientStorage("insufficient_storage",
-                                   "the data dir is out of space; nothing was changed", retry_after=30)
+        return out_of_space()
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return Unavailable("data_dir_not_writable",
                            "the data dir is not writable; nothing was changed", retry_after=30)

@@ -16,6 +16,15 @@ class ChildSQLError(Exception):
     A child refused a statement we sent it ourselves (not a client's).
     """
 
+    #: How tursodb (and SQLite) say a write failed for want of space.
+    _NO_SPACE = ("no storage space", "no space left on device", "database or disk is full")
+
+    @property
+    def out_of_space(self) -> bool:
+        """Whether the child failed because the volume is full (the operator's to fix)."""
+        text = str(self).lower()
+        return any(marker in text for marker in self._NO_SPACE)
+
 
 async def pipeline(channel: BackendChannel, requests: list[dict[str, Any]],
                    timeout: float | None = None) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .auth import BearerToken
-from .errors import Edge, Refusal, TooLarge, response_parts, status_phrase
+from .errors import Edge, Refusal, TooLarge, from_os_error, response_parts, status_phrase
 
 #: Bodies up to this size stay in memory (as in Twisted).
 _IN_MEMORY = 100_000
@@ -51,7 +51,10 @@ class CappedRequest(Request):
             return
         if site.scratch_dir is not None and (length is None or length > _IN_MEMORY):
             # Large bodies wait in the data dir, not in the system's /tmp.
-            self.content = tempfile.TemporaryFile(dir=site.scratch_dir)
+            try:
+                self.content = tempfile.TemporaryFile(dir=site.scratch_dir)
+            except OSError as error:
+                self._reject_unwritable(error)
             return
         super().gotLength(length)
 
@@ -62,7 +65,20 @@ class CappedRequest(Request):
         if self._received > self._site.max_body_bytes:
             self._reject_too_large()
             return
-        super().handleContentChunk(data)
+        try:
+            super().handleContentChunk(data)
+        except OSError as error:
+            self._reject_unwritable(error)
+
+    def _reject_unwritable(self, error: OSError) -> None:
+        """A body that cannot be kept (the data dir is full or read-only): 507 or 503."""
+        refusal = from_os_error(error)
+        if refusal is None:
+            raise error
+        content = getattr(self, "content", None)
+        if content is not None:
+            content.close()
+        self._reject(refusal)
 
     def process(self) -> None:
         if not self._rejected:

@@ -11,6 +11,7 @@ that much of them, which only makes the GC see a slightly older access.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -290,8 +291,13 @@ class StateStore:
         self._pending_flush = None
         try:
             self.save()
-        except OSError:
-            self._log.failure("could not flush namespace access times; retrying later")
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+                # The operator's to fix (readyz says so too), not a bug: no traceback.
+                self._log.error("could not flush namespace access times: {error}; retrying later",
+                                error=str(error))
+            else:
+                self._log.failure("could not flush namespace access times; retrying later")
             self._pending_flush = self.clock.callLater(self.flush_delay, self._flush)
 
     def flush_pending(self) -> None:
