@@ -50,8 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +61,9 @@ from turso_twisted.recovery import find_orphans  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 WORKER = os.path.join(ROOT, "soak", "worker.py")
+#: What the daemon logs (message text) when it kills a wedged child, and when it makes room.
+WEDGED = "did not answer within the backend timeout"
+MADE_ROOM = "hibernated: making room"
 DATA_TOKEN = "soak-data-token"
 ADMIN_TOKEN = "soak-admin-token"
 BACKEND_TIMEOUT = 2.0
@@ -123,10 +125,15 @@ class Daemon:
     after it is killed and started anew.
     """
 
-    def __init__(self, workdir: str, data_dir: str, workers: int) -> None:
+    def __init__(self, workdir: str, data_dir: str, workers: int, seeded: random.Random) -> None:
         self.data_dir = data_dir
-        self.data_port, self.admin_port = free_port(), free_port()
-        base = random.randrange(20000, 50000, 1000)
+        #: Daemon processes started so far (slow readers check it).
+        self.generation = 0
+        self.data_port = free_port()
+        self.admin_port = free_port()
+        while self.admin_port == self.data_port:
+            self.admin_port = free_port()
+        base = seeded.randrange(20000, 50000, 1000)
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "TURSODB_BIN": os.environ["TURSODB_BIN"],
@@ -144,11 +151,14 @@ class Daemon:
             "TURSO_QUEUE_TIMEOUT": "10s",
             "TURSO_SHUTDOWN_TIMEOUT": "5s",
             "TURSO_ACCESS_LOG": "false",
+            # To soak another checkout with this venv: PYTHONPATH=<checkout> ./dev soak
+            **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
         }
         self.log_path = os.path.join(workdir, "daemon.log")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.generation += 1
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "turso-server"],
                                             env=self.env, cwd=os.path.dirname(self.log_path),
@@ -204,8 +214,16 @@ class Daemon:
         return {n["pid"] for n in json.loads(body)["namespaces"] if n.get("pid")}
 
     def rows(self, name: str) -> list[tuple[str, str]]:
-        """Every (key, ns) row of a namespace's ledger table, read over the data port."""
-        status, body = self.data("POST", f"/{name}/v2/pipeline", pipeline("SELECT key, ns FROM ledger"))
+        """
+        Every (key, ns) row of a namespace's ledger table, read over the data
+        port; a 503 (a child restarting after a crash) is waited out.
+        """
+        deadline = time.monotonic() + 30
+        while True:
+            status, body = self.data("POST", f"/{name}/v2/pipeline", pipeline("SELECT key, ns FROM ledger"))
+            if status != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if status != 200:
             raise RuntimeError(f"reading {name} answered {status}: {body[:200]!r}")
         result = json.loads(body)["results"][0]
@@ -329,19 +347,22 @@ class Soak:
         self.skipped: dict[str, str] = {}
         self.disk = os.path.join(workdir, "disk")
         os.makedirs(self.disk)
-        self.tmpfs = self._mount_tmpfs()
-        self.daemon = Daemon(workdir, os.path.join(self.disk, "data"), args.workers)
+        self.tmpfs = False
+        self.daemon = Daemon(workdir, os.path.join(self.disk, "data"), args.workers, self.random)
         self.workers = [Worker(f"soak-{i}", os.path.join(workdir, f"worker-{i}"))
                         for i in range(args.workers)]
         self.slow: list[tuple[socket.socket, str]] = []
         self.slow_outcomes: Counter[str] = Counter()
+        self.slow_generation = 0
         self.copies = 0
 
     def _mount_tmpfs(self) -> bool:
         if os.geteuid() != 0:
             self.skipped["disk_full"] = "not root: cannot mount a size-limited tmpfs"
             return False
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0755",
+        # tursodb's WAL only grows: about 1 MiB a second for the whole run.
+        size = max(DISK_BYTES, int(self.args.seconds + 120) * (1 << 20))
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755",
                                   "tmpfs", self.disk], capture_output=True, text=True)
         if mounted.returncode != 0:
             why = mounted.stderr.strip() or f"mount exited {mounted.returncode}"
@@ -407,6 +428,15 @@ class Soak:
     def restart_daemon(self, how: str) -> None:
         if how == "kill":
             self.daemon.kill()
+            # Children die with the daemon (setpriv --pdeathsig): none may be
+            # left for the next start-up's orphan sweep to find.
+            deadline = time.monotonic() + 5
+            while find_orphans(self.daemon.data_dir) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = find_orphans(self.daemon.data_dir)
+            if left:
+                self.ledger.orphans += len(left)
+                self.ledger.anomaly(f"tursodb outlived the killed daemon: {left}")
         else:
             status = self.daemon.stop()
             if status != -signal.SIGTERM:
@@ -424,36 +454,43 @@ class Soak:
             self.ledger.anomaly(f"restart after {how}: {error}")
             raise
 
-    @contextmanager
-    def phase(self, kind: str) -> Iterator[None]:
+    def inject(self, kind: str) -> None:
+        """Run one fault; count it only if it happened (a fault returns False when it could not)."""
         began = time.monotonic()
-        yield
+        if getattr(self, kind)() is False:
+            say(f"{kind} not injected (nothing to inject it into)")
+            return
         self.faults[kind] += 1
         say(f"{kind} done in {time.monotonic() - began:.1f} s")
 
     # -- faults ----------------------------------------------------------------------------
 
-    def kill_child(self) -> None:
-        found = self.running_pid()
-        if found:
-            say(f"SIGKILL {found[0]}'s child (pid {found[1]})")
-            os.kill(found[1], signal.SIGKILL)
-
-    def stop_child(self) -> None:
+    def kill_child(self) -> bool:
         found = self.running_pid()
         if not found:
-            return
+            return False
+        say(f"SIGKILL {found[0]}'s child (pid {found[1]})")
+        os.kill(found[1], signal.SIGKILL)
+        return True
+
+    def stop_child(self) -> bool:
+        found = self.running_pid()
+        if not found:
+            return False
         name, pid = found
+        wedged_before = len(self.daemon.events(WEDGED))
         say(f"SIGSTOP {name}'s child (pid {pid})")
         os.kill(pid, signal.SIGSTOP)
         deadline = time.monotonic() + BACKEND_TIMEOUT + 30
         try:
+            # A worker's next push reaches the stopped child and misses the deadline.
             while time.monotonic() < deadline:
-                if self.daemon.pid_of(name) != pid:
-                    return
+                if len(self.daemon.events(WEDGED)) > wedged_before:
+                    return True
                 time.sleep(0.05)
-            self.ledger.anomaly(f"a stopped child of {name} was not replaced within "
+            self.ledger.anomaly(f"a stopped child of {name} was not killed as wedged within "
                                 f"{BACKEND_TIMEOUT + 30:g} s")
+            return True
         finally:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -465,11 +502,15 @@ class Soak:
         self.restart_daemon("term")
 
     def crowd(self) -> None:
-        for _ in range(self.args.workers + 2):
-            name = f"soak-crowd-{self.random.randrange(8)}"
+        made_room = len(self.daemon.events(MADE_ROOM))
+        for number in self.random.sample(range(8), self.args.workers + 2):
+            name = f"soak-crowd-{number}"
             status, body = self.daemon.data("POST", f"/{name}/v2/pipeline", pipeline("SELECT 1"))
             if status != 200:
                 self.ledger.anomaly(f"touching {name} answered {status}: {body[:200]!r}")
+        if len(self.daemon.events(MADE_ROOM)) == made_room:
+            self.ledger.anomaly(f"touching {self.args.workers + 2} namespaces past TURSO_MAX_RUNNING "
+                                "hibernated nothing")
 
     def _snapshot(self, name: str) -> tuple[set[str], set[str]]:
         worker = next(w for w in self.workers if w.namespace == name)
@@ -488,6 +529,7 @@ class Soak:
         _, attempted = self._snapshot(source)
         self.ledger.check_copy(f"fork {source} -> {target}", self.daemon.rows(target), source,
                                attempted, before)
+        self.purge_archive()
 
     def restore(self) -> None:
         source = self.random.choice(self.workers).namespace
@@ -504,6 +546,18 @@ class Soak:
         _, attempted = self._snapshot(source)
         self.ledger.check_copy(f"restore of {source}", self.daemon.rows("soak-restored"), source,
                                attempted, before)
+        self.purge_archive()
+
+    def purge_archive(self) -> None:
+        """Deleted forks and replaced restores go to the archive: drop them (the disk is small)."""
+        status, body = self.daemon.admin("GET", "/v1/archive")
+        if status != 200:
+            self.ledger.anomaly(f"listing the archive answered {status}: {body[:200]!r}")
+            return
+        for entry in json.loads(body)["entries"]:
+            status, body = self.daemon.admin("DELETE", f"/v1/archive/{entry['entry']}")
+            if status != 200:
+                self.ledger.anomaly(f"deleting archive entry {entry['entry']} answered {status}")
 
     def garbage(self) -> None:
         """
@@ -566,7 +620,9 @@ class Soak:
                     if whole:
                         self.ledger.anomaly(f"garbage {payload[:60]!r}: no answer within 10 s")
                     continue
-                except OSError:
+                except OSError as error:
+                    if whole:
+                        self.ledger.anomaly(f"garbage {payload[:60]!r}: connection failed: {error}")
                     continue  # closed on us: fine for bytes that are not a request
                 if not answer:
                     if whole:
@@ -585,6 +641,7 @@ class Soak:
 
     def slow_clients(self) -> None:
         self.release_slow_clients()
+        self.slow_generation = self.daemon.generation
         for i in range(3):
             name = self.random.choice(self.workers).namespace
             # ~10.7 MB of JSON: more than the loopback's socket buffers hold.
@@ -601,7 +658,14 @@ class Soak:
             self.slow.append((sock, ""))
 
     def release_slow_clients(self) -> None:
-        """Read what the slow readers asked for; it must be whole."""
+        """Read what the slow readers asked for; it must be whole unless the daemon was killed."""
+        restarted = self.daemon.generation != self.slow_generation
+
+        def cut(outcome: str, sql: str) -> None:
+            self.slow_outcomes[outcome] += 1
+            if not restarted:
+                self.ledger.anomaly(f"slow reader of {sql}: {outcome} with no daemon restart")
+
         for sock, sql in self.slow:
             with sock:
                 if not sql:
@@ -617,7 +681,7 @@ class Soak:
                     self.ledger.anomaly(f"slow reader of {sql}: no byte for 30 s")
                     continue
                 except OSError:
-                    self.slow_outcomes["reset"] += 1  # the daemon was killed under it
+                    cut("reset", sql)
                     continue
                 answer = b"".join(chunks)
                 head, _, body = answer.partition(b"\r\n\r\n")
@@ -626,7 +690,7 @@ class Soak:
                 # (which a client can tell); never a whole answer that is wrong.
                 if not head.startswith(b"HTTP/1.1 200"):
                     if head.startswith(b"HTTP/1.1 5") or not head:
-                        self.slow_outcomes[head[9:12].decode() or "closed"] += 1
+                        cut(head[9:12].decode() or "closed", sql)
                         continue
                     self.ledger.anomaly(f"slow reader of {sql}: {head[:80]!r}")
                     continue
@@ -636,7 +700,7 @@ class Soak:
                     self.ledger.anomaly(f"slow reader of {sql}: a 200 without Content-Length")
                     continue
                 if len(body) < length:
-                    self.slow_outcomes["cut short"] += 1
+                    cut("cut short", sql)
                     continue
                 try:
                     value = json.loads(body)["results"][0]["response"]["result"]["rows"][0][0]
@@ -663,13 +727,13 @@ class Soak:
                     handle.flush()
         try:
             status, body = self.daemon.admin("POST", "/v1/namespaces/soak-nospace/create", b"{}")
-            if status not in (201, 503, 507):
+            if status != 507:
                 self.ledger.anomaly(f"create on a full disk answered {status}: {body[:200]!r}")
             if status == 201:
                 self.daemon.admin("DELETE", "/v1/namespaces/soak-nospace")
             status, body = self.daemon.admin("POST", f"/v1/namespaces/{self.workers[0].namespace}/fork/"
                                                      "soak-nospace-fork")
-            if status not in (201, 503, 507):
+            if status != 507:
                 self.ledger.anomaly(f"fork on a full disk answered {status}: {body[:200]!r}")
             if status == 201:
                 self.daemon.admin("DELETE", "/v1/namespaces/soak-nospace-fork")
@@ -685,6 +749,7 @@ class Soak:
     def run(self) -> int:
         say(f"{self.args.workers} workers, {self.args.seconds:g} s of faults, seed {self.args.seed}, "
             f"work dir {self.workdir}")
+        self.tmpfs = self._mount_tmpfs()
         for kind, reason in self.skipped.items():
             say(f"{kind} skipped: {reason}")
         self.daemon.start()
@@ -698,8 +763,7 @@ class Soak:
                 if kind in self.skipped:
                     continue
                 acknowledged = {w.namespace: len(w.keys("acknowledged")) for w in self.workers}
-                with self.phase(kind):
-                    getattr(self, kind)()
+                self.inject(kind)
                 if not self.daemon.alive():
                     self.ledger.anomaly(f"the daemon died after {kind}")
                     self.daemon.start()
@@ -770,7 +834,7 @@ class Soak:
 
     def report(self) -> None:
         hibernated = len(self.daemon.events("hibernated: "))
-        wedged = len(self.daemon.events("did not answer within the backend timeout"))
+        wedged = len(self.daemon.events(WEDGED))
         say("faults injected: " + ", ".join(f"{kind} {self.faults[kind]}" for kind in KINDS
                                             if kind not in self.skipped)
             + f"; hibernations {hibernated}, wedged children killed {wedged}, "
@@ -795,12 +859,14 @@ class Soak:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.tmpfs:
-            if keep:
-                with suppress(OSError):
-                    os.remove(os.path.join(self.disk, "filler"))
-                shutil.copytree(self.daemon.data_dir, os.path.join(self.workdir, "data"), symlinks=True,
-                                ignore_dangling_symlinks=True, dirs_exist_ok=True)
-            subprocess.run(["umount", "--lazy", self.disk], check=False)
+            try:
+                if keep:
+                    with suppress(OSError):
+                        os.remove(os.path.join(self.disk, "filler"))
+                    shutil.copytree(self.daemon.data_dir, os.path.join(self.workdir, "data"), symlinks=True,
+                                    ignore_dangling_symlinks=True, dirs_exist_ok=True)
+            finally:
+                subprocess.run(["umount", "--lazy", self.disk], check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -815,6 +881,9 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = random.randrange(1 << 32)
     if "TURSODB_BIN" not in os.environ:
         parser.error("TURSODB_BIN is not set; run it as ./dev soak")
+    # SIGTERM or SIGHUP (a CI timeout, kill) cleans up like Ctrl-C: workers, daemon, tmpfs.
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, lambda *_: sys.exit(143))
     workdir = tempfile.mkdtemp(prefix="turso-soak-")
     soak = Soak(args, workdir)
     status = 2

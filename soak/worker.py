@@ -25,6 +25,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from contextlib import suppress
 from typing import Any
 
 ROWS_PER_PUSH = 3
@@ -91,12 +92,22 @@ def main() -> None:
                 failed(error)
                 continue
         if not draining:
-            keys = [f"{namespace}/{seq + i}" for i in range(ROWS_PER_PUSH)]
+            # The pid keeps keys unique when the soak restarts a worker.
+            keys = [f"{namespace}/{os.getpid()}/{seq + i}" for i in range(ROWS_PER_PUSH)]
             attempted.write("".join(f"{key}\n" for key in keys))
             attempted.flush()
-            for i, key in enumerate(keys):
-                conn.execute("INSERT INTO ledger (key, ns, seq) VALUES (?, ?, ?)", (key, namespace, seq + i))
-            conn.commit()
+            try:
+                for i, key in enumerate(keys):
+                    conn.execute("INSERT INTO ledger (key, ns, seq) VALUES (?, ?, ?)",
+                                 (key, namespace, seq + i))
+                conn.commit()
+            except Exception as error:
+                # The replica itself failed: open it again (its pending rows stay in it).
+                failed(error)
+                with suppress(Exception):
+                    conn.close()
+                conn = None
+                continue
             seq += ROWS_PER_PUSH
             pending.extend(keys)
         elif not pending:
