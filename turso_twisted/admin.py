@@ -49,7 +49,7 @@ from .metrics import Metrics
 from .namespaces import NamespaceManager
 from .state import NamespaceRecord
 from .stats import NamespaceStats
-from .timefmt import format_duration, parse_duration
+from .timefmt import format_duration, parse_duration, to_rfc3339
 
 _MAX_ADMIN_JSON = 64 * 1024
 #: The shortest TTL: anything shorter is a mistake, not a lifetime.
@@ -162,6 +162,9 @@ class AdminAPI:
         route("/v1/namespaces/<name>/unlock", methods=["POST"])(self._admin(self.unlock))
         route("/v1/namespaces/<name>/ttl", methods=["POST"])(self._admin(self.ttl))
         route("/v1/namespaces/<name>/access", methods=["POST"])(self._admin(self.access))
+        route("/v1/namespaces/<name>/config", methods=["GET"])(self._admin(self.get_config))
+        route("/v1/namespaces/<name>/config", methods=["POST"])(self._admin(self.set_config))
+        route("/v1/namespaces/<name>/tokens/revoke", methods=["POST"])(self._admin(self.revoke_tokens))
         route("/v1/namespaces/<name>/unarchive", methods=["POST"])(self._admin(self.unarchive))
         route("/v1/namespaces/<name>/backup", methods=["GET"])(self._admin(self.backup))
         route("/v1/namespaces/<name>/restore", methods=["POST"])(self._admin(self.restore))
@@ -307,6 +310,49 @@ class AdminAPI:
         """Record an access now, as a data request would, and save it."""
         record = await self.manager.record_access(_valid(name))
         return _json(request, self._describe(record))
+
+    # -- config ----------------------------------------------------------------
+
+    def get_config(self, request: IRequest, name: str) -> bytes:
+        """The namespace's own settings."""
+        record = self.manager.get(_valid(name))
+        if record is None:
+            raise not_found(name)
+        return _json(request, record.config.to_json())
+
+    async def set_config(self, request: IRequest, name: str) -> bytes:
+        """Change some of the namespace's settings (fields left out stay; null resets one)."""
+        name = _valid(name)
+        changes = _json_body(request)
+        if not changes:
+            raise Invalid("invalid_config", "body must be an object of config fields to change")
+        record = self.manager.get(name)
+        if record is None:
+            raise not_found(name)
+        try:
+            record.config.updated(changes)
+        except ValueError as error:
+            raise Invalid("invalid_config", str(error)) from None
+
+        def apply(live: NamespaceRecord) -> None:
+            live.config = live.config.updated(changes)
+
+        record = await self.manager.update(name, apply)
+        self._log.info("config of namespace {name} changed: {fields}", name=name,
+                       fields=", ".join(sorted(changes)))
+        return _json(request, record.config.to_json())
+
+    async def revoke_tokens(self, request: IRequest, name: str) -> bytes:
+        """Refuse every token of this namespace issued until now (its C{tokens_not_before})."""
+        now = self.manager.clock.seconds()
+
+        def apply(live: NamespaceRecord) -> None:
+            live.config = attrs.evolve(live.config, tokens_not_before=now)
+
+        record = await self.manager.update(_valid(name), apply)
+        self._log.info("tokens of namespace {name} issued before {moment} revoked", name=name,
+                       moment=to_rfc3339(now))
+        return _json(request, record.config.to_json())
 
     # -- archive ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import attrs
 from twisted.web.iweb import IRequest
 
 from .errors import Unauthorized
+from .tokens import FULL, OPEN, Access
 
 
 @attrs.frozen
@@ -39,3 +40,8 @@ class BearerToken:
             raise Unauthorized("unauthorized", "missing bearer token (Authorization: Bearer <token>)")
         if not hmac.compare_digest(given.strip(), self.token.encode("utf-8")):
             raise Unauthorized("unauthorized", "invalid bearer token")
+
+    def admit(self, request: IRequest, target: bytes) -> Access:
+        """The site's check (see L{turso_twisted.sites.Gatekeeper}): all or nothing."""
+        self.check(request)
+        return FULL if self.token else OPEN

@@ -19,12 +19,16 @@ import json
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from http.client import HTTPResponse
 from typing import IO, Any, cast
+
+from .timefmt import parse_duration
+from .tokens import generate_key_pair, mint
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -262,6 +266,93 @@ def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> An
     return summary
 
 
+def _config_value(text: str) -> Any:
+    """A config value from the command line: true/false, null, a number, @FILE, or text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
+    if text.isascii() and text.isdigit():
+        return int(text)
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as handle:
+                return handle.read()
+        except OSError as error:
+            raise CommandFailed(f"cannot read {text[1:]}: {error.strerror}", EXIT_USAGE) from None
+    return text
+
+
+def cmd_config(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    path = f"/v1/namespaces/{_quote(args.name)}/config"
+    if args.action == "get":
+        if args.settings:
+            raise CommandFailed("config get takes no settings", EXIT_USAGE)
+        result = client.json("GET", path)
+    else:
+        changes = {}
+        for setting in args.settings:
+            key, equals, value = setting.partition("=")
+            if not equals:
+                raise CommandFailed(f"expected FIELD=VALUE, not {setting!r}", EXIT_USAGE)
+            changes[key] = _config_value(value)
+        if not changes:
+            raise CommandFailed("config set needs at least one FIELD=VALUE", EXIT_USAGE)
+        result = client.json("POST", path, changes)
+    if not args.json:
+        for key, value in result.items():
+            out.write(f"{key:<18} {json.dumps(value)}\n")
+    return result
+
+
+def cmd_keygen(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    private_pem, public_pem = generate_key_pair()
+    os.makedirs(args.out, exist_ok=True)
+    private_path = os.path.join(args.out, "jwt-private.pem")
+    public_path = os.path.join(args.out, "jwt-public.pem")
+    for path in (private_path, public_path):
+        if os.path.exists(path):
+            raise CommandFailed(f"{path} exists; not overwriting a key", EXIT_FAILED)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    with open(public_path, "wb") as handle:
+        handle.write(public_pem)
+    result = {"private_key": private_path, "public_key": public_path}
+    if not args.json:
+        out.write(f"private key (keep it secret, mode 0600): {private_path}\n"
+                  f"public key (give it to the daemon as TURSO_JWT_KEY_FILE): {public_path}\n")
+    return result
+
+
+def cmd_token(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    try:
+        with open(args.key, "rb") as handle:
+            private_pem = handle.read()
+    except OSError as error:
+        raise CommandFailed(f"cannot read {args.key}: {error.strerror}", EXIT_USAGE) from None
+    now = int(time.time())
+    claims: dict[str, Any] = {"iat": now}
+    if args.namespace:
+        permission = "ro" if args.read_only else "rw"
+        claims["p"] = {permission: {"ns": sorted(set(args.namespace))}}
+    elif args.read_only:
+        claims["a"] = "ro"
+    if args.expires:
+        try:
+            claims["exp"] = now + int(parse_duration(args.expires))
+        except ValueError as error:
+            raise CommandFailed(f"--expires: {error}", EXIT_USAGE) from None
+    try:
+        token = mint(private_pem, claims)
+    except ValueError as error:
+        raise CommandFailed(f"{args.key}: {error}", EXIT_USAGE) from None
+    if not args.json:
+        out.write(token + "\n")
+    return {"token": token, "claims": claims}
+
+
 # -- wiring ---------------------------------------------------------------------
 
 
@@ -313,6 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
                          with_name=False)
     backup_all.add_argument("--dest", required=True, help="destination directory")
     backup_all.add_argument("--keep", type=int, default=0, help="keep this many backups per namespace")
+    config = commands.add_parser("config", help="show or change a namespace's config",
+                                 description="show (get NAME) or change (set NAME FIELD=VALUE ...) a "
+                                             "namespace's config; VALUE true/false, null, a number, "
+                                             "@FILE (its contents) or text")
+    config.add_argument("action", choices=("get", "set"))
+    config.add_argument("name", help="namespace name")
+    config.add_argument("settings", nargs="*", metavar="FIELD=VALUE")
+    config.set_defaults(handler=cmd_config)
+    command("revoke-tokens", _record_command("POST", "/tokens/revoke"),
+            "refuse every token of a namespace issued until now")
+    keygen = command("keygen", cmd_keygen, "write a new Ed25519 key pair for tokens", with_name=False)
+    keygen.add_argument("--out", required=True, help="directory for jwt-private.pem and jwt-public.pem")
+    token = command("token", cmd_token, "print a token signed with a private key", with_name=False)
+    token.add_argument("--key", required=True, help="the private key (PEM) from keygen")
+    token.add_argument("--namespace", action="append", default=[],
+                       help="a namespace the token opens (repeat for more; none: every namespace)")
+    token.add_argument("--read-only", action="store_true", help="reads only")
+    token.add_argument("--expires", help='lifetime, e.g. "1h" or "30d" (default: no expiry)')
     return parser
 
 

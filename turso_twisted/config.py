@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from .timefmt import parse_duration
+from .tokens import load_keys
 
 
 class ConfigError(Exception):
@@ -72,7 +73,7 @@ def parse_size(text: str) -> int:
     """
     Parse a byte count: C{"67108864"}, C{"64MiB"}, C{"10MB"}.
     """
-    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", text, re.ASCII)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError("expected a byte count such as 67108864 or 64MiB")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
@@ -153,6 +154,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Bearer token for the admin port (empty: no auth, dev only)", secret=True),
     Setting("TURSO_ADMIN_TOKEN_FILE", "admin-token-file", "", str,
             "File holding the admin-port token"),
+    Setting("TURSO_JWT_KEY", "jwt-key", "", str,
+            "Ed25519 public key(s) that sign data-port tokens (JWTs): PEM PUBLIC KEY blocks or URL-safe "
+            "base64 of the raw key; several = rotation. Empty: no JWTs (the static token, if any)"),
+    Setting("TURSO_JWT_KEY_FILE", "jwt-key-file", "", str,
+            "File holding TURSO_JWT_KEY (systemd credentials, Kubernetes secrets)"),
+    Setting("TURSO_JWT_LEEWAY", "jwt-leeway", "60s", parse_duration,
+            "Slack allowed on a token's exp and nbf for clocks that differ"),
     Setting("TURSO_BACKEND_PORT_START", "backend-port-start", "9000", _port_number,
             "Lower bound of the internal port range"),
     Setting("TURSO_BACKEND_PORT_END", "backend-port-end", "9999", _port_number,
@@ -219,6 +227,8 @@ class Config:
     tursodb_bin: str
     auth_token: str = attrs.field(repr=False)
     admin_token: str = attrs.field(repr=False)
+    jwt_key: str
+    jwt_leeway: float
     backend_port_start: int
     backend_port_end: int
     max_namespaces: int
@@ -276,8 +286,8 @@ class Config:
                 shown = "<redacted>" if setting.secret else repr(text)
                 raise ConfigError(f"{source}={shown}: {error}") from None
 
-        for kind in ("auth", "admin"):
-            token_field, file_field = f"{kind}_token", f"{kind}_token_file"
+        for token_field, file_field in (("auth_token", "auth_token_file"),
+                                        ("admin_token", "admin_token_file"), ("jwt_key", "jwt_key_file")):
             # An option (token or file) beats the environment (token or file);
             # a token and a file from the same level are ambiguous.
             levels = [(_level(raw[f]), f) for f in (token_field, file_field) if values[f]]
@@ -286,7 +296,7 @@ class Config:
             if len(chosen) == 2:
                 raise ConfigError(
                     f"{_source(raw[token_field])} and {_source(raw[file_field])} are both set; "
-                    "give the token one way only"
+                    "give it one way only"
                 )
             if chosen == [file_field]:
                 values[token_field] = _read_token(_source(raw[file_field]), values[file_field])
@@ -294,6 +304,12 @@ class Config:
                 values[token_field] = ""
             del values[file_field]
 
+        if values["jwt_key"]:
+            try:
+                load_keys(values["jwt_key"])
+            except ValueError as error:
+                source = _source(raw["jwt_key_file"]) if raw["jwt_key_file"][1] else _source(raw["jwt_key"])
+                raise ConfigError(f"{source}: {error}") from None
         if values["auth_token"] and values["auth_token"] == values["admin_token"]:
             raise ConfigError(
                 "TURSO_AUTH_TOKEN and TURSO_ADMIN_TOKEN are the same: the data token "

@@ -28,6 +28,10 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     10.0, 30.0)
 
 
+#: The 403 error codes of L{turso_twisted.policy}: the labels of turso_access_refused.
+ACCESS_ERRORS = ("forbidden", "reads_blocked", "writes_blocked", "max_db_size_exceeded")
+
+
 def request_kind(path: bytes) -> str:
     if path == b"/v2/pipeline":
         return "pipeline"
@@ -111,6 +115,22 @@ class _DaemonCollector:
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+        auth = service.data_auth
+        accepted = CounterMetricFamily("turso_auth_accepted", "Data-port requests let in, by credential",
+                                       labels=["credential"])
+        for credential, count in auth.accepted.items():
+            accepted.add_metric([credential], count)
+        yield accepted
+        refused = CounterMetricFamily("turso_auth_refused", "Data-port requests refused for their token "
+                                      "(401), by reason", labels=["reason"])
+        for reason, count in auth.refusals.items():
+            refused.add_metric([reason], count)
+        yield refused
+        forbidden = CounterMetricFamily("turso_access_refused", "Data-port requests refused by a "
+                                        "namespace's access rules (403), by error", labels=["error"])
+        for code in ACCESS_ERRORS:
+            forbidden.add_metric([code], service.data_plane.forbidden.get(code, 0))
+        yield forbidden
         yield GaugeMetricFamily("turso_queued_requests", "Requests waiting for their namespace's child",
                                 value=supervisor.queued())
         yield GaugeMetricFamily("turso_answers_held_bytes",

@@ -62,6 +62,15 @@ def _explain(name: str) -> str:
     )
 
 
+def of_target(target: bytes) -> str | None:
+    """
+    The namespace a data-port request target (C{/<name>/...}) names, or
+    C{None} if it names none validly (the data plane then refuses it).
+    """
+    first = target.partition(b"?")[0][1:].partition(b"/")[0]
+    return first.decode("ascii") if target.startswith(b"/") and is_valid(first) else None
+
+
 def data_files(data_dir: str, name: str) -> list[str]:
     """
     The paths of every file tursodb may keep for C{name}, in C{data_dir}.

@@ -32,6 +32,7 @@ from . import names
 from .channel import BackendResponse, BackendTimeout, ChannelClosed, QueueFull, QueueTimeout
 from .errors import (
     INTERNAL,
+    Forbidden,
     Invalid,
     NotFound,
     Refusal,
@@ -42,13 +43,16 @@ from .errors import (
     render,
 )
 from .files import RunInThread
-from .gate import check_pipeline
+from .gate import PipelineVerdict, check_pipeline
 from .leases import Lease
 from .metrics import Metrics, request_kind
 from .namespaces import NamespaceManager
+from .policy import authorize
 from .process import TursodbProcess
+from .sites import Gatekeeper
 from .stats import NamespaceStats
 from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMessage
+from .tokens import OPEN, Access
 
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
@@ -161,7 +165,8 @@ class DataPlane(Resource):
     def __init__(self, reactor: IReactorTime, manager: NamespaceManager, guard: HistoryGuard,
                  stats: NamespaceStats, metrics: Metrics | None = None, access_log: bool = True,
                  run_in_thread: RunInThread = deferToThread, scratch_dir: str | None = None,
-                 max_held_bytes: int = 1 << 30) -> None:
+                 max_held_bytes: int = 1 << 30, auth: Gatekeeper | None = None,
+                 data_dir: str = "") -> None:
         super().__init__()
         self.reactor = reactor
         self.manager = manager
@@ -177,6 +182,11 @@ class DataPlane(Resource):
         self.held_bytes = 0
         self.rejected = 0
         self.budget_refusals = 0
+        #: The data site's credentials check, for a request that did not pass it.
+        self.auth = auth
+        self.data_dir = data_dir
+        #: Requests refused by a namespace's access rules, by error code.
+        self.forbidden: dict[str, int] = {}
 
     def render(self, request: Request) -> int:
         content = request.content
@@ -194,7 +204,14 @@ class DataPlane(Resource):
         assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
-        pipeline = await self._check_route(info.path, body)
+        verdict = await self._check_route(info.path, body)
+        pipeline = None if verdict is None else verdict.document
+        try:
+            authorize(self._access(request), name, self.manager.get(name),
+                      verdict is not None and "write" in verdict.kinds, self.data_dir)
+        except Forbidden as refusal:
+            self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1
+            raise
         if self.held_bytes > self.max_held_bytes:
             self.budget_refusals += 1
             raise Unavailable("answers_held",
@@ -250,12 +267,19 @@ class DataPlane(Resource):
         info.upstream_seconds = self.reactor.seconds() - began
         return record.history, response
 
-    async def _check_route(self, path: bytes, body: bytes) -> Any:
+    def _access(self, request: Request) -> Access:
+        """What the request's credentials open: checked at its headers by the site, or now."""
+        access: Access | None = getattr(request, "access", None)
+        if access is None:
+            access = OPEN if self.auth is None else self.auth.admit(request, request.uri)
+        return access
+
+    async def _check_route(self, path: bytes, body: bytes) -> PipelineVerdict | None:
         """
         What a child may be sent: a request without a body (it can carry no
         SQL: a CORS preflight, say), a pull, or a pipeline whose every
         statement the gate lets through, checked before any namespace is
-        touched.  Returns the pipeline request decoded (or C{None}).
+        touched.  Returns the gate's verdict on a pipeline (or C{None}).
 
         @raise Forbidden: for a statement the gate refuses.
         @raise Invalid: for a pipeline body the child would not accept.
@@ -270,7 +294,7 @@ class DataPlane(Resource):
                 verdict = await self.run_in_thread(check_pipeline, body)
             else:
                 verdict = check_pipeline(body)
-            return verdict.document
+            return verdict
         if path != PULL_PATH:
             raise NotFound("no_such_route", "only /v2/pipeline and /pull-updates take a request body")
         return None

@@ -20,6 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from . import names
 from .admin import AdminAPI, Readiness
 from .archival import Archival
 from .archive import Archiver
@@ -44,6 +45,7 @@ from .state import StateError, StateStore
 from .stats import NamespaceStats
 from .supervisor import Reactor, Supervisor
 from .syncproto import HistoryGuard
+from .tokens import DataAuth, KeySet, TokenVerifier, load_keys
 
 
 class TursoService(Service):
@@ -106,15 +108,29 @@ class TursoService(Service):
         self.metrics = Metrics()
         self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
         scratch = temp_dir(config.data_dir)
+
+        def namespace_keys(name: str) -> KeySet | None:
+            record = state.records.get(name)
+            return None if record is None else record.config.keys
+
+        def namespace_not_before(name: str) -> float | None:
+            record = state.records.get(name)
+            return None if record is None else record.config.tokens_not_before
+
+        self.data_auth = DataAuth(config.auth_token, load_keys(config.jwt_key) if config.jwt_key else None,
+                                  TokenVerifier(reactor, leeway=config.jwt_leeway),
+                                  namespace_keys=namespace_keys, namespace_not_before=namespace_not_before,
+                                  namespace_of=names.of_target)
         self.data_plane = DataPlane(reactor, self.manager, self.guard, self.stats, self.metrics,
                                     access_log=config.access_log, scratch_dir=scratch,
-                                    max_held_bytes=config.max_held_bytes)
+                                    max_held_bytes=config.max_held_bytes, auth=self.data_auth,
+                                    data_dir=config.data_dir)
         self.backups = Backups(reactor, self.manager, self.archival, self.supervisor, scratch)
         admin_token = BearerToken(config.admin_token)
         self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
                               self.backups, self.metrics, metrics_public=config.metrics_public)
         self.data_site = CappedSite(self.data_plane, "data", config.max_body_bytes,
-                                    BearerToken(config.auth_token), authorize_every_request=True,
+                                    self.data_auth, authorize_every_request=True,
                                     scratch_dir=scratch, timeout=config.client_idle_timeout,
                                     on_refused=self.data_plane.refused_at_headers)
         self.admin_site = CappedSite(self.admin.resource(), "admin", config.max_restore_bytes, admin_token,
@@ -169,11 +185,11 @@ class TursoService(Service):
         if not any(w.endswith("setpriv") for w in self.supervisor.wrappers):
             self._log.warn("setpriv not found: children may outlive a daemon killed with SIGKILL "
                            "(they are cleaned up at the next start)")
-        open_ports = [port for port, token in (("data", self.config.auth_token),
+        open_ports = [port for port, token in (("data", self.config.auth_token or self.config.jwt_key),
                                                ("admin", self.config.admin_token)) if not token]
         if open_ports:
             self._log.warn("auth is off (dev only): no token for the {ports} port(s); set "
-                           "TURSO_AUTH_TOKEN / TURSO_ADMIN_TOKEN in production",
+                           "TURSO_AUTH_TOKEN or TURSO_JWT_KEY / TURSO_ADMIN_TOKEN in production",
                            ports=" and ".join(open_ports), open_ports=open_ports)
         for kind, port in self.ports.items():
             # A listenTCP port has an IP address.

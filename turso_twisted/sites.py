@@ -8,13 +8,26 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from io import BytesIO
+from typing import Protocol
 
 from twisted.web import http
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .auth import BearerToken
 from .errors import Edge, Refusal, TooLarge, from_os_error, response_parts, status_phrase
+from .tokens import Access
+
+
+class Gatekeeper(Protocol):
+    """A site's credentials check, made once a request's headers are in."""
+
+    def admit(self, request: IRequest, target: bytes) -> Access:
+        """
+        What the request's credentials open (C{target}: its raw request target).
+
+        @raise Refusal: for missing or bad credentials.
+        """
 
 #: Bodies up to this size stay in memory (as in Twisted).
 _IN_MEMORY = 100_000
@@ -29,6 +42,8 @@ class CappedRequest(Request):
 
     _rejected = False
     _received = 0
+    #: What the request's credentials open, once checked at its headers.
+    access: Access | None = None
 
     @property
     def _site(self) -> CappedSite:
@@ -41,7 +56,9 @@ class CappedRequest(Request):
         site = self._site
         if length != 0 or site.authorize_every_request:
             try:
-                site.token.check(self)
+                # The request line is parsed but not yet handed to the request
+                # (Twisted does that once the body is in): ask the channel.
+                self.access = site.token.admit(self, getattr(self.channel, "_path", b"") or b"")
             except Refusal as error:
                 site.refused += 1
                 self._reject(error)
@@ -132,7 +149,7 @@ class CappedSite(QuietSite):
 
     requestFactory = CappedRequest
 
-    def __init__(self, resource: Resource, edge: Edge, max_body_bytes: int, token: BearerToken,
+    def __init__(self, resource: Resource, edge: Edge, max_body_bytes: int, token: Gatekeeper,
                  authorize_every_request: bool, limit_name: str = "TURSO_MAX_BODY_BYTES",
                  scratch_dir: str | None = None, timeout: float = 120.0,
                  on_refused: Callable[[bytes, bytes, int, int], None] | None = None) -> None:

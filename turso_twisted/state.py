@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from . import names
 from .files import write_atomically
+from .nsconfig import NamespaceConfig
 from .timefmt import compact, format_duration, from_rfc3339, parse_duration, to_rfc3339
 
 Origin = Literal["explicit", "auto"]
@@ -71,6 +72,8 @@ class NamespaceRecord:
     #: start-up never meets files without a record (see
     #: L{turso_twisted.recovery}).
     installing: bool = False
+    #: The namespace's own settings (C{GET}/C{POST /v1/namespaces/:name/config}).
+    config: NamespaceConfig = attrs.field(factory=NamespaceConfig)
 
     @classmethod
     def new(cls, name: str, origin: Origin, now: float) -> NamespaceRecord:
@@ -96,6 +99,7 @@ class NamespaceRecord:
             "retiredClients": sorted(self.retired),
             "archiving": self.archiving,
             "installing": self.installing,
+            "config": self.config.to_json(),
         }
 
     @classmethod
@@ -124,7 +128,15 @@ class NamespaceRecord:
             retired=_strings(data.get("retiredClients", []), "retiredClients"),
             archiving=_optional_string(data.get("archiving"), "archiving"),
             installing=_bool(data.get("installing", False), "installing"),
+            config=_config(data.get("config", {})),
         )
+
+
+def _config(value: Any) -> NamespaceConfig:
+    try:
+        return NamespaceConfig.from_json(value)
+    except ValueError as error:
+        raise ValueError(f"config: {error}") from None
 
 
 def _bool(value: Any, what: str) -> bool:
