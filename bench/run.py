@@ -35,6 +35,8 @@ import time
 import urllib.request
 from typing import Any
 
+from turso_twisted.tokens import generate_key_pair, mint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 TOKEN = "bench-token"
@@ -309,7 +311,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            "note": "load generator, daemon and children share these cores"}}
     direct = Direct(tursodb, os.path.join(workdir, "direct"))
     os.makedirs(direct.workdir)
-    daemon = Daemon(tursodb, os.path.join(workdir, "proxy"))
+    # The daemon takes namespace tokens (JWTs) too, as a multi-tenant deployment would.
+    private_key, public_key = generate_key_pair()
+    daemon = Daemon(tursodb, os.path.join(workdir, "proxy"), TURSO_JWT_KEY=public_key.decode())
     try:
         names = [f"bench{i}" for i in range(8)]
         for name in names:
@@ -350,6 +354,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 tput[key] = {"direct": d, "proxy": p,
                              "ratio": round(p["requests_per_s"] / max(1, d["requests_per_s"]), 2)}
         results["throughput"] = tput
+
+        # Namespace tokens against the static token: 8 keep-alive clients over 8
+        # namespaces, alternated to even out the machine's drift.
+        jwt_token = mint(private_key, {"p": {"rw": {"ns": names}}})
+        runs: dict[str, list[dict[str, float]]] = {"static_token": [], "jwt": []}
+        for _ in range(2):
+            for label, token in (("static_token", TOKEN), ("jwt", jwt_token)):
+                runs[label].append(throughput([daemon.url(n) for n in names], 8, seconds, True, token,
+                                              daemon.process.pid))
+        auth: dict[str, Any] = {}
+        for label, rows in runs.items():
+            assert all(row["errors"] == 0 for row in rows), rows
+            auth[label] = {"requests_per_s": round(statistics.mean(r["requests_per_s"] for r in rows)),
+                           "daemon_cpu_us_per_request": round(statistics.mean(
+                               r["daemon_cpu_us_per_request"] for r in rows), 1)}
+        auth["ratio_requests"] = round(auth["jwt"]["requests_per_s"] / auth["static_token"]["requests_per_s"], 3)
+        auth["ratio_cpu"] = round(auth["jwt"]["daemon_cpu_us_per_request"]
+                                  / auth["static_token"]["daemon_cpu_us_per_request"], 3)
+        results["auth"] = auth
     finally:
         direct.stop()
         daemon.stop()
@@ -470,6 +493,13 @@ def table(results: dict[str, Any]) -> str:
     for label, row in results["throughput"].items():
         lines.append(f"  {label:<34} {row['direct']['requests_per_s']:>9}   {row['proxy']['requests_per_s']:>11}"
                      f"   {row['ratio']:>5}   {row['proxy'].get('daemon_cpu_us_per_request', '-'):>8}")
+    auth = results["auth"]
+    lines += ["", "tokens, 8 keep-alive clients x 8 ns   req/s   daemon CPU us/req",
+              f"  static token                      {auth['static_token']['requests_per_s']:>7}   "
+              f"{auth['static_token']['daemon_cpu_us_per_request']:>8}",
+              f"  namespace JWT                     {auth['jwt']['requests_per_s']:>7}   "
+              f"{auth['jwt']['daemon_cpu_us_per_request']:>8}",
+              f"  ratio JWT / static                {auth['ratio_requests']:>7}   {auth['ratio_cpu']:>8}"]
     cold = results["cold"]
     lines += ["", "cold paths                          p50 ms   p99 ms",
               f"  first request, new namespace      {cold['first_request_new_namespace']['p50_ms']:>7}  "

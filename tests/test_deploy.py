@@ -99,6 +99,16 @@ class ChartTests(SynchronousTestCase):
         self.assertFalse({item["name"] for item in container["env"]} & {"TURSO_AUTH_TOKEN_FILE",
                                                                          "TURSO_ADMIN_TOKEN_FILE"})
 
+    def test_jwt_public_key_reaches_the_daemon_as_a_file(self) -> None:
+        objects = render({"auth": {"jwtPublicKey": "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n"}})
+        self.assertIn("jwt-public-key", objects["Secret/buntime-turso-tokens"]["stringData"])
+        container = objects["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]["containers"][0]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        self.assertEqual(env["TURSO_JWT_KEY_FILE"], "/run/secrets/turso/jwt-public-key")
+        self.assertNotIn("TURSO_JWT_KEY", env)
+        without = render()["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]["containers"][0]
+        self.assertNotIn("TURSO_JWT_KEY_FILE", {item["name"] for item in without["env"]})
+
     def test_statefulset(self) -> None:
         sts = render({"auth": {"existingSecret": "tokens"}})["StatefulSet/buntime-turso"]["spec"]
         self.assertEqual(sts["replicas"], 1)
