@@ -100,7 +100,8 @@ class ChartTests(SynchronousTestCase):
                                                                          "TURSO_ADMIN_TOKEN_FILE"})
 
     def test_jwt_public_key_reaches_the_daemon_as_a_file(self) -> None:
-        objects = render({"auth": {"jwtPublicKey": "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n"}})
+        key = "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n"
+        objects = render({"auth": {"jwtPublicKey": key}})
         self.assertIn("jwt-public-key", objects["Secret/buntime-turso-tokens"]["stringData"])
         container = objects["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]["containers"][0]
         env = {item["name"]: item.get("value") for item in container["env"]}

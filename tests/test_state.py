@@ -14,7 +14,9 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
+from turso_twisted.nsconfig import NamespaceConfig
 from turso_twisted.state import NamespaceRecord, StateError, StateStore
+from turso_twisted.tokens import generate_key_pair
 
 
 class StateStoreTests(SynchronousTestCase):
@@ -38,6 +40,10 @@ class StateStoreTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         record = NamespaceRecord.new("alpha", "auto", self.clock.seconds())
         record.ttl = 30 * 86400
+        _, public = generate_key_pair()
+        record.config = record.config.updated({
+            "block_writes": True, "block_reason": "billing", "max_db_size": "100MB",
+            "jwt_key": public.decode(), "tokens_not_before": "2026-11-23T10:00:00.123Z"})
         self.store.records["alpha"] = record
         self.store.records["beta"] = NamespaceRecord.new("beta", "explicit", self.clock.seconds())
         self.store.save()
@@ -51,6 +57,10 @@ class StateStoreTests(SynchronousTestCase):
         self.assertEqual(on_disk["namespaces"]["alpha"]["origin"], "auto")
         self.assertIn("createdAt", on_disk["namespaces"]["alpha"])
         self.assertIn("lastAccessAt", on_disk["namespaces"]["alpha"])
+        self.assertEqual(on_disk["namespaces"]["alpha"]["config"]["max_db_size"], 100_000_000)
+        self.assertEqual(on_disk["namespaces"]["alpha"]["config"]["tokens_not_before"],
+                         "2026-11-23T10:00:00.123Z")
+        self.assertEqual(loaded["beta"].config, NamespaceConfig())
 
     def test_ids_differ_per_incarnation(self) -> None:
         first = NamespaceRecord.new("alpha", "auto", 0)
