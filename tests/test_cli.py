@@ -106,3 +106,40 @@ class CLITests(E2ETestCase):
         self.assertIn("1 of 2 namespaces backed up", out)
         self.assertIn("backup failed for broken", err)
         self.assertEqual(len(os.listdir(os.path.join(dest, "good"))), 1)
+
+
+class TokenCLITests(E2ETestCase):
+    cli = CLITests.cli
+
+    @inlineCallbacks
+    def test_keygen_token_config_and_revoke(self) -> Any:
+        keys = os.path.abspath(self.mktemp())
+        out, err, code = yield self.cli(None, "keygen", "--out", keys)
+        self.assertEqual(code, 0, err)
+        private = os.path.join(keys, "jwt-private.pem")
+        self.assertEqual(os.stat(private).st_mode & 0o777, 0o600)
+        out, err, code = yield self.cli(None, "keygen", "--out", keys)
+        self.assertEqual(code, 1, "an existing key is never overwritten")
+        daemon = yield Daemon(self, TURSO_ADMIN_TOKEN="admin-token",
+                              TURSO_JWT_KEY_FILE=os.path.join(keys, "jwt-public.pem")).start()
+        out, err, code = yield self.cli(None, "--json", "token", "--key", private, "--namespace", "alpha",
+                                        "--read-only", "--expires", "1h")
+        self.assertEqual(code, 0, err)
+        minted = json.loads(out)
+        self.assertEqual(minted["claims"]["p"], {"ro": {"ns": ["alpha"]}})
+        self.assertEqual(minted["claims"]["exp"] - minted["claims"]["iat"], 3600)
+        out, err, code = yield self.cli(daemon, "create", "alpha")
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.cli(daemon, "config", "set", "alpha", "block_writes=true",
+                                        "block_reason=123", "max_db_size=100MB")
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.cli(daemon, "--json", "config", "get", "alpha")
+        config = json.loads(out)
+        self.assertEqual((config["block_writes"], config["block_reason"], config["max_db_size"]),
+                         (True, "123", 100_000_000))
+        out, err, code = yield self.cli(daemon, "config", "set", "alpha", "nonsense=1")
+        self.assertEqual(code, 1)
+        self.assertIn("invalid_config", err)
+        out, err, code = yield self.cli(daemon, "--json", "revoke-tokens", "alpha")
+        self.assertEqual(code, 0, err)
+        self.assertIsNotNone(json.loads(out)["tokens_not_before"])

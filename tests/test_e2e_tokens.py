@@ -153,10 +153,24 @@ class TokenTests(E2ETestCase):
         status, _ = yield self.call(daemon, "alpha", after, "select 1")
         self.assertEqual(status, 200)
         self.assertEqual((yield self.count(daemon, "alpha")), 0)
+        # The revocation holds for the name: deleting it does not let the old
+        # token create it again (found by a red team).
+        status, _ = yield self.admin(daemon, "/v1/namespaces/alpha", "DELETE")
+        self.assertEqual(status, 200)
+        status, body = yield self.call(daemon, "alpha", before, "create table t (x text)")
+        self.assertEqual((status, body["error"]), (401, "unauthorized"))
+        status, _ = yield self.admin(daemon, "/v1/namespaces/alpha")
+        self.assertEqual(status, 404)
+        # Two Authorization headers: refused.
+        both = [b"Bearer static-token", b"Bearer " + after.encode()]
+        response = yield treq.post(daemon.data_url("/alpha/v2/pipeline"), pipeline("select 1"),
+                                   headers={b"authorization": both})
+        self.assertEqual(response.code, 401)
+        yield response.content()
         response = yield treq.get(daemon.admin_url("/metrics"), headers=bearer("admin-token"))
         text = yield response.text()
         self.assertIn('turso_auth_refused_total{reason="bad_signature"}', text)
-        self.assertIn('turso_auth_refused_total{reason="revoked"} 1.0', text)
+        self.assertIn('turso_auth_refused_total{reason="revoked"} 2.0', text)
 
     @inlineCallbacks
     def test_key_rotation(self) -> Any:

@@ -166,6 +166,19 @@ class StateStoreTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.reload().records["alpha"].last_access_at, touched_at, "retried")
 
+    def test_a_config_change_alone_is_written_and_revocations_outlive_the_record(self) -> None:
+        record = NamespaceRecord.new("alpha", "auto", 0)
+        self.store.records["alpha"] = record
+        self.store.save()
+        record.config = record.config.updated({"block_writes": True})
+        self.store.token_floors["alpha"] = 1000.5
+        self.store.save()
+        loaded = self.reload()
+        self.assertTrue(loaded.records["alpha"].config.block_writes, "not a stale cached line")
+        del self.store.records["alpha"]
+        self.store.save()
+        self.assertEqual(self.reload().tokens_not_before("alpha"), 1000.5)
+
     def test_save_cancels_the_pending_flush(self) -> None:
         self.store.records["alpha"] = NamespaceRecord.new("alpha", "auto", 0)
         self.store.touch("alpha")

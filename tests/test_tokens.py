@@ -13,6 +13,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from turso_twisted.tokens import (
     FULL,
@@ -125,6 +126,21 @@ class VerifierTests(SynchronousTestCase):
         token = self.token(id="alpha")
         self.refused(token[:-4] + (b"AAAA" if not token.endswith(b"AAAA") else b"BBBB"), "bad_signature")
 
+    def test_odd_headers_and_a_future_iat(self) -> None:
+        def encode(part: bytes) -> bytes:
+            return base64.urlsafe_b64encode(part).rstrip(b"=")
+
+        def raw(header: dict[str, Any]) -> bytes:
+            return encode(json.dumps(header).encode()) + b"." + encode(b"{}") + b"." + encode(b"x" * 64)
+
+        # Found by a red team: PyJWT raises more than DecodeError on a header.
+        self.refused(raw({"alg": "EdDSA", "crit": ["x"]}), "malformed")
+        self.refused(raw({"alg": "EdDSA", "kid": 5}), "malformed")
+        # A token minted ahead would outlive a revocation.
+        self.refused(self.token(iat=self.clock.seconds() + 3600), "not_yet_valid")
+        self.assertTrue(self.verifier.verify(self.token(iat=self.clock.seconds() + 30), self.keys))
+        self.refused(self.token(iat="yesterday"), "malformed")
+
     def test_rotation(self) -> None:
         second_private, second_public = pair()
         _, first_public = pair()
@@ -165,6 +181,31 @@ class DataAuthTests(SynchronousTestCase):
         self.assertRaises(TokenRefused, self.auth.authenticate, server_token, "tenant")
         self.assertRaises(TokenRefused, self.auth.authenticate, own_token, "alpha")
         self.assertEqual(self.auth.refusals["bad_signature"], 2)
+
+    def test_confirm_sees_expiry_and_revocation_after_the_headers(self) -> None:
+        floors: dict[str, float] = {}
+        auth = DataAuth("", self.auth.server_keys, TokenVerifier(self.clock), namespace_not_before=floors.get)
+        self.clock.advance(1000)
+        access = auth.authenticate(b"Bearer " + mint(self.private, {"iat": 1000, "exp": 1100}).encode(), "a")
+        auth.confirm(access, "a")
+        floors["a"] = 1001.5
+        with self.assertRaises(TokenRefused) as caught:
+            auth.confirm(access, "a")
+        self.assertEqual(caught.exception.reason, "revoked")
+        auth.confirm(access, "b")
+        self.clock.advance(161)
+        with self.assertRaises(TokenRefused) as caught:
+            auth.confirm(access, "b")
+        self.assertEqual(caught.exception.reason, "expired")
+        self.assertEqual((auth.refusals["revoked"], auth.refusals["expired"]), (1, 1))
+
+    def test_two_authorization_headers_are_refused(self) -> None:
+        request = DummyRequest([b"alpha"])
+        request.requestHeaders.addRawHeader(b"authorization", b"Bearer static-token")
+        request.requestHeaders.addRawHeader(b"authorization", b"Bearer other")
+        with self.assertRaises(TokenRefused) as caught:
+            self.auth.admit(request, b"/alpha/v2/pipeline")
+        self.assertEqual(caught.exception.reason, "malformed")
 
     def test_nothing_configured_is_open(self) -> None:
         auth = DataAuth("", None, TokenVerifier(self.clock))

@@ -326,32 +326,19 @@ class AdminAPI:
         changes = _json_body(request)
         if not changes:
             raise Invalid("invalid_config", "body must be an object of config fields to change")
-        record = self.manager.get(name)
-        if record is None:
-            raise not_found(name)
         try:
-            record.config.updated(changes)
+            record = await self.manager.configure(name, changes)
         except ValueError as error:
             raise Invalid("invalid_config", str(error)) from None
-
-        def apply(live: NamespaceRecord) -> None:
-            live.config = live.config.updated(changes)
-
-        record = await self.manager.update(name, apply)
         self._log.info("config of namespace {name} changed: {fields}", name=name,
                        fields=", ".join(sorted(changes)))
         return _json(request, record.config.to_json())
 
     async def revoke_tokens(self, request: IRequest, name: str) -> bytes:
         """Refuse every token of this namespace issued until now (its C{tokens_not_before})."""
-        now = self.manager.clock.seconds()
-
-        def apply(live: NamespaceRecord) -> None:
-            live.config = attrs.evolve(live.config, tokens_not_before=now)
-
-        record = await self.manager.update(_valid(name), apply)
-        self._log.info("tokens of namespace {name} issued before {moment} revoked", name=name,
-                       moment=to_rfc3339(now))
+        now = to_rfc3339(self.manager.clock.seconds())
+        record = await self.manager.configure(_valid(name), {"tokens_not_before": now})
+        self._log.info("tokens of namespace {name} issued before {moment} revoked", name=name, moment=now)
         return _json(request, record.config.to_json())
 
     # -- archive ---------------------------------------------------------------

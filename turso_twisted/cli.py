@@ -266,9 +266,15 @@ def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> An
     return summary
 
 
-def _config_value(text: str) -> Any:
+#: Config fields whose values are text, whatever they look like.
+_TEXT_FIELDS = ("block_reason", "jwt_key", "tokens_not_before", "max_db_size")
+
+
+def _config_value(field: str, text: str) -> Any:
     """A config value from the command line: true/false, null, a number, @FILE, or text."""
     lowered = text.lower()
+    if field in _TEXT_FIELDS and lowered not in ("null", "none") and not text.startswith("@"):
+        return text
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("null", "none"):
@@ -296,7 +302,7 @@ def cmd_config(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
             key, equals, value = setting.partition("=")
             if not equals:
                 raise CommandFailed(f"expected FIELD=VALUE, not {setting!r}", EXIT_USAGE)
-            changes[key] = _config_value(value)
+            changes[key] = _config_value(key, value)
         if not changes:
             raise CommandFailed("config set needs at least one FIELD=VALUE", EXIT_USAGE)
         result = client.json("POST", path, changes)

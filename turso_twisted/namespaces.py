@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -235,6 +235,29 @@ class NamespaceManager:
             return record
 
         return self.locks.run(name, work)
+
+    def configure(self, name: str, changes: dict[str, Any]) -> Deferred[NamespaceRecord]:
+        """
+        Apply config C{changes} (see L{NamespaceConfig.updated}) to C{name}
+        and save.  A C{tokens_not_before} is kept for the name as well, so
+        that a revocation outlives a delete and a re-creation.
+
+        @raise ValueError: for a bad change (nothing is changed).
+        """
+        record = self.get(name)
+        if record is not None:
+            record.config.updated(changes)  # refuse a bad change before taking the lock
+
+        def apply(live: NamespaceRecord) -> None:
+            live.config = live.config.updated(changes)
+            if "tokens_not_before" in changes:
+                floors = self.state.token_floors
+                if live.config.tokens_not_before is None:
+                    floors.pop(name, None)
+                else:
+                    floors[name] = live.config.tokens_not_before
+
+        return self.update(name, apply)
 
     def record_access(self, name: str) -> Deferred[NamespaceRecord]:
         """

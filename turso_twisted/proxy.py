@@ -52,7 +52,7 @@ from .process import TursodbProcess
 from .sites import Gatekeeper
 from .stats import NamespaceStats
 from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMessage
-from .tokens import OPEN, Access
+from .tokens import OPEN, Access, DataAuth
 
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
@@ -206,8 +206,12 @@ class DataPlane(Resource):
         body = request.content.read()
         verdict = await self._check_route(info.path, body)
         pipeline = None if verdict is None else verdict.document
+        access = self._access(request)
+        if isinstance(self.auth, DataAuth):
+            # The body took its time: expiry and revocation are checked again.
+            self.auth.confirm(access, name)
         try:
-            authorize(self._access(request), name, self.manager.get(name),
+            authorize(access, name, self.manager.get(name),
                       verdict is not None and "write" in verdict.kinds, self.data_dir)
         except Forbidden as refusal:
             self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1

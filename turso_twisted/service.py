@@ -113,13 +113,9 @@ class TursoService(Service):
             record = state.records.get(name)
             return None if record is None else record.config.keys
 
-        def namespace_not_before(name: str) -> float | None:
-            record = state.records.get(name)
-            return None if record is None else record.config.tokens_not_before
-
         self.data_auth = DataAuth(config.auth_token, load_keys(config.jwt_key) if config.jwt_key else None,
                                   TokenVerifier(reactor, leeway=config.jwt_leeway),
-                                  namespace_keys=namespace_keys, namespace_not_before=namespace_not_before,
+                                  namespace_keys=namespace_keys, namespace_not_before=state.tokens_not_before,
                                   namespace_of=names.of_target)
         self.data_plane = DataPlane(reactor, self.manager, self.guard, self.stats, self.metrics,
                                     access_log=config.access_log, scratch_dir=scratch,

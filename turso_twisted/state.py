@@ -169,6 +169,9 @@ class StateStore:
     records: dict[str, NamespaceRecord] = attrs.field(factory=dict)
     #: name -> client ids of every archived history of that name.
     tombstones: dict[str, set[str]] = attrs.field(factory=dict)
+    #: name -> the latest tokens_not_before set for that name: a revocation
+    #: holds for the name, through delete and re-creation.
+    token_floors: dict[str, float] = attrs.field(factory=dict)
     writes: int = 0
     #: Names whose records could not be read at load (see L{_set_aside}).
     quarantined_records: list[str] = attrs.field(factory=list)
@@ -201,6 +204,7 @@ class StateStore:
                 )
             self.records = {}
             self.tombstones = {}
+            self.token_floors = {}
             return
         try:
             with open(self.path, "rb") as handle:
@@ -224,6 +228,10 @@ class StateStore:
                 raise ValueError("'tombstones' must be an object")
             tombstones = {names.validate(name): _strings(ids, f"tombstones of {name!r}")
                           for name, ids in raw_tombstones.items()}
+            raw_floors = document.get("tokensNotBefore", {})
+            if not isinstance(raw_floors, dict):
+                raise ValueError("'tokensNotBefore' must be an object")
+            token_floors = {names.validate(name): from_rfc3339(moment) for name, moment in raw_floors.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, names.InvalidName) as error:
             hint = (
                 f"; the previous good copy is {self.previous_path}"
@@ -235,6 +243,7 @@ class StateStore:
             self._set_aside(set_aside)
         self.records = records
         self.tombstones = tombstones
+        self.token_floors = token_floors
 
     def _set_aside(self, set_aside: dict[str, Any]) -> None:
         """
@@ -276,7 +285,7 @@ class StateStore:
             # again (sets only grow, or come with a new history).
             key = (record.id, record.origin, record.locked, record.ttl, record.created_at,
                    record.last_access_at, record.history, len(record.clients), len(record.retired),
-                   record.archiving, record.installing)
+                   record.archiving, record.installing, record.config)
             cached = cache.get(name)
             if cached is None or cached[0] != key:
                 cached = cache[name] = (key, f"{dumps(name)}: {dumps(record.to_json())}")
@@ -284,9 +293,22 @@ class StateStore:
         for gone in cache.keys() - self.records.keys():
             del cache[gone]
         tombstones = {name: sorted(ids) for name, ids in sorted(self.tombstones.items()) if ids}
+        floors = {name: to_rfc3339(moment) for name, moment in sorted(self.token_floors.items())}
         body = ",\n".join(lines)
         return (f'{{"version": {STATE_VERSION},\n"namespaces": {{\n{body}\n}},\n'
-                f'"tombstones": {dumps(tombstones)}}}\n').encode()
+                f'"tombstones": {dumps(tombstones)},\n"tokensNotBefore": {dumps(floors)}}}\n').encode()
+
+    def tokens_not_before(self, name: str) -> float | None:
+        """
+        Tokens for C{name} issued before this are revoked: the later of the
+        live record's C{tokens_not_before} and the last one set for the name
+        (which outlives a delete).
+        """
+        record = self.records.get(name)
+        moments = [moment for moment in (self.token_floors.get(name),
+                                         None if record is None else record.config.tokens_not_before)
+                   if moment is not None]
+        return max(moments) if moments else None
 
     def touch(self, name: str) -> None:
         """

@@ -59,6 +59,8 @@ class Access:
     via: Via = "jwt"
     #: The token's C{iat} (for a namespace's C{tokens_not_before}).
     issued_at: float | None = None
+    #: The token's C{exp}: checked again when the request's body is in.
+    expires_at: float | None = None
 
     def can_read(self, name: str) -> bool:
         return self.read is None or name in self.read or self.can_write(name)
@@ -180,7 +182,8 @@ class TokenVerifier:
     clock: IReactorTime
     leeway: float = 60.0
     cache_size: int = 10_000
-    _cache: OrderedDict[tuple[bytes, bytes], tuple[Access, float | None, float | None]] = attrs.field(
+    #: (token, key set) -> (what it opens, its nbf)
+    _cache: OrderedDict[tuple[bytes, bytes], tuple[Access, float | None]] = attrs.field(
         factory=OrderedDict, init=False)
     hits: int = attrs.field(default=0, init=False)
 
@@ -189,36 +192,44 @@ class TokenVerifier:
         @raise TokenRefused: for a malformed, badly signed, expired or not yet
             valid token.
         """
-        now = self.clock.seconds()
         cached = self._cache.get((token, keys.fingerprint))
         if cached is not None:
             self._cache.move_to_end((token, keys.fingerprint))
-            access, expires, not_before = cached
-            self._check_times(expires, not_before, now)
+            access, not_before = cached
+            self.check_times(access, not_before)
             self.hits += 1
             return access
         claims = self._decode(token, keys)
-        expires, not_before = _time_claim(claims, "exp"), _time_claim(claims, "nbf")
-        self._check_times(expires, not_before, now)
+        _time_claim(claims, "iat")
+        not_before = _time_claim(claims, "nbf")
         try:
-            access = access_from_claims(claims)
+            access = attrs.evolve(access_from_claims(claims), expires_at=_time_claim(claims, "exp"))
         except ValueError as error:
             raise TokenRefused("malformed", f"invalid token claims: {error}") from None
-        self._cache[(token, keys.fingerprint)] = (access, expires, not_before)
+        self.check_times(access, not_before)
+        self._cache[(token, keys.fingerprint)] = (access, not_before)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return access
 
-    def _check_times(self, expires: float | None, not_before: float | None, now: float) -> None:
-        if expires is not None and now > expires + self.leeway:
+    def check_times(self, access: Access, not_before: float | None = None) -> None:
+        """
+        @raise TokenRefused: if the token has expired, or is not valid yet
+            (C{nbf}, or an C{iat} in the future: a token minted ahead would
+            outlive a revocation).
+        """
+        now = self.clock.seconds()
+        if access.expires_at is not None and now > access.expires_at + self.leeway:
             raise TokenRefused("expired", "the token has expired")
         if not_before is not None and now + self.leeway < not_before:
             raise TokenRefused("not_yet_valid", "the token is not valid yet (nbf)")
+        if access.issued_at is not None and now + self.leeway < access.issued_at:
+            raise TokenRefused("not_yet_valid", "the token was issued in the future (iat)")
 
     def _decode(self, token: bytes, keys: KeySet) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except (jwt.InvalidTokenError, ValueError, TypeError):
             raise TokenRefused("malformed", "the bearer token is not a JWT") from None
         if header.get("alg") != "EdDSA":
             raise TokenRefused("algorithm", f"tokens must be signed with EdDSA, not {header.get('alg')!r}")
@@ -231,8 +242,8 @@ class TokenVerifier:
                 claims: dict[str, Any] = jwt.decode(token, key, algorithms=["EdDSA"], options=options)
             except jwt.InvalidSignatureError:
                 continue  # the next key, when keys rotate
-            except jwt.InvalidTokenError as error:
-                raise TokenRefused("malformed", f"invalid token: {error}") from None
+            except (jwt.InvalidTokenError, ValueError, TypeError):
+                raise TokenRefused("malformed", "invalid token") from None
             if not isinstance(claims, dict):
                 raise TokenRefused("malformed", "the token's payload is not an object")
             return claims
@@ -295,15 +306,38 @@ class DataAuth:
         if keys is None or given.count(b".") != 2:
             raise TokenRefused("wrong_token", "invalid bearer token")
         access = self.verifier.verify(given, keys)
-        not_before = self.namespace_not_before(namespace) if namespace else None
-        if not_before is not None and (access.issued_at is None or access.issued_at < not_before):
-            raise TokenRefused("revoked", f"tokens of namespace {namespace!r} issued before its "
-                                          "tokens_not_before are revoked")
+        self._check_revocation(access, namespace)
         return access
 
     def admit(self, request: IRequest, target: bytes) -> Access:
         """The data site's check (see L{turso_twisted.sites.Gatekeeper})."""
-        return self.authenticate(request.getHeader(b"authorization"), self.namespace_of(target))
+        headers = request.requestHeaders.getRawHeaders(b"authorization") or []
+        if len(headers) > 1:
+            self.refusals["malformed"] += 1
+            raise TokenRefused("malformed", "more than one Authorization header")
+        return self.authenticate(headers[0] if headers else None, self.namespace_of(target))
+
+    def confirm(self, access: Access, namespace: str) -> None:
+        """
+        Check again, once the request's body is in, what can change while
+        it arrives: the token's expiry and the namespace's revocation.
+
+        @raise TokenRefused: if it no longer holds.
+        """
+        if access.via != "jwt":
+            return
+        try:
+            self.verifier.check_times(access)
+            self._check_revocation(access, namespace)
+        except TokenRefused as refusal:
+            self.refusals[refusal.reason] += 1
+            raise
+
+    def _check_revocation(self, access: Access, namespace: str | None) -> None:
+        not_before = self.namespace_not_before(namespace) if namespace else None
+        if not_before is not None and (access.issued_at is None or access.issued_at < not_before):
+            raise TokenRefused("revoked", f"tokens of namespace {namespace!r} issued before its "
+                                          "tokens_not_before are revoked")
 
 
 def generate_key_pair() -> tuple[bytes, bytes]:
