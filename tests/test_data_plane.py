@@ -51,6 +51,10 @@ class ScriptedChannel:
         return succeed(None)
 
 
+INSERT = b'{"requests": [{"type": "execute", "stmt": {"sql": "insert into t values (1)"}}]}'
+SELECT = b'{"requests": [{"type": "execute", "stmt": {"sql": "select 1"}}]}'
+
+
 class DataPlaneTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.outcomes: list[Any] = []
@@ -65,8 +69,8 @@ class DataPlaneTests(SynchronousTestCase):
         self.plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats)
         self.stub = StubTreq(self.plane)
 
-    def post(self, path: str, token: str = "data-token") -> Any:
-        pending = self.stub.post("http://data" + path, data=b'{"requests": []}',
+    def post(self, path: str, token: str = "data-token", body: bytes = b'{"requests": []}') -> Any:
+        pending = self.stub.post("http://data" + path, data=body,
                                  headers={b"authorization": [b"Bearer " + token.encode()],
                                           b"x-client": [b"py"], b"connection": [b"keep-alive"]})
         for _ in range(5):
@@ -109,13 +113,25 @@ class DataPlaneTests(SynchronousTestCase):
         self.assertEqual(len(self.fx.children("alpha")), 2)
         self.assertIsNot(self.fx.supervisor.running("alpha"), first_child[0])
 
-    def test_child_dying_mid_request_is_a_502(self) -> None:
+    def test_child_dying_mid_write_is_a_502(self) -> None:
+        # The write may have been done: it is not sent again.
         self.outcomes.append(ResponseIncomplete("connection lost"))
-        code, body, _ = self.result(self.post("/alpha/v2/pipeline"))
+        code, body, _ = self.result(self.post("/alpha/v2/pipeline", body=INSERT))
         error = json.loads(body)
         self.assertEqual((code, error["error"]), (502, "upstream_error"))
         self.assertIn("'alpha'", error["message"])
         self.assertEqual(self.fx.leases.count(), 0)
+
+    def test_child_dying_mid_read_is_retried_on_a_fresh_child(self) -> None:
+        # A read can be sent again: a client racing a child's death sees no error.
+        def lose_and_die() -> Deferred[Any]:
+            end(self.fx.supervisor.running("alpha").process, signal=9)
+            return fail(ResponseIncomplete("connection lost"))
+
+        self.outcomes += [lose_and_die, BackendResponse(200, b"OK", [], b"fine")]
+        code, body, _ = self.result(self.post("/alpha/v2/pipeline", body=SELECT))
+        self.assertEqual((code, body), (200, b"fine"))
+        self.assertEqual(len(self.fx.children("alpha")), 2)
 
     def test_refused_twice_is_a_502(self) -> None:
         self.outcomes += [ConnectionRefusedError(), ConnectionRefusedError()]

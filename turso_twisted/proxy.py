@@ -29,7 +29,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import names
-from .channel import BackendResponse, BackendTimeout, ChannelClosed, QueueFull, QueueTimeout
+from .channel import (
+    BackendResponse,
+    BackendTimeout,
+    ChannelClosed,
+    QueueFull,
+    QueueTimeout,
+    ResponseIncomplete,
+)
 from .errors import (
     INTERNAL,
     Forbidden,
@@ -223,15 +230,18 @@ class DataPlane(Resource):
                               "(TURSO_MAX_HELD_BYTES); retry shortly", retry_after=5)
         if self.manager.get(name) is None:
             self.guard.before_create(name, request.method, info.path, body, pipeline)
+        # A read can be sent again whatever the dead child saw of it.
+        reads_only = verdict is None or "write" not in verdict.kinds
         for attempt in (1, 2):
             lease = await self.manager.lease(name)
             with lease:
                 try:
                     history, response = await self._exchange(lease, request, info, target, body, pipeline)
-                except (ConnectError, ChannelClosed) as error:
-                    # Nothing reached the child, so a retry cannot duplicate a
-                    # write: the child is gone or going; wait until that is done.
-                    if attempt == 2:
+                except (ConnectError, ChannelClosed, ResponseIncomplete) as error:
+                    # Nothing reached the child (or only a read did), so a retry
+                    # cannot duplicate a write: the child is gone or going; wait
+                    # until that is done.
+                    if attempt == 2 or (isinstance(error, ResponseIncomplete) and not reads_only):
                         raise self._upstream_error(name, request, error) from None
                     response = None
                 except CancelledError:
@@ -264,7 +274,7 @@ class DataPlane(Resource):
             self.rejected += 1
             raise Unavailable("namespace_busy", f"namespace {lease.name!r} is overloaded: {error}",
                               retry_after=1) from None
-        except (ConnectError, ChannelClosed, CancelledError, Refusal):
+        except (ConnectError, ChannelClosed, ResponseIncomplete, CancelledError, Refusal):
             raise
         except Exception as error:
             raise self._upstream_error(lease.name, request, error) from None
