@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -278,6 +279,55 @@ async def _client(port: int, target: bytes, keep_alive: bool, token: str | None,
         writer.close()
 
 
+WRK = shutil.which("wrk")
+
+_WRK_SCRIPT = """
+local paths = {%(paths)s}
+local headers = {["Content-Type"] = "application/json"%(auth)s}
+local body = %(body)s
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", paths[(n %% #paths) + 1], headers, body)
+end
+"""
+
+
+def lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def wrk_throughput(targets: list[tuple[int, bytes]], clients: int, seconds: float, token: str | None,
+                   pids: list[int]) -> dict[str, float]:
+    """
+    Throughput measured by wrk (a native load generator: the Python one
+    saturates before the daemon on two cores). One wrk thread; requests
+    go round the targets' paths, which must share a port.
+    """
+    assert WRK is not None and len({port for port, _ in targets}) == 1
+    port = targets[0][0]
+    paths = ", ".join(lua_string(prefix.decode() + "/v2/pipeline") for _, prefix in targets)
+    auth = f', ["Authorization"] = {lua_string("Bearer " + token)}' if token else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_SCRIPT % {"paths": paths, "auth": auth, "body": lua_string(SELECT_1.decode())})
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
+    try:
+        out = subprocess.run([WRK, "-t", "1", "-c", str(clients), "-d", f"{seconds:g}s", "-s", script.name,
+                              f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script.name)
+    count = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    result = {"requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))),
+              "errors": (int(non_2xx.group(1)) if non_2xx else 0)
+              + (int(sockets.group(1)) + int(sockets.group(4)) if sockets else 0)}
+    if pids:
+        result["cpu_us_per_request"] = round((sum(cpu_seconds(pid) for pid in pids) - cpu_before)
+                                             / max(1, count) * 1e6, 1)
+    return result
+
+
 def throughput(targets: list[tuple[int, bytes]], clients: int, seconds: float, keep_alive: bool,
                token: str | None, pid: int | None) -> dict[str, float]:
     counts, errors = [0], [0]
@@ -294,8 +344,16 @@ def throughput(targets: list[tuple[int, bytes]], clients: int, seconds: float, k
     elapsed = time.perf_counter() - started
     result = {"requests_per_s": round(counts[0] / elapsed), "errors": errors[0]}
     if pid:
-        result["daemon_cpu_us_per_request"] = round((cpu_seconds(pid) - cpu_before) / max(1, counts[0]) * 1e6, 1)
+        result["cpu_us_per_request"] = round((cpu_seconds(pid) - cpu_before) / max(1, counts[0]) * 1e6, 1)
     return result
+
+
+def measure(targets: list[tuple[int, bytes]], clients: int, seconds: float, keep_alive: bool,
+            token: str | None, pid: int | None) -> dict[str, float]:
+    """Throughput with wrk when the machine has it, else with the Python generator."""
+    if WRK is not None:
+        return wrk_throughput(targets, clients, seconds, token, [pid] if pid else [])
+    return throughput(targets, clients, seconds, keep_alive, token, pid)
 
 
 # -- the scenarios --------------------------------------------------------------------------
@@ -308,7 +366,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     count = 100 if quick else 400
     seconds = 2.0 if quick else 5.0
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
-                                           "note": "load generator, daemon and children share these cores"}}
+                                           "note": "load generator, daemon and children share these cores",
+                                           "load_generator": "wrk (1 thread)" if WRK else "python asyncio"}}
+    if WRK is None:
+        print("bench: wrk not found: throughput uses the Python load generator, which saturates before "
+              "the daemon on 2 cores (install wrk: apt-get install wrk)", file=sys.stderr)
     direct = Direct(tursodb, os.path.join(workdir, "direct"))
     os.makedirs(direct.workdir)
     # The daemon takes namespace tokens (JWTs) too, as a multi-tenant deployment would.
@@ -345,14 +407,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["sequential"] = seq
 
         tput = {}
+        direct_pid = direct.processes["bench0"][0].pid
         for spread in (1, 8):
             for clients in (1, 8, 32):
                 key = f"{clients}_clients_{spread}_namespaces"
-                d = throughput([direct.url(n) for n in names[:spread]], clients, seconds, False, None, None)
-                p = throughput([daemon.url(n) for n in names[:spread]], clients, seconds, True, TOKEN,
-                               daemon.process.pid)
+                # Direct is one tursodb with one database (tursodb closes every connection).
+                d = measure([direct.url("bench0")], clients, seconds, False, None, direct_pid)
+                p = measure([daemon.url(n) for n in names[:spread]], clients, seconds, True, TOKEN,
+                            daemon.process.pid)
                 tput[key] = {"direct": d, "proxy": p,
                              "ratio": round(p["requests_per_s"] / max(1, d["requests_per_s"]), 2)}
+                if d.get("cpu_us_per_request") and p.get("cpu_us_per_request"):
+                    tput[key]["cpu_ratio"] = round(p["cpu_us_per_request"] / d["cpu_us_per_request"], 2)
         results["throughput"] = tput
 
         # Namespace tokens against the static token: 8 keep-alive clients over 8
@@ -361,14 +427,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[str, list[dict[str, float]]] = {"static_token": [], "jwt": []}
         for _ in range(2):
             for label, token in (("static_token", TOKEN), ("jwt", jwt_token)):
-                runs[label].append(throughput([daemon.url(n) for n in names], 8, seconds, True, token,
-                                              daemon.process.pid))
+                runs[label].append(measure([daemon.url(n) for n in names], 8, seconds, True, token,
+                                           daemon.process.pid))
         auth: dict[str, Any] = {}
         for label, rows in runs.items():
             assert all(row["errors"] == 0 for row in rows), rows
             auth[label] = {"requests_per_s": round(statistics.mean(r["requests_per_s"] for r in rows)),
                            "daemon_cpu_us_per_request": round(statistics.mean(
-                               r["daemon_cpu_us_per_request"] for r in rows), 1)}
+                               r["cpu_us_per_request"] for r in rows), 1)}
         auth["ratio_requests"] = round(auth["jwt"]["requests_per_s"] / auth["static_token"]["requests_per_s"], 3)
         auth["ratio_cpu"] = round(auth["jwt"]["daemon_cpu_us_per_request"]
                                   / auth["static_token"]["daemon_cpu_us_per_request"], 3)
@@ -489,10 +555,12 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"  {label:<32} {d['p50_ms']:>7} / {d['p99_ms']:<8} {n['p50_ms']:>7} / {n['p99_ms']:<12} "
                      + (f"{k['p50_ms']:>7} / {k['p99_ms']:<14}" if k else f"{'-':>25}  ")
                      + f"{row['ratio_new_connection']}" + (f", {row['ratio_keep_alive']}" if k else ""))
-    lines += ["", "throughput, SELECT 1                direct req/s   proxy req/s   ratio   proxy CPU us/req"]
+    lines += ["", f"throughput, SELECT 1 ({results['machine']['load_generator']}; direct: one tursodb, one database)",
+              "                                    direct req/s   proxy req/s   ratio   CPU us/req direct, proxy, ratio"]
     for label, row in results["throughput"].items():
         lines.append(f"  {label:<34} {row['direct']['requests_per_s']:>9}   {row['proxy']['requests_per_s']:>11}"
-                     f"   {row['ratio']:>5}   {row['proxy'].get('daemon_cpu_us_per_request', '-'):>8}")
+                     f"   {row['ratio']:>5}   {row['direct'].get('cpu_us_per_request', '-'):>8}, "
+                     f"{row['proxy'].get('cpu_us_per_request', '-')}, {row.get('cpu_ratio', '-')}")
     auth = results["auth"]
     lines += ["", "tokens, 8 keep-alive clients x 8 ns   req/s   daemon CPU us/req",
               f"  static token                      {auth['static_token']['requests_per_s']:>7}   "
