@@ -445,6 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         direct.stop()
         daemon.stop()
 
+    bare = bare_starts(tursodb, os.path.join(workdir, "bare"), 30 if quick else 100)
     cold_dir = os.path.join(workdir, "cold")
     cold = Daemon(tursodb, cold_dir, TURSO_HIBERNATE_AFTER="1s")
     try:
@@ -463,13 +464,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             status, _ = http_request(cold.data_port, b"POST", b"/cold%d/v2/pipeline" % i, SELECT_1, token=TOKEN)
             wakes.append(time.perf_counter() - started)
             assert status == 200, status
-        results["cold"] = {"first_request_new_namespace": summary(firsts), "wake_from_hibernation": summary(wakes)}
+        results["cold"] = {"bare_tursodb_exec_to_first_answer": summary(bare),
+                           "first_request_new_namespace": summary(firsts), "wake_from_hibernation": summary(wakes)}
+        base = results["cold"]["bare_tursodb_exec_to_first_answer"]["p50_ms"]
+        for key in ("first_request_new_namespace", "wake_from_hibernation"):
+            results["cold"][key]["ratio_to_bare"] = round(results["cold"][key]["p50_ms"] / base, 2)
     finally:
         cold.stop()
 
     results["scale"] = scale(tursodb, os.path.join(workdir, "scale"), args.scale)
     shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+def bare_starts(tursodb: str, workdir: str, count: int) -> list[float]:
+    """
+    What a cold path costs without us: exec a bare tursodb sync server on a
+    new file and send it SELECT 1 until it answers.
+    """
+    os.makedirs(workdir)
+    times = []
+    for i in range(count):
+        port = free_port()
+        started = time.perf_counter()
+        process = subprocess.Popen([tursodb, os.path.join(workdir, f"b{i}.db"), "--sync-server",
+                                    f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    status, _ = http_request(port, b"POST", b"/v2/pipeline", SELECT_1)
+                except OSError:
+                    time.sleep(0.0005)
+                    continue
+                if status == 200:
+                    break
+            times.append(time.perf_counter() - started)
+        finally:
+            process.kill()
+            process.wait()
+    return times
 
 
 def scale(tursodb: str, workdir: str, total: int) -> dict[str, Any]:
@@ -571,11 +604,13 @@ def table(results: dict[str, Any]) -> str:
               f"{auth['jwt']['daemon_cpu_us_per_request']:>8}",
               f"  ratio JWT / static                {auth['ratio_requests']:>7}   {auth['ratio_cpu']:>8}"]
     cold = results["cold"]
-    lines += ["", "cold paths                          p50 ms   p99 ms",
+    bare = cold["bare_tursodb_exec_to_first_answer"]
+    lines += ["", "cold paths                          p50 ms   p99 ms   p50 / bare tursodb",
+              f"  bare tursodb, exec to answer      {bare['p50_ms']:>7}  {bare['p99_ms']:>7}",
               f"  first request, new namespace      {cold['first_request_new_namespace']['p50_ms']:>7}  "
-              f"{cold['first_request_new_namespace']['p99_ms']:>7}",
+              f"{cold['first_request_new_namespace']['p99_ms']:>7}   {cold['first_request_new_namespace']['ratio_to_bare']}",
               f"  wake from hibernation             {cold['wake_from_hibernation']['p50_ms']:>7}  "
-              f"{cold['wake_from_hibernation']['p99_ms']:>7}"]
+              f"{cold['wake_from_hibernation']['p99_ms']:>7}   {cold['wake_from_hibernation']['ratio_to_bare']}"]
     s = results["scale"]
     lines += ["", f"scale: {s['namespaces']} namespaces, {s['requests']} requests, TURSO_MAX_RUNNING=256",
               f"  errors {s['errors']}, p50 {s['latency']['p50_ms']} ms, p99 {s['latency']['p99_ms']} ms, "

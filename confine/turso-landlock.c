@@ -4,13 +4,19 @@
  *   turso-landlock --probe
  *       print the kernel's Landlock ABI version and exit 0, or exit 3 if
  *       the kernel has no Landlock.
- *   turso-landlock [--rw FILE]... [--rwdir DIR]... [--tcp-bind PORT] -- COMMAND [ARG]...
+ *   turso-landlock [--rw FILE]... [--rwdir DIR]... [--tcp-bind PORT]
+ *                  [--chdir DIR] [--parent PID] -- COMMAND [ARG]...
  *       exec COMMAND able to read and execute anything, to write only the
  *       FILEs given (read, write, truncate; each must exist) and beneath
  *       the DIRs given (everything); nothing else on the file system.
  *       From Landlock ABI 4 on, with --tcp-bind, it may bind that TCP port
  *       only and connect nowhere; from ABI 6 on, it may signal and reach
  *       abstract unix sockets only within its own domain.
+ *       --chdir: run COMMAND in DIR.  --parent: run it in a session of its
+ *       own (so a signal to the parent's process group is not its), and
+ *       have the kernel SIGKILL it when PID, its parent, dies (or at once,
+ *       if PID is already gone): what setsid(1) and setpriv(1) --pdeathsig
+ *       would do, without their two execs.
  *
  * turso-server starts each tursodb child through it, so that whatever SQL
  * a client gets past the statement gate cannot write outside the
@@ -25,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -120,7 +127,8 @@ int main(int argc, char **argv) {
             break;
         }
         if ((strcmp(argv[i], "--rw") == 0 || strcmp(argv[i], "--rwdir") == 0 ||
-             strcmp(argv[i], "--tcp-bind") == 0) && i + 1 < argc) {
+             strcmp(argv[i], "--tcp-bind") == 0 || strcmp(argv[i], "--chdir") == 0 ||
+             strcmp(argv[i], "--parent") == 0) && i + 1 < argc) {
             i++;
             continue;
         }
@@ -140,13 +148,32 @@ int main(int argc, char **argv) {
                    ACCESS_MAKE_DIR | ACCESS_MAKE_REG | ACCESS_MAKE_SOCK | ACCESS_MAKE_FIFO |
                    ACCESS_MAKE_BLOCK | ACCESS_MAKE_SYM | (abi >= 2 ? ACCESS_REFER : 0);
     long bind_port = -1;
-    for (int i = 1; i < command - 1; i += 2)
+    for (int i = 1; i < command - 1; i += 2) {
+        char *end;
         if (strcmp(argv[i], "--tcp-bind") == 0) {
-            char *end;
             bind_port = strtol(argv[i + 1], &end, 10);
             if (*end || bind_port < 1 || bind_port > 65535)
                 usage();
+        } else if (strcmp(argv[i], "--chdir") == 0) {
+            if (chdir(argv[i + 1]) < 0) {
+                fprintf(stderr, "turso-landlock: cannot enter %s: %s\n", argv[i + 1], strerror(errno));
+                return 1;
+            }
+        } else if (strcmp(argv[i], "--parent") == 0) {
+            long parent = strtol(argv[i + 1], &end, 10);
+            if (*end || parent < 1)
+                usage();
+            setsid(); /* fails only for a group leader, which a fresh child is not */
+            if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) {
+                fprintf(stderr, "turso-landlock: cannot set the parent-death signal: %s\n", strerror(errno));
+                return 1;
+            }
+            if (getppid() != (pid_t)parent) {
+                fprintf(stderr, "turso-landlock: parent %ld is gone\n", parent);
+                return 1; /* it died before the signal was set */
+            }
         }
+    }
     struct ruleset_attr attr = {.handled_access_fs = all};
     size_t attr_size = sizeof(attr.handled_access_fs);
     if (abi >= 4 && bind_port > 0) {
@@ -172,7 +199,8 @@ int main(int argc, char **argv) {
         }
     }
     for (int i = 1; i < command - 1; i += 2) {
-        if (strcmp(argv[i], "--tcp-bind") == 0)
+        if (strcmp(argv[i], "--tcp-bind") == 0 || strcmp(argv[i], "--chdir") == 0 ||
+            strcmp(argv[i], "--parent") == 0)
             continue;
         /* A rule on a file may name only rights on files. */
         uint64_t access = strcmp(argv[i], "--rw") == 0 ? ACCESS_READ_FILE | file_write : all;

@@ -66,9 +66,14 @@ class SupervisorTests(SynchronousTestCase):
         self.start()
         _, args, _ = self.reactor.spawned[0]
         db, root = f"{self.data_dir}/alpha.db", f"{self.data_dir}/_tmp/tursodb-alpha-9000"
-        self.assertEqual(args, ["/usr/bin/setsid", "/usr/bin/turso-landlock", "--rw", db, "--rw", db + "-wal",
-                                "--rwdir", f"{root}/tmp", "--tcp-bind", "9000", "--", "/opt/tursodb", db,
-                                "--sync-server", "127.0.0.1:9000"])
+        # The helper enters the child's cwd, session and parent-death signal
+        # itself (no setsid/setpriv execs, and no cwd for the reactor, which
+        # can then posix_spawn instead of forking the daemon).
+        self.assertEqual(args, ["/usr/bin/turso-landlock", "--chdir", f"{root}/cwd",
+                                "--parent", str(os.getpid()), "--rw", db, "--rw", db + "-wal",
+                                "--rwdir", f"{root}/tmp", "--tcp-bind", "9000",
+                                "--", "/opt/tursodb", db, "--sync-server", "127.0.0.1:9000"])
+        self.assertIsNone(self.reactor.spawned[0][2].get("path"))
 
     def test_ready_only_when_serving(self) -> None:
         started = self.start()

@@ -35,15 +35,23 @@ class Confinement:
     abi: int = 0
     reason: str = ""
 
-    def wrap(self, writable_files: list[str], writable_dirs: list[str], port: int | None = None) -> list[str]:
+    def wrap(self, writable_files: list[str], writable_dirs: list[str], port: int | None = None,
+             cwd: str | None = None, parent: int | None = None) -> list[str]:
         """
         The words that start a command confined to writing C{writable_files}
         (which must exist) and beneath C{writable_dirs}, and to binding TCP
-        C{port} only and connecting nowhere (where the kernel can).
+        C{port} only and connecting nowhere (where the kernel can); in
+        C{cwd}; with C{parent}, in a session of its own and killed by the
+        kernel when C{parent} dies (the helper does what setsid and setpriv
+        would, saving their execs).
         """
         if self.helper is None:
             return []
         words = [self.helper]
+        if cwd is not None:
+            words += ["--chdir", cwd]
+        if parent is not None:
+            words += ["--parent", str(parent)]
         for path in writable_files:
             words += ["--rw", path]
         for path in writable_dirs:

@@ -155,12 +155,12 @@ def spawn_tursodb(
     name: str,
     wrappers: list[str],
     env: dict[str, str],
-    cwd: str,
+    cwd: str | None,
 ) -> TursodbProcess:
     """
-    Start C{tursodb <db> --sync-server 127.0.0.1:<port>} in C{cwd}, through
-    the C{wrappers} (see L{child_wrappers}), which all exec: the pid is
-    tursodb's.
+    Start C{tursodb <db> --sync-server 127.0.0.1:<port>} in C{cwd} (C{None}:
+    the wrappers enter it), through the C{wrappers} (see L{child_wrappers}),
+    which all exec: the pid is tursodb's.
     """
     protocol = TursodbProcess(name, port)
     args = [*wrappers, tursodb_bin, db_path, "--sync-server", f"127.0.0.1:{port}"]

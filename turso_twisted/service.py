@@ -178,7 +178,7 @@ class TursoService(Service):
                            "this user can", confinement=confinement.describe())
         else:
             self._log.info("{confinement}", confinement=confinement.describe())
-        if not any(w.endswith("setpriv") for w in self.supervisor.wrappers):
+        if confinement.helper is None and not any(w.endswith("setpriv") for w in self.supervisor.wrappers):
             self._log.warn("setpriv not found: children may outlive a daemon killed with SIGKILL "
                            "(they are cleaned up at the next start)")
         open_ports = [port for port, token in (("data", self.config.auth_token or self.config.jwt_key),

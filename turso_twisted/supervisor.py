@@ -210,9 +210,16 @@ class Supervisor:
             began = self.reactor.seconds()
             root, scratch, cwd = self._scratch_dirs(label, port)
             files = self._files_of(db_path)
-            wrappers = self.wrappers + self.confinement.wrap(files, [scratch], port)
+            if self.confinement.helper is not None:
+                # The helper also enters cwd, a session of its own and the
+                # parent-death signal: one exec, and the reactor can use
+                # posix_spawn (no fork of the daemon) as no cwd is passed.
+                wrappers = self.confinement.wrap(files, [scratch], port, cwd=cwd, parent=os.getpid())
+                spawn_cwd = None
+            else:
+                wrappers, spawn_cwd = self.wrappers, cwd
             process = spawn_tursodb(self.reactor, self.tursodb_bin, db_path, port, label, wrappers,
-                                    {**self.child_env, "TMPDIR": scratch}, cwd)
+                                    {**self.child_env, "TMPDIR": scratch}, spawn_cwd)
             process.whenEnded().addBoth(self._remove_scratch, root)
             child = Child(label, process, self.make_channel(port), began, scratch)
             child.channel.on_wedged = partial(self._kill_wedged, child)
