@@ -43,10 +43,6 @@ class NamespaceConfig:
     def keys(self) -> KeySet | None:
         return None if self.jwt_key is None else _keys(self.jwt_key)
 
-    @property
-    def is_default(self) -> bool:
-        return self == NamespaceConfig()
-
     def to_json(self) -> dict[str, Any]:
         not_before = self.tokens_not_before
         return {
