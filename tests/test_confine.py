@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from typing import Any
 
 import treq
@@ -70,6 +72,66 @@ class ChooseTests(SynchronousTestCase):
         self.assertGreaterEqual(chosen.abi, 1)
         self.assertEqual(chosen.wrap(["/d/a.db"], ["/d/tmp"]),
                          [helper, "--rw", "/d/a.db", "--rwdir", "/d/tmp", "--"])
+
+
+def _running(pid: int) -> bool:
+    """Whether C{pid} exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class HelperStartTests(SynchronousTestCase):
+    """
+    The helper does setsid's and setpriv's work (one exec instead of three):
+    its command runs in the given dir, in a session of its own, and is
+    killed by the kernel when its parent dies.
+    """
+
+    def test_dir_session_and_parent(self) -> None:
+        helper = landlock_helper()
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        script = 'echo "$(pwd) $(cut -d" " -f6 /proc/$$/stat) $$ $(grep PDeathSig /proc/$$/status || true)"'
+        done = subprocess.run([helper, "--chdir", cwd, "--parent", str(os.getpid()), "--", "/bin/sh", "-c",
+                               script], capture_output=True, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        where, session, pid = done.stdout.split()[:3]
+        self.assertEqual(where, cwd)
+        self.assertEqual(session, pid, "its own session")
+
+    def test_a_parent_already_gone_starts_nothing(self) -> None:
+        helper = landlock_helper()
+        marker = os.path.abspath(self.mktemp())
+        done = subprocess.run([helper, "--parent", "1", "--", "/bin/sh", "-c", f"touch {marker}"],
+                              capture_output=True, text=True)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("parent 1 is gone", done.stderr)
+        self.assertFalse(os.path.exists(marker))
+
+    def test_killed_with_its_parent(self) -> None:
+        helper = landlock_helper()
+        # A middleman starts the helper and is then killed: the helper's
+        # command must die with it (PR_SET_PDEATHSIG).
+        pid_file = os.path.abspath(self.mktemp())
+        middleman = subprocess.Popen([sys.executable, "-c", (
+            "import os, subprocess, sys\n"
+            f"p = subprocess.Popen([{helper!r}, '--parent', str(os.getpid()), '--', 'sleep', '60'])\n"
+            f"open({pid_file!r}, 'w').write(str(p.pid))\n"
+            "sys.stdin.read()\n")], stdin=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(pid_file) and open(pid_file).read()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child = int(open(pid_file).read())
+        middleman.kill()
+        middleman.wait()
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        alive = _running(child)
+        self.assertFalse(alive, "the helper's command outlived its parent")
 
 
 class ConfinedChildTests(TestCase):
