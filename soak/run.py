@@ -58,6 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from turso_twisted.recovery import find_orphans  # noqa: E402
+from turso_twisted.tokens import generate_key_pair, mint  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 WORKER = os.path.join(ROOT, "soak", "worker.py")
@@ -65,12 +66,20 @@ WORKER = os.path.join(ROOT, "soak", "worker.py")
 WEDGED = "did not answer within the backend timeout"
 MADE_ROOM = "hibernated: making room"
 DATA_TOKEN = "soak-data-token"
+#: Workers use namespace tokens (JWTs) that open their own namespace only;
+#: the soak itself uses the static token.
+SIGNING_KEY, PUBLIC_KEY = generate_key_pair()
 ADMIN_TOKEN = "soak-admin-token"
 BACKEND_TIMEOUT = 2.0
 PROGRESS_TIMEOUT = 30.0
 DISK_BYTES = 512 * 1024 * 1024
 KINDS = ("kill_child", "stop_child", "kill_daemon", "restart", "crowd", "fork", "restore",
          "garbage", "slow_clients", "disk_full")
+
+
+def namespace_token(name: str, read_only: bool = False) -> str:
+    """A JWT that opens C{name} only (read-write, or read-only)."""
+    return mint(SIGNING_KEY, {"iat": int(time.time()), "p": {"ro" if read_only else "rw": {"ns": [name]}}})
 
 
 def free_port() -> int:
@@ -142,6 +151,7 @@ class Daemon:
             "TURSO_DATA_ADDR": f"127.0.0.1:{self.data_port}",
             "TURSO_ADMIN_ADDR": f"127.0.0.1:{self.admin_port}",
             "TURSO_AUTH_TOKEN": DATA_TOKEN,
+            "TURSO_JWT_KEY": PUBLIC_KEY.decode(),
             "TURSO_ADMIN_TOKEN": ADMIN_TOKEN,
             "TURSO_BACKEND_PORT_START": str(base),
             "TURSO_BACKEND_PORT_END": str(base + 999),
@@ -271,7 +281,7 @@ class Worker:
         with open(os.path.join(self.workdir, "output"), "ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, WORKER, f"http://127.0.0.1:{daemon.data_port}/{self.namespace}",
-                 DATA_TOKEN, self.namespace, self.workdir], stdout=out, stderr=out)
+                 namespace_token(self.namespace), self.namespace, self.workdir], stdout=out, stderr=out)
 
     def acknowledged_bytes(self) -> int:
         try:
@@ -567,6 +577,8 @@ class Soak:
         child sees them.
         """
         name = self.random.choice(self.workers).namespace
+        other = next(w.namespace for w in self.workers if w.namespace != name) if len(self.workers) > 1 \
+            else "soak-other"
         planted = os.path.join(self.daemon.data_dir, "planted.db")
         auth = f"Authorization: Bearer {DATA_TOKEN}\r\n".encode()
         admin = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
@@ -598,6 +610,15 @@ class Soak:
             (post(pipe, b'{"requests": [{"type": "execute", "stmt": {"sql": 1}}]}'), True),
             (post(pipe, b"[" * 30000), True),
             (post(pipe, pipeline("SELECT 1"), b"Authorization: Bearer wrong\r\n"), True),
+            # Another tenant's token, and a read-only one, writing here: 403, nothing written.
+            (post(pipe, pipeline(f"INSERT INTO ledger (key, ns, seq) VALUES ('intruder', '{other}', 0)"),
+                  f"Authorization: Bearer {namespace_token(other)}\r\n".encode()), True),
+            (post(pipe, pipeline("SELECT key FROM ledger"),
+                  f"Authorization: Bearer {namespace_token(other)}\r\n".encode()), True),
+            (post(pipe, pipeline(f"INSERT INTO ledger (key, ns, seq) VALUES ('read-only', '{name}', 0)"),
+                  f"Authorization: Bearer {namespace_token(name, read_only=True)}\r\n".encode()), True),
+            (post("/soak-unknown/v2/pipeline", pipeline("CREATE TABLE t (x)"),
+                  f"Authorization: Bearer {namespace_token(other)}\r\n".encode()), True),
             (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", False),
         ]
         admin_cases = [
@@ -638,6 +659,9 @@ class Soak:
         if os.path.exists(planted):
             self.ledger.leaked += 1
             self.ledger.anomaly(f"a client's VACUUM INTO wrote {planted}")
+        status, _ = self.daemon.admin("GET", "/v1/namespaces/soak-unknown")
+        if status != 404:
+            self.ledger.anomaly("another namespace's token created soak-unknown")
 
     def slow_clients(self) -> None:
         self.release_slow_clients()
