@@ -223,23 +223,30 @@ class Daemon:
             raise RuntimeError(f"listing namespaces answered {status}")
         return {n["pid"] for n in json.loads(body)["namespaces"] if n.get("pid")}
 
-    def rows(self, name: str) -> list[tuple[str, str]]:
+    def query(self, name: str, sql: str) -> list[list[Any]]:
         """
-        Every (key, ns) row of a namespace's ledger table, read over the data
-        port; a 503 (a child restarting after a crash) is waited out.
+        The rows of one statement in a namespace, read over the data port
+        (values as Hrana gives them); a 503 (a child restarting after a
+        crash) is waited out.
+
+        @raise ValueError: for any other answer.
         """
         deadline = time.monotonic() + 30
         while True:
-            status, body = self.data("POST", f"/{name}/v2/pipeline", pipeline("SELECT key, ns FROM ledger"))
+            status, body = self.data("POST", f"/{name}/v2/pipeline", pipeline(sql))
             if status != 503 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         if status != 200:
-            raise RuntimeError(f"reading {name} answered {status}: {body[:200]!r}")
+            raise ValueError(f"{sql} in {name} answered {status}: {body[:200]!r}")
         result = json.loads(body)["results"][0]
         if result.get("type") != "ok":
-            raise RuntimeError(f"reading {name} failed: {result}")
-        return [(row[0]["value"], row[1]["value"]) for row in result["response"]["result"]["rows"]]
+            raise ValueError(f"{sql} in {name} failed: {str(result)[:300]}")
+        return list(result["response"]["result"]["rows"])
+
+    def rows(self, name: str) -> list[tuple[str, str]]:
+        """Every (key, ns) row of a namespace's ledger table."""
+        return [(row[0]["value"], row[1]["value"]) for row in self.query(name, "SELECT key, ns FROM ledger")]
 
     def events(self, text: str) -> list[dict[str, Any]]:
         out = []
@@ -399,28 +406,12 @@ class Soak:
                             + ", ".join(w.namespace for w in self.workers
                                         if w.acknowledged_bytes() == start[w.namespace]))
 
-    def count(self, name: str) -> int:
-        """Rows in a namespace's ledger; a 503 (a child restarting after a crash) is waited out."""
-        deadline = time.monotonic() + 30
-        while True:
-            status, body = self.daemon.data("POST", f"/{name}/v2/pipeline",
-                                            pipeline("SELECT count(*) FROM ledger"))
-            if status == 503 and time.monotonic() < deadline:
-                time.sleep(0.2)
-                continue
-            if status != 200:
-                raise ValueError(f"{status} {body[:200]!r}")
-            result = json.loads(body)["results"][0]
-            if result.get("type") != "ok":
-                raise ValueError(str(result)[:300])
-            return int(result["response"]["result"]["rows"][0][0]["value"])
-
     def check_counts(self, after: str, acknowledged: dict[str, int]) -> None:
         """Each namespace holds at least what was acknowledged before the fault."""
         for worker in self.workers:
             name = worker.namespace
             try:
-                count = self.count(name)
+                count = int(self.daemon.query(name, "SELECT count(*) FROM ledger")[0][0]["value"])
             except (OSError, ValueError) as error:
                 self.ledger.anomaly(f"after {after}, {name} could not be counted: {error}")
                 continue
@@ -537,8 +528,7 @@ class Soak:
             self.ledger.anomaly(f"fork {source} -> {target} answered {status}: {body[:200]!r}")
             return
         _, attempted = self._snapshot(source)
-        self.ledger.check_copy(f"fork {source} -> {target}", self.daemon.rows(target), source,
-                               attempted, before)
+        self.check_copy(f"fork {source} -> {target}", target, source, attempted, before)
         self.purge_archive()
 
     def restore(self) -> None:
@@ -554,9 +544,17 @@ class Soak:
             self.ledger.anomaly(f"restore of {source} into soak-restored answered {status}: {body[:200]!r}")
             return
         _, attempted = self._snapshot(source)
-        self.ledger.check_copy(f"restore of {source}", self.daemon.rows("soak-restored"), source,
-                               attempted, before)
+        self.check_copy(f"restore of {source}", "soak-restored", source, attempted, before)
         self.purge_archive()
+
+    def check_copy(self, what: str, copy: str, source: str, attempted: set[str],
+                   acknowledged_before: set[str]) -> None:
+        try:
+            rows = self.daemon.rows(copy)
+        except (OSError, ValueError) as error:
+            self.ledger.anomaly(f"{what}: cannot read the copy: {error}")
+            return
+        self.ledger.check_copy(what, rows, source, attempted, acknowledged_before)
 
     def purge_archive(self) -> None:
         """Deleted forks and replaced restores go to the archive: drop them (the disk is small)."""
@@ -828,7 +826,11 @@ class Soak:
             acknowledged = set(worker.keys("acknowledged"))
             attempted = set(worker.keys("attempted"))
             self.ledger.acknowledged += len(acknowledged)
-            rows = self.daemon.rows(worker.namespace)
+            try:
+                rows = self.daemon.rows(worker.namespace)
+            except (OSError, ValueError) as error:
+                self.ledger.anomaly(f"{worker.namespace} cannot be read at the end: {error}")
+                continue
             counts = Counter(key for key, _ in rows)
             lost = acknowledged - set(counts)
             doubled = [key for key, n in counts.items() if n > 1]

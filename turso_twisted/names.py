@@ -79,6 +79,19 @@ def data_files(data_dir: str, name: str) -> list[str]:
     return [os.path.join(data_dir, name + suffix) for suffix in DATA_FILE_SUFFIXES]
 
 
+def data_file_sizes(data_dir: str, name: str) -> dict[str, int]:
+    """
+    The size of each of C{name}'s data files that exists, by file name.
+    """
+    sizes = {}
+    for path in data_files(data_dir, name):
+        try:
+            sizes[os.path.basename(path)] = os.path.getsize(path)
+        except FileNotFoundError:
+            continue
+    return sizes
+
+
 def name_of_data_file(file_name: str) -> str | None:
     """
     The namespace whose data file C{file_name} would be, or C{None}.

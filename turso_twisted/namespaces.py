@@ -242,11 +242,9 @@ class NamespaceManager:
         and save.  A C{tokens_not_before} is kept for the name as well, so
         that a revocation outlives a delete and a re-creation.
 
-        @raise ValueError: for a bad change (nothing is changed).
+        @raise ValueError: for a bad change (nothing is changed: the new
+            config is made before anything is assigned).
         """
-        record = self.get(name)
-        if record is not None:
-            record.config.updated(changes)  # refuse a bad change before taking the lock
 
         def apply(live: NamespaceRecord) -> None:
             live.config = live.config.updated(changes)

@@ -7,8 +7,6 @@ statements (so a write is known) and before anything is created or sent.
 
 from __future__ import annotations
 
-import os
-
 from . import names
 from .errors import Forbidden, not_found
 from .state import NamespaceRecord
@@ -44,18 +42,8 @@ def authorize(access: Access, name: str, record: NamespaceRecord | None, writes:
     if config.block_writes:
         raise Forbidden("writes_blocked", f"writes to namespace {name!r} are blocked{reason}")
     if config.max_db_size is not None:
-        size = _size(data_dir, name)
+        size = sum(names.data_file_sizes(data_dir, name).values())
         if size > config.max_db_size:
             raise Forbidden("max_db_size_exceeded",
                             f"namespace {name!r} holds {size} bytes, over its max_db_size of "
                             f"{config.max_db_size}: writes are refused, reads go on")
-
-
-def _size(data_dir: str, name: str) -> int:
-    total = 0
-    for path in names.data_files(data_dir, name):
-        try:
-            total += os.stat(path).st_size
-        except FileNotFoundError:
-            continue
-    return total

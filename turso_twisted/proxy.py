@@ -56,7 +56,6 @@ from .metrics import Metrics, request_kind
 from .namespaces import NamespaceManager
 from .policy import authorize
 from .process import TursodbProcess
-from .sites import Gatekeeper
 from .stats import NamespaceStats
 from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMessage
 from .tokens import OPEN, Access, DataAuth
@@ -172,7 +171,7 @@ class DataPlane(Resource):
     def __init__(self, reactor: IReactorTime, manager: NamespaceManager, guard: HistoryGuard,
                  stats: NamespaceStats, metrics: Metrics | None = None, access_log: bool = True,
                  run_in_thread: RunInThread = deferToThread, scratch_dir: str | None = None,
-                 max_held_bytes: int = 1 << 30, auth: Gatekeeper | None = None,
+                 max_held_bytes: int = 1 << 30, auth: DataAuth | None = None,
                  data_dir: str = "") -> None:
         super().__init__()
         self.reactor = reactor
@@ -214,7 +213,7 @@ class DataPlane(Resource):
         verdict = await self._check_route(info.path, body)
         pipeline = None if verdict is None else verdict.document
         access = self._access(request)
-        if isinstance(self.auth, DataAuth):
+        if self.auth is not None:
             # The body took its time: expiry and revocation are checked again.
             self.auth.confirm(access, name)
         try:

@@ -9,7 +9,6 @@ no lock, no write.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import attrs
@@ -73,12 +72,7 @@ class NamespaceStats:
         record = self.state.records.get(name)
         if record is None:
             raise not_found(name)
-        files = {}
-        for path in names.data_files(self.data_dir, name):
-            try:
-                files[os.path.basename(path)] = os.path.getsize(path)
-            except FileNotFoundError:
-                continue
+        files = names.data_file_sizes(self.data_dir, name)
         requests, received, sent = self.usage.get(name, [0, 0, 0])
         child = self.supervisor.running(name)
         return {
