@@ -305,10 +305,11 @@ class StateStore:
         (which outlives a delete).
         """
         record = self.records.get(name)
-        moments = [moment for moment in (self.token_floors.get(name),
-                                         None if record is None else record.config.tokens_not_before)
-                   if moment is not None]
-        return max(moments) if moments else None
+        own = None if record is None else record.config.tokens_not_before
+        floor = self.token_floors.get(name)
+        if own is None or floor is None:
+            return own if floor is None else floor
+        return max(own, floor)
 
     def touch(self, name: str) -> None:
         """
