@@ -61,6 +61,7 @@ class StateStoreTests(SynchronousTestCase):
         self.assertEqual(on_disk["namespaces"]["alpha"]["config"]["tokens_not_before"],
                          "2026-11-23T10:00:00.123Z")
         self.assertEqual(loaded["beta"].config, NamespaceConfig())
+        self.assertNotIn("config", on_disk["namespaces"]["beta"], "a default config is not written")
 
     def test_ids_differ_per_incarnation(self) -> None:
         first = NamespaceRecord.new("alpha", "auto", 0)

@@ -54,6 +54,7 @@ class NamespaceStats:
         """
         child = self.supervisor.running(record.name)
         out = record.to_json()
+        out["config"] = record.config.to_json()
         out["running"] = child is not None
         out["port"] = child.port if child else None
         out["pid"] = child.pid if child else None
