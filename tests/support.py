@@ -7,10 +7,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
+import httptools
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.testing import StringTransport
+from twisted.web.http_headers import Headers
 
 from turso_twisted.archival import Archival
 from turso_twisted.archive import Archiver
+from turso_twisted.dataport import DataConnection, DataPort
 from turso_twisted.hibernation import Hibernator
 from turso_twisted.leases import Leases
 from turso_twisted.locks import KeyedLocks
@@ -24,6 +29,67 @@ from turso_twisted.supervisor import Supervisor
 from turso_twisted.syncproto import HistoryGuard
 
 from .fakes import ProcessReactor
+
+
+def request_bytes(method: bytes, target: bytes, body: bytes = b"",
+                  headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """One HTTP/1.1 request on the wire, with C{Content-Length}."""
+    lines = [b"%s %s HTTP/1.1\r\nHost: x\r\n" % (method, target)]
+    lines += [b"%s: %s\r\n" % pair for pair in headers or []]
+    lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+    return b"".join(lines) + body
+
+
+@attrs.define
+class Answer:
+    """One HTTP response, as a client read it."""
+
+    code: int = 0
+    headers: Headers = attrs.field(factory=Headers)
+    body: bytes = b""
+    complete: bool = False
+
+    @property
+    def length(self) -> int | None:
+        values = self.headers.getRawHeaders(b"content-length")
+        return int(values[0]) if values else None
+
+
+class _AnswerReader:
+    def __init__(self) -> None:
+        self.answers: list[Answer] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.answers.append(Answer())
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.answers[-1].headers.addRawHeader(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.answers[-1].code = self.parser.get_status_code()
+
+    def on_body(self, data: bytes) -> None:
+        self.answers[-1].body += data
+
+    def on_message_complete(self) -> None:
+        self.answers[-1].complete = True
+
+
+def connect(port: DataPort) -> tuple[DataConnection, StringTransport]:
+    """A client connection to C{port}, on a string transport."""
+    protocol = port.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def answers(raw: bytes) -> list[Answer]:
+    """The HTTP responses in C{raw}, in order; each must be complete."""
+    reader = _AnswerReader()
+    reader.parser.feed_data(raw)
+    assert all(answer.complete for answer in reader.answers), raw
+    return reader.answers
 
 
 def synchronously(function: Any, *args: Any) -> Any:

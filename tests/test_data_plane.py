@@ -1,7 +1,7 @@
 """
-The data-port resource through StubTreq, with a scripted stand-in for the
-child's channel: relaying, the retry after a refused connection, 502s and
-503s.
+The data plane behind the real data-port protocol (on a string transport),
+with a scripted stand-in for the child's channel: relaying, the retry
+after a refused connection, 502s and 503s.
 """
 
 from __future__ import annotations
@@ -10,22 +10,21 @@ import errno
 import json
 from typing import Any
 
-from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted import sites
+from turso_twisted import dataport
 from turso_twisted.auth import BearerToken
 from turso_twisted.channel import BackendResponse, BackendTimeout, QueueFull, ResponseIncomplete
+from turso_twisted.dataport import DataPort
 from turso_twisted.metrics import Metrics
 from turso_twisted.proxy import DataPlane
-from turso_twisted.sites import CappedSite
 from turso_twisted.state import StateStore
 
 from .fakes import end
-from .support import ManagerFixture
+from .support import Answer, ManagerFixture, answers, connect, request_bytes
 
 
 class ScriptedChannel:
@@ -67,20 +66,22 @@ class DataPlaneTests(SynchronousTestCase):
 
         self.fx = ManagerFixture(self.mktemp(), make_channel=scripted)
         self.plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats)
-        self.stub = StubTreq(self.plane)
+        self.port = DataPort(self.fx.reactor, self.plane.handle, self.plane.refused_at_headers,
+                             BearerToken("data-token"), 1_000_000)
 
-    def post(self, path: str, token: str = "data-token", body: bytes = b'{"requests": []}') -> Any:
-        pending = self.stub.post("http://data" + path, data=body,
-                                 headers={b"authorization": [b"Bearer " + token.encode()],
-                                          b"x-client": [b"py"], b"connection": [b"keep-alive"]})
+    def post(self, path: str, token: str = "data-token",
+             body: bytes = b'{"requests": []}') -> StringTransport:
+        protocol, transport = connect(self.port)
+        protocol.dataReceived(request_bytes(
+            b"POST", path.encode(), body, [(b"Authorization", b"Bearer " + token.encode()),
+                                           (b"X-Client", b"py"), (b"Connection", b"keep-alive")]))
         for _ in range(5):
             self.fx.settle()
-            self.stub.flush()
-        return pending
+        return transport
 
-    def result(self, pending: Any) -> tuple[int, bytes, Any]:
-        response = self.successResultOf(pending)
-        return response.code, self.successResultOf(response.content()), response
+    def result(self, pending: StringTransport) -> tuple[int, bytes, Answer]:
+        [answer] = answers(pending.value())
+        return answer.code, answer.body, answer
 
     def test_relays_status_headers_and_body(self) -> None:
         self.outcomes.append(BackendResponse(200, b"OK", [
@@ -137,9 +138,7 @@ class DataPlaneTests(SynchronousTestCase):
         self.outcomes += [ConnectionRefusedError(), ConnectionRefusedError()]
         pending = self.post("/alpha/v2/pipeline")
         self.fx.reactor.advance(2)
-        self.stub.flush()
         self.fx.settle()
-        self.stub.flush()
         code, body, _ = self.result(pending)
         self.assertEqual((code, json.loads(body)["error"]), (502, "upstream_error"))
 
@@ -177,25 +176,21 @@ class DataPlaneTests(SynchronousTestCase):
         self.assertEqual(self.fx.leases.count(), 0)
 
 
-class DataSiteTests(SynchronousTestCase):
+class DataPortAuthTests(SynchronousTestCase):
     """
-    The data port's site checks the token of every request once, before
-    its body is read and before the data plane sees it.
+    The data port checks the credentials of every request once, before its
+    body is read and before the data plane sees it.
     """
 
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp())
         self.metrics = Metrics()
         plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats, self.metrics)
-        self.site = CappedSite(plane, "data", 1000, BearerToken("data-token"), authorize_every_request=True,
-                               on_refused=plane.refused_at_headers)
+        self.port = DataPort(self.fx.reactor, plane.handle, plane.refused_at_headers,
+                             BearerToken("data-token"), 1000)
 
     def exchange(self, raw: bytes) -> bytes:
-        protocol = self.site.buildProtocol(None)
-        # The channel's idle timer runs on the test's clock, not the reactor.
-        protocol.callLater = self.fx.reactor.callLater
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = connect(self.port)
         protocol.dataReceived(raw)
         return transport.value()
 
@@ -203,13 +198,13 @@ class DataSiteTests(SynchronousTestCase):
         for raw in (b"POST /alpha/v2/pipeline HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
                     b"Content-Length: 5\r\n\r\n",
                     b"GET /alpha/ HTTP/1.1\r\nHost: x\r\n\r\n"):
-            answer = self.exchange(raw)
-            head, _, body = answer.partition(b"\r\n\r\n")
-            self.assertTrue(head.startswith(b"HTTP/1.1 401 "), answer)
-            self.assertIn(b"www-authenticate: Bearer", head)
-            self.assertEqual(json.loads(body)["error"], "unauthorized")
+            [answer] = answers(self.exchange(raw))
+            self.assertEqual(answer.code, 401)
+            self.assertEqual(answer.headers.getRawHeaders(b"www-authenticate"),
+                             [b'Bearer realm="turso-server"'])
+            self.assertEqual(json.loads(answer.body)["error"], "unauthorized")
         self.assertEqual(self.fx.state.records, {})
-        self.assertEqual(self.site.refused, 2)
+        self.assertEqual(self.port.unauthorized, 2)
         # Counted and logged like any other answer.
         counted = b'turso_proxy_requests_total{kind="other",status_class="4xx"} 2.0'
         self.assertIn(counted, self.metrics.render())
@@ -237,22 +232,19 @@ class FullDiskBodyTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fx = ManagerFixture(self.mktemp())
         plane = DataPlane(self.fx.reactor, self.fx.manager, self.fx.guard, self.fx.stats, Metrics())
-        self.site = CappedSite(plane, "data", 10_000_000, BearerToken("data-token"),
-                               authorize_every_request=True, scratch_dir=self.fx.data_dir)
+        self.port = DataPort(self.fx.reactor, plane.handle, plane.refused_at_headers,
+                             BearerToken("data-token"), 10_000_000, scratch_dir=self.fx.data_dir)
         self.spool = _FullDisk()
-        self.patch(sites.tempfile, "TemporaryFile", lambda **_: self.spool)
+        self.patch(dataport.tempfile, "TemporaryFile", lambda **_: self.spool)
 
     def test_a_body_the_volume_cannot_hold_gets_507(self) -> None:
-        protocol = self.site.buildProtocol(None)
-        protocol.callLater = self.fx.reactor.callLater
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = connect(self.port)
         head = (b"POST /alpha/v2/pipeline HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer data-token\r\n"
                 b"Content-Length: 200000\r\n\r\n")
-        protocol.dataReceived(head + b"x" * 5000)
-        head, _, body = transport.value().partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 507 "), head)
-        self.assertEqual(json.loads(body)["error"], "insufficient_storage")
+        protocol.dataReceived(head + b"x" * 150_000)
+        [answer] = answers(transport.value())
+        self.assertEqual(answer.code, 507)
+        self.assertEqual(json.loads(answer.body)["error"], "insufficient_storage")
         self.assertTrue(self.spool.closed)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.fx.state.records, {})

@@ -1,10 +1,11 @@
 """
 Bearer-token checks for both ports.
 
-On the data port the site checks every request once, when its headers are
-in and before its body is read (see L{turso_twisted.sites}); on the admin
-port the site checks requests with a body the same way and each route
-checks the rest (the probes are open).
+On the data port every request is checked once, when its headers are in
+and before its body is read (see L{turso_twisted.dataport}); on the admin
+port the site checks requests with a body the same way (see
+L{turso_twisted.sites}) and each route checks the rest (the probes are
+open).
 """
 
 from __future__ import annotations
@@ -32,16 +33,22 @@ class BearerToken:
         """
         @raise Unauthorized: unless the request may pass.
         """
+        self.admit(request.requestHeaders.getRawHeaders(b"authorization") or [], request.uri)
+
+    def admit(self, authorization: list[bytes], target: bytes) -> Access:
+        """
+        The check on a request's C{Authorization} values: all or nothing
+        (a L{turso_twisted.dataport.Gatekeeper}).
+
+        @raise Unauthorized: unless the request may pass.
+        """
         if not self.token:
-            return
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, given = header.partition(b" ")
+            return OPEN
+        if len(authorization) > 1:
+            raise Unauthorized("unauthorized", "more than one Authorization header")
+        scheme, _, given = (authorization[0] if authorization else b"").partition(b" ")
         if scheme.lower() != b"bearer" or not given:
             raise Unauthorized("unauthorized", "missing bearer token (Authorization: Bearer <token>)")
         if not hmac.compare_digest(given.strip(), self.token.encode("utf-8")):
             raise Unauthorized("unauthorized", "invalid bearer token")
-
-    def admit(self, request: IRequest, target: bytes) -> Access:
-        """The site's check (see L{turso_twisted.sites.Gatekeeper}): all or nothing."""
-        self.check(request)
-        return FULL if self.token else OPEN
+        return FULL

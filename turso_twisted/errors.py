@@ -65,6 +65,10 @@ class TooLarge(Refusal):
     """The request body is over a limit."""
 
 
+class HeadersTooLarge(Refusal):
+    """The request line and headers are over the limit."""
+
+
 class Unprocessable(Refusal):
     """The request's content is unusable (not SQLite, damaged, tampered with)."""
 
@@ -102,6 +106,7 @@ STATUS: dict[type[Refusal], int] = {
     NotAllowed: 405,
     Conflict: 409,
     TooLarge: 413,
+    HeadersTooLarge: 431,
     Unprocessable: 422,
     # An admin asked for something the cap forbids; a data client that
     # auto-provisions meets it as a passing condition (see L{status_for}).

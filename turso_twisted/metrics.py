@@ -100,7 +100,7 @@ class _DaemonCollector:
             ("turso_running_cap_refusals", "503 too_many_running: every resident child was busy",
              hibernator.refused_running),
             ("turso_auth_refusals", "Data-port requests refused for their token (401)",
-             service.data_site.refused),
+             service.data_port.unauthorized),
             ("turso_gc_archives", "Namespaces archived by the GC", service.gc.archives),
             ("turso_gc_purges", "Archive entries purged by the GC", service.gc.purges),
             ("turso_gc_failures", "GC actions that failed (retried next sweep)", service.gc.failures),

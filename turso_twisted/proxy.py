@@ -2,9 +2,9 @@
 The data port: C{/<namespace>/<rest>} is forwarded to that namespace's child
 as C{/<rest>}.
 
-Order of checks, so that nothing is created or touched on bad input: bearer
-token and body cap (by the site, before the body is read; see
-L{turso_twisted.sites}), path and name (raw bytes, no decoding), then the
+Order of checks, so that nothing is created or touched on bad input: HTTP
+framing, credentials and body cap (by the port, before the body is read;
+see L{turso_twisted.dataport}), path and name (raw bytes, no decoding), then the
 namespace lease, the history guard, and the child.  A request goes down
 once (L{DataPlane._serve}) and its answer comes up once (L{DataPlane._respond});
 what is learnt about it on the way is in one L{ProxiedRequest}.
@@ -24,9 +24,6 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from . import names
 from .channel import (
@@ -37,6 +34,7 @@ from .channel import (
     QueueTimeout,
     ResponseIncomplete,
 )
+from .dataport import DataRequest
 from .errors import (
     INTERNAL,
     Forbidden,
@@ -47,7 +45,6 @@ from .errors import (
     Unavailable,
     UpstreamFailed,
     from_os_error,
-    render,
 )
 from .files import RunInThread
 from .gate import PipelineVerdict, check_pipeline
@@ -58,7 +55,7 @@ from .policy import authorize
 from .process import TursodbProcess
 from .stats import NamespaceStats
 from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMessage
-from .tokens import OPEN, Access, DataAuth
+from .tokens import DataAuth
 
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
@@ -120,10 +117,6 @@ def end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes] =
             if key.lower() not in also_drop and key.lower() not in named]
 
 
-def _pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
-    return [(key, value) for key, values in headers.getAllRawHeaders() for value in values]
-
-
 def _spool(path: str, body: bytes) -> BinaryIO:
     """
     Write C{body} to a new file at C{path} and return it open for reading,
@@ -141,10 +134,6 @@ def _spool(path: str, body: bytes) -> BinaryIO:
     return handle
 
 
-def _gone(request: Request) -> bool:
-    return bool(getattr(request, "_disconnected", False))
-
-
 @attrs.define(eq=False)
 class ProxiedRequest:
     """
@@ -160,12 +149,11 @@ class ProxiedRequest:
     upstream_seconds: float = 0.0
 
 
-class DataPlane(Resource):
+class DataPlane:
     """
-    The data port's only resource: every path is a namespace route.
+    What the data port does with a request: every path is a namespace route.
     """
 
-    isLeaf = True
     _log = Logger()
 
     def __init__(self, reactor: IReactorTime, manager: NamespaceManager, guard: HistoryGuard,
@@ -173,7 +161,6 @@ class DataPlane(Resource):
                  run_in_thread: RunInThread = deferToThread, scratch_dir: str | None = None,
                  max_held_bytes: int = 1 << 30, auth: DataAuth | None = None,
                  data_dir: str = "") -> None:
-        super().__init__()
         self.reactor = reactor
         self.manager = manager
         self.guard = guard
@@ -188,36 +175,32 @@ class DataPlane(Resource):
         self.held_bytes = 0
         self.rejected = 0
         self.budget_refusals = 0
-        #: The data site's credentials check, for a request that did not pass it.
+        #: The data port's credentials check, made again once a body is in.
         self.auth = auth
         self.data_dir = data_dir
         #: Requests refused by a namespace's access rules, by error code.
         self.forbidden: dict[str, int] = {}
 
-    def render(self, request: Request) -> int:
-        content = request.content
-        info = ProxiedRequest(self.reactor.seconds(), content.seek(0, 2) if content is not None else 0)
-        request.notifyFinish().addBoth(self._finished, request, info)
+    def handle(self, request: DataRequest) -> None:
+        """Serve C{request}, complete with its body, and answer it."""
+        info = ProxiedRequest(self.reactor.seconds(), request.received)
+        request.notify_finish().addBoth(self._finished, request, info)
         done = Deferred.fromCoroutine(self._serve(request, info))
         done.addErrback(self._failed, request)
-        return NOT_DONE_YET
 
     # -- down ------------------------------------------------------------------
 
-    async def _serve(self, request: Request, info: ProxiedRequest) -> None:
-        name, target = split_target(request.uri)
+    async def _serve(self, request: DataRequest, info: ProxiedRequest) -> None:
+        name, target = split_target(request.target)
         info.namespace, info.path = name, target.partition(b"?")[0]
-        assert request.content is not None
-        request.content.seek(0)
-        body = request.content.read()
+        body = request.body
         verdict = await self._check_route(info.path, body)
         pipeline = None if verdict is None else verdict.document
-        access = self._access(request)
         if self.auth is not None:
             # The body took its time: expiry and revocation are checked again.
-            self.auth.confirm(access, name)
+            self.auth.confirm(request.access, name)
         try:
-            authorize(access, name, self.manager.get(name),
+            authorize(request.access, name, self.manager.get(name),
                       verdict is not None and "write" in verdict.kinds, self.data_dir)
         except Forbidden as refusal:
             self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1
@@ -251,7 +234,7 @@ class DataPlane(Resource):
             self._respond(request, info, history, response)
             return
 
-    async def _exchange(self, lease: Lease, request: Request, info: ProxiedRequest, target: bytes,
+    async def _exchange(self, lease: Lease, request: DataRequest, info: ProxiedRequest, target: bytes,
                         body: bytes, pipeline: Any) -> tuple[str, BackendResponse]:
         """
         Send the request to the leased child; return the history it was
@@ -262,7 +245,7 @@ class DataPlane(Resource):
         began = self.reactor.seconds()
         try:
             sent = self.guard.inbound(record, request.method, info.path, body, pipeline)
-            headers = end_to_end(_pairs(request.requestHeaders), _NOT_FORWARDED)
+            headers = end_to_end(request.headers, _NOT_FORWARDED)
             info.waiting = lease.channel.request(request.method, target, headers, sent)
             response = await info.waiting
         except BackendTimeout as error:
@@ -279,13 +262,6 @@ class DataPlane(Resource):
             raise self._upstream_error(lease.name, request, error) from None
         info.upstream_seconds = self.reactor.seconds() - began
         return record.history, response
-
-    def _access(self, request: Request) -> Access:
-        """What the request's credentials open: checked at its headers by the site, or now."""
-        access: Access | None = getattr(request, "access", None)
-        if access is None:
-            access = OPEN if self.auth is None else self.auth.admit(request, request.uri)
-        return access
 
     async def _check_route(self, path: bytes, body: bytes) -> PipelineVerdict | None:
         """
@@ -321,7 +297,7 @@ class DataPlane(Resource):
 
     # -- up --------------------------------------------------------------------
 
-    def _respond(self, request: Request, info: ProxiedRequest, history: str,
+    def _respond(self, request: DataRequest, info: ProxiedRequest, history: str,
                  response: BackendResponse) -> None:
         """
         Give the client the child's status, end-to-end headers and body (a
@@ -332,19 +308,16 @@ class DataPlane(Resource):
             body = self.guard.outbound(history, request.method, info.path, response.code, response.body)
         except MalformedSyncMessage as error:
             raise self._upstream_error(info.namespace, request, error) from None
-        if _gone(request) or request.finished:
+        if request.gone or request.finished:
             return
-        request.setResponseCode(response.code, response.phrase)
-        for key, value in end_to_end(response.headers, _NOT_RETURNED):
-            request.responseHeaders.addRawHeader(key, value)
-        request.setHeader(b"content-length", b"%d" % len(body))
+        headers = end_to_end(response.headers, _NOT_RETURNED)
         if len(body) <= SPOOL_AT or self.scratch_dir is None:
-            request.write(body)
-            request.finish()
+            request.respond(response.code, response.phrase, headers, body)
             return
+        request.begin(response.code, response.phrase, headers, len(body))
         self._send_spooled(request, info, body).addErrback(self._failed, request)
 
-    def _send_spooled(self, request: Request, info: ProxiedRequest, body: bytes) -> Deferred[None]:
+    def _send_spooled(self, request: DataRequest, info: ProxiedRequest, body: bytes) -> Deferred[None]:
         """
         Stream a large answer from a file, as fast as the client reads it:
         the file waits in the scratch dir (unlinked: it goes when closed),
@@ -372,18 +345,17 @@ class DataPlane(Resource):
             finally:
                 handle.close()
                 self.held_bytes -= size
-            if not _gone(request) and not request.finished:
-                request.finish()
+            request.finish()
 
         return Deferred.fromCoroutine(send())
 
-    def _failed(self, failure: Failure, request: Request) -> None:
+    def _failed(self, failure: Failure, request: DataRequest) -> None:
         if failure.check(CancelledError):
             return  # the client went away
-        if request.startedWriting:
+        if request.started:
             if not failure.check(Refusal):
                 self._log.failure("unexpected error while relaying a response", failure)
-            request.loseConnection()
+            request.abort()
             return
         error = failure.value
         if not isinstance(error, Refusal):
@@ -394,14 +366,11 @@ class DataPlane(Resource):
             else:
                 self._log.warn("data request refused: {error}", error=str(error))
                 error = refusal
-        if _gone(request) or request.finished:
+        if request.gone or request.finished:
             return
-        # Headers copied from a child's answer must not leak into an error.
-        request.responseHeaders = Headers()
-        request.write(render(request, error, "data"))
-        request.finish()
+        request.refuse(error)
 
-    def _finished(self, result: object, request: Request, info: ProxiedRequest) -> None:
+    def _finished(self, result: object, request: DataRequest, info: ProxiedRequest) -> None:
         """
         Count the request and write its access-log line (never a header:
         the token stays out of the log).  A client that went away while its
@@ -410,15 +379,16 @@ class DataPlane(Resource):
         """
         if isinstance(result, Failure) and info.waiting is not None and not info.waiting.called:
             info.waiting.cancel()
-        status = 499 if _gone(request) and not request.finished else request.code  # 499: the client left
-        self._account(request.method, request.uri, info, status, getattr(request, "sentLength", 0))
+        status = 499 if request.gone else request.code  # 499: the client left
+        self._account(request.method, request.target, info, status, request.sent)
 
-    def refused_at_headers(self, method: bytes, target: bytes, status: int, sent: int) -> None:
+    def refused_at_headers(self, request: DataRequest) -> None:
         """
-        Count and log a request the site answered before it got here (a
-        missing token, a body over the cap), as any other.
+        Count and log a request the port answered before it got here (bad
+        framing, a missing token, a body over the cap), as any other.
         """
-        self._account(method, target, ProxiedRequest(self.reactor.seconds(), 0), status, sent)
+        self._account(request.method, request.target, ProxiedRequest(self.reactor.seconds(), 0),
+                      request.code, request.sent)
 
     def _account(self, method: bytes, target: bytes, info: ProxiedRequest, status: int, sent: int) -> None:
         seconds = self.reactor.seconds() - info.started
@@ -434,10 +404,10 @@ class DataPlane(Resource):
                 bytes_in=info.received, bytes_out=sent, duration_ms=round(seconds * 1000, 3),
                 upstream_ms=round(info.upstream_seconds * 1000, 3))
 
-    def _upstream_error(self, name: str, request: Request, error: Exception) -> UpstreamFailed:
+    def _upstream_error(self, name: str, request: DataRequest, error: Exception) -> UpstreamFailed:
         reasons = getattr(error, "reasons", None)
         message = "; ".join(r.getErrorMessage() for r in reasons) if reasons else str(error)
         self._log.warn("upstream error from namespace {name}: {err}", name=name,
-                       path=request.path.decode("latin-1"), err=message)
+                       path=request.target.partition(b"?")[0].decode("latin-1")[:512], err=message)
         return UpstreamFailed("upstream_error",
                               f"namespace {name!r}: its tursodb child did not answer; retry the request")

@@ -30,6 +30,7 @@ from .channel import BackendChannel
 from .config import Config, ConfigError
 from .confine import Confinement, ConfinementUnavailable, choose
 from .datadir import DataDirBusy, lock_data_dir, temp_dir
+from .dataport import DataPort
 from .gc import GarbageCollector
 from .hibernation import Hibernator
 from .leases import Leases
@@ -125,13 +126,11 @@ class TursoService(Service):
         admin_token = BearerToken(config.admin_token)
         self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
                               self.backups, self.metrics, metrics_public=config.metrics_public)
-        self.data_site = CappedSite(self.data_plane, "data", config.max_body_bytes,
-                                    self.data_auth, authorize_every_request=True,
-                                    scratch_dir=scratch, timeout=config.client_idle_timeout,
-                                    on_refused=self.data_plane.refused_at_headers)
-        self.admin_site = CappedSite(self.admin.resource(), "admin", config.max_restore_bytes, admin_token,
-                                     authorize_every_request=False, limit_name="TURSO_MAX_RESTORE_BYTES",
-                                     scratch_dir=scratch)
+        self.data_port = DataPort(reactor, self.data_plane.handle, self.data_plane.refused_at_headers,
+                                  self.data_auth, config.max_body_bytes, scratch_dir=scratch,
+                                  idle_timeout=config.client_idle_timeout)
+        self.admin_site = CappedSite(self.admin.resource(), config.max_restore_bytes, admin_token,
+                                     limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)
         self.ports: dict[str, IListeningPort] = {}
         #: Files start-up recovery found with no namespace and quarantined.
         self.quarantined: list[str] = []
@@ -146,7 +145,7 @@ class TursoService(Service):
         """
         os.makedirs(temp_dir(self.config.data_dir), exist_ok=True)
         listeners = (
-            ("data", "TURSO_DATA_ADDR", self.config.data_addr, self.data_site),
+            ("data", "TURSO_DATA_ADDR", self.config.data_addr, self.data_port),
             ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr, self.admin_site),
         )
         for kind, variable, address, site in listeners:

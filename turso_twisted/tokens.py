@@ -28,7 +28,6 @@ import jwt.types
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.iweb import IRequest
 
 from .errors import Unauthorized
 
@@ -309,13 +308,12 @@ class DataAuth:
         self._check_revocation(access, namespace)
         return access
 
-    def admit(self, request: IRequest, target: bytes) -> Access:
-        """The data site's check (see L{turso_twisted.sites.Gatekeeper})."""
-        headers = request.requestHeaders.getRawHeaders(b"authorization") or []
-        if len(headers) > 1:
+    def admit(self, authorization: list[bytes], target: bytes) -> Access:
+        """The data port's check (see L{turso_twisted.dataport.Gatekeeper})."""
+        if len(authorization) > 1:
             self.refusals["malformed"] += 1
             raise TokenRefused("malformed", "more than one Authorization header")
-        return self.authenticate(headers[0] if headers else None, self.namespace_of(target))
+        return self.authenticate(authorization[0] if authorization else None, self.namespace_of(target))
 
     def confirm(self, access: Access, namespace: str) -> None:
         """
