@@ -7,10 +7,12 @@ from __future__ import annotations
 import io
 import json
 
-from twisted.logger import Logger, LogLevel
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted.jsonlog import event_as_json, json_observer
+from turso_twisted import jsonlog
+from turso_twisted.jsonlog import event_as_json, flush_with, json_observer
 from turso_twisted.process import TursodbProcess
 
 
@@ -66,3 +68,51 @@ class JsonLogTests(SynchronousTestCase):
         self.assertIsNone(event_as_json({"log_namespace": "twisted.web.client._HTTP11ClientFactory",
                                          "log_level": LogLevel.info, "log_format": "Starting",
                                          "log_time": 0}))
+
+    def test_messages_match_twisteds_formatter(self) -> None:
+        for fmt, fields in (("{a} {b!r} {c:>4}", {"a": 1, "b": "x", "c": 7}),
+                            ("{obj.real}", {"obj": 3}), ("{missing}", {}), ("{f()}", {"f": lambda: "called"}),
+                            ("{0}", {}), ("{{literal}}", {})):
+            event = {"log_format": fmt, "log_level": LogLevel.info, "log_time": 0.5, **fields}
+            self.assertEqual(json.loads(event_as_json(event) or "")["msg"], formatEvent(event).strip(), fmt)
+
+    def test_time_to_the_millisecond(self) -> None:
+        line = json.loads(event_as_json({"log_format": "x", "log_level": LogLevel.info,
+                                         "log_time": 1795912345.6789}) or "")
+        self.assertEqual(line["time"], "2026-11-29T00:32:25.678Z")
+
+
+class _CountingStream(io.StringIO):
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+class FlushTests(SynchronousTestCase):
+    """
+    Once the service gives a clock, lines below WARN are flushed together at
+    the end of the reactor's turn; WARN and above at once.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.addCleanup(flush_with, None)
+        self.patch(jsonlog, "isInIOThread", lambda: True)
+
+    def test_one_flush_per_turn(self) -> None:
+        stream = _CountingStream()
+        log = Logger(observer=json_observer(stream))
+        log.info("first")
+        self.assertEqual(stream.flushes, 1)  # no clock yet: at once
+        flush_with(self.clock)
+        before = stream.flushes
+        for n in range(5):
+            log.info("line {n}", n=n)
+        self.assertEqual(stream.flushes, before)
+        self.clock.advance(0)
+        self.assertEqual(stream.flushes, before + 1)
+        log.warn("trouble")
+        self.assertEqual(stream.flushes, before + 2)
+        self.assertEqual(len(stream.getvalue().splitlines()), 7)

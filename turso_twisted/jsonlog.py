@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
+import weakref
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import IO, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
+from twisted.python.threadable import isInIOThread
 from zope.interface import directlyProvides
 
 _LEVELS = {
@@ -44,6 +47,37 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _message(event: LogEvent) -> str:
+    """
+    The event's message: a plain format filled in by C{str.format_map}
+    (most of ours, and the access log's, once per request), else by
+    Twisted's own formatter (which also calls methods in fields).
+    """
+    fmt = event.get("log_format")
+    if fmt is not None and "(" not in fmt:
+        try:
+            return str(fmt.format_map(event)).strip()
+        except (KeyError, IndexError, AttributeError, ValueError):
+            pass
+    return formatEvent(event).strip()
+
+
+class _Stamp:
+    """ISO 8601 UTC time with milliseconds; the part to the second is made once a second."""
+
+    second = -1
+    prefix = ""
+
+    def __call__(self, moment: float) -> str:
+        whole = int(moment)
+        if whole != self.second:
+            self.second, self.prefix = whole, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+        return f"{self.prefix}{int((moment - whole) * 1000):03d}Z"
+
+
+_stamp = _Stamp()
+
+
 def event_as_json(event: LogEvent) -> str | None:
     """
     Render one event as a JSON line, or C{None} for events we drop.
@@ -54,12 +88,11 @@ def event_as_json(event: LogEvent) -> str | None:
         return None
     if event.get("log_system") == "-" and event.get("log_format") is None and not event.get("message"):
         return None
-    text = formatEvent(event).strip()
+    text = _message(event)
     if namespace == "log_legacy" and _PORT_CHATTER.match(text):
         return None
-    moment = datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc)
     record: dict[str, Any] = {
-        "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
+        "time": _stamp(event.get("log_time", 0)),
         "level": _LEVELS.get(level, "INFO"),
         "msg": text,
         "logger": namespace,
@@ -76,12 +109,54 @@ def event_as_json(event: LogEvent) -> str | None:
     return json.dumps(record, ensure_ascii=False)
 
 
+class _Flushing:
+    """
+    When lines are flushed: each at once, until L{flush_with} gives a
+    clock; then lines below WARN written in one turn of the reactor go out
+    together at the end of it (one write for many access-log lines), and
+    WARN and above, and lines from other threads, at once.
+    """
+
+    clock: IReactorTime | None = None
+    streams: weakref.WeakSet[IO[str]] = weakref.WeakSet()
+    pending = False
+
+    def soon(self) -> None:
+        if not self.pending and self.clock is not None:
+            self.pending = True
+            self.clock.callLater(0, self.now)
+
+    def now(self) -> None:
+        self.pending = False
+        for stream in list(self.streams):
+            try:
+                stream.flush()
+            except ValueError:
+                pass  # closed
+
+
+_flushing = _Flushing()
+
+
+def flush_with(clock: IReactorTime | None) -> None:
+    """Batch flushes on C{clock}'s turns; C{None}: flush each line again (and flush now)."""
+    _flushing.clock = clock
+    _flushing.now()
+
+
 def json_observer(stream: IO[str]) -> Callable[[LogEvent], None]:
+    _flushing.streams.add(stream)
+
     def observe(event: LogEvent) -> None:
         line = event_as_json(event)
-        if line is not None:
-            stream.write(line + "\n")
+        if line is None:
+            return
+        stream.write(line + "\n")
+        if (_flushing.clock is None or event.get("log_level", LogLevel.info) >= LogLevel.warn
+                or not isInIOThread()):
             stream.flush()
+        else:
+            _flushing.soon()
 
     # As @provider(ILogObserver) would, but mypy keeps the function's type.
     directlyProvides(observe, ILogObserver)

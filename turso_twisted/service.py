@@ -20,7 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from . import names
+from . import jsonlog, names
 from .admin import AdminAPI, Readiness
 from .archival import Archival
 from .archive import Archiver
@@ -166,6 +166,8 @@ class TursoService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # Log lines of one reactor turn are written out together.
+        jsonlog.flush_with(self.reactor)
         if not self.ports:
             self.privilegedStartService()
         # We hold the data dir lock: any child still serving it is an orphan.
@@ -221,6 +223,7 @@ class TursoService(Service):
         except Exception:
             self._log.failure("could not flush the state file at shutdown")
         self._log.info("stopped")
+        jsonlog.flush_with(None)
 
 
 def _fatal(message: str) -> None:
