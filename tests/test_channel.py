@@ -1,18 +1,22 @@
 """
 The backend channel with a memory reactor: one request at a time, the
-spare connection, quiet drops, and the bounded queue.
+spare connection, quiet drops, and the bounded queue; and the lean
+loopback connection it uses, against real sockets.
 """
 
 from __future__ import annotations
 
 import gc
+import socket
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionLost
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from turso_twisted.channel import (
     BackendChannel,
@@ -23,6 +27,7 @@ from turso_twisted.channel import (
     QueueTimeout,
     ResponseIncomplete,
 )
+from turso_twisted.loopback import LoopbackConnection
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
@@ -30,8 +35,13 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConne
 class ChannelTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.channel = BackendChannel(self.reactor, 9000, max_queue=2, queue_timeout=10, spare_idle=5)
+        self.channel = BackendChannel(self.reactor, 9000, max_queue=2, queue_timeout=10, spare_idle=5,
+                                      connect=self.connect_tcp)
         self.connected = 0
+
+    def connect_tcp(self, port: int, factory: Any) -> None:
+        """Connections through the memory reactor, for the test to complete."""
+        self.reactor.connectTCP("127.0.0.1", port, factory)
 
     def connect_next(self) -> tuple[Any, StringTransport]:
         """
@@ -161,6 +171,14 @@ class ChannelTests(SynchronousTestCase):
         self.successResultOf(second)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_a_request_no_byte_of_which_reached_the_child_fails_as_refused(self) -> None:
+        # The loopback connection reports a send that delivered nothing as a
+        # refusal: the data plane may send such a request (even a write) again.
+        first = self.channel.request(b"POST", b"/v2/pipeline", [], b"{}")
+        protocol, _ = self.connect_next()
+        protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.failureResultOf(first, ConnectionRefusedError)
+
     def test_quiet_spare_that_never_connected_is_dropped_quietly(self) -> None:
         # Found by the soak: a spare whose connection failed was dropped as
         # if it were a connection (AttributeError, "Unhandled error in Deferred").
@@ -183,9 +201,10 @@ class BackendDeadlineTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.wedged: list[int] = []
         self.channel = BackendChannel(self.reactor, 9000, queue_timeout=100, backend_timeout=30,
-                                      on_wedged=lambda: self.wedged.append(1))
+                                      on_wedged=lambda: self.wedged.append(1), connect=self.connect_tcp)
         self.connected = 0
 
+    connect_tcp = ChannelTests.connect_tcp
     connect_next = ChannelTests.connect_next
 
     def test_a_child_that_does_not_answer_is_given_up_on(self) -> None:
@@ -223,3 +242,115 @@ class BackendDeadlineTests(SynchronousTestCase):
         protocol.dataReceived(OK)
         self.successResultOf(done)
         self.assertEqual(self.wedged, [])
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.ended: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+
+class _Server(Protocol):
+    """Reads until it has C{expect} bytes, then answers and closes (as tursodb does)."""
+
+    def __init__(self, expect: int, answer: bytes) -> None:
+        self.expect, self.answer, self.got = expect, answer, b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+        if len(self.got) >= self.expect:
+            assert self.transport is not None
+            self.transport.write(self.answer)
+            self.transport.loseConnection()
+
+
+class LoopbackConnectionTests(TestCase):
+    """The lean connection to a child, on real loopback sockets."""
+
+    def listen(self, make: Any) -> int:
+        from twisted.internet import reactor
+
+        factory = Factory.forProtocol(make)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    def connect(self, port: int) -> tuple[LoopbackConnection, _Recorder]:
+        from twisted.internet import reactor
+
+        recorder = _Recorder()
+        return LoopbackConnection(reactor, port, recorder), recorder  # type: ignore[arg-type]
+
+    @inlineCallbacks
+    def test_a_request_and_its_answer(self) -> Any:
+        body = b"x" * (4 << 20)  # more than a socket buffer takes at once
+        servers: list[_Server] = []
+
+        def make() -> _Server:
+            servers.append(_Server(len(body), b"answer"))
+            return servers[-1]
+
+        connection, recorder = self.connect(self.listen(make))
+        connection.write(body)
+        yield recorder.ended
+        reason = recorder.reason
+        assert reason is not None
+        self.assertEqual(recorder.received, b"answer")
+        self.assertEqual(servers[0].got, body)
+        self.assertTrue(reason.check(ConnectionDone) or reason.check(ConnectionLost))
+        self.assertEqual(connection.fileno(), -1)
+
+    @inlineCallbacks
+    def test_nothing_listening_is_a_refusal(self) -> Any:
+        connection, recorder = self.connect(_free_port())
+        connection.write(b"GET / HTTP/1.1\r\n\r\n")
+        yield recorder.ended
+        reason = recorder.reason
+        assert reason is not None
+        self.assertTrue(reason.check(ConnectionRefusedError), reason)
+
+    @inlineCallbacks
+    def test_a_peer_that_closes_an_unused_connection_is_noticed(self) -> Any:
+        class Closer(Protocol):
+            def connectionMade(self) -> None:
+                assert self.transport is not None
+                self.transport.loseConnection()
+
+        connection, recorder = self.connect(self.listen(Closer))
+        yield recorder.ended
+        reason = recorder.reason
+        assert reason is not None
+        # Nothing was sent on it: whatever was meant for it may go elsewhere.
+        self.assertTrue(reason.check(ConnectionRefusedError), reason)
+
+    @inlineCallbacks
+    def test_a_peer_that_closes_after_reading_part_is_a_loss(self) -> Any:
+        connection, recorder = self.connect(self.listen(lambda: _Server(10, b"")))
+        connection.write(b"0123456789" * 100)
+        yield recorder.ended
+        reason = recorder.reason
+        assert reason is not None
+        self.assertFalse(reason.check(ConnectionRefusedError), reason)
+
+    @inlineCallbacks
+    def test_abort_drops_and_closes(self) -> Any:
+        connection, recorder = self.connect(self.listen(lambda: _Server(1 << 30, b"")))
+        connection.abortConnection()
+        yield recorder.ended
+        reason = recorder.reason
+        assert reason is not None
+        self.assertTrue(reason.check(ConnectionDone))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

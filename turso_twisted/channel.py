@@ -32,28 +32,17 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import (
-    IAddress,
-    IConnector,
-    IDelayedCall,
-    IReactorTCP,
-    IReactorTime,
-    ITCPTransport,
-)
+from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, ITCPTransport
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .loopback import ConnectReactor, connect_loopback
+
 _T = TypeVar("_T")
 
 _DROP_REQUEST = b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-
-class ChannelReactor(IReactorTCP, IReactorTime):
-    """
-    What a channel needs of the reactor: TCP connections and timers.
-    """
 
 
 class QueueFull(Exception):
@@ -141,11 +130,17 @@ class _Exchange(Protocol):
             code, phrase, headers, _ = self._head
             self.response.callback(BackendResponse(code, phrase, headers, body))
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            cast(ITCPTransport, self.transport).abortConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         if self.response.called or not self.sent:
             return  # a spare that died unused: nobody waits for it
-        if self._head is not None and self._head[3] is None:
+        if reason.check(ConnectError):
+            self.response.errback(reason)  # it never reached the child
+        elif self._head is not None and self._head[3] is None:
             self._finish(bytes(self._buffer))  # answer delimited by the close
         else:
             self.response.errback(Failure(ResponseIncomplete(reason.getErrorMessage())))
@@ -213,7 +208,7 @@ class BackendChannel:
     The serial, spare-keeping connection to one child on C{port}.
     """
 
-    reactor: ChannelReactor
+    reactor: ConnectReactor
     port: int
     max_queue: int = 128
     queue_timeout: float = 30.0
@@ -222,6 +217,8 @@ class BackendChannel:
     spare_idle: float = 5.0
     #: Called when the child missed the backend deadline (the supervisor kills it).
     on_wedged: Callable[[], None] | None = None
+    #: How to open a connection to the child (None: a lean loopback connection).
+    connect: Callable[[int, ClientFactory[_Exchange]], object] | None = None
     requests: int = 0
     spare_hits: int = 0
     rejected: int = 0
@@ -304,7 +301,10 @@ class BackendChannel:
 
     def _connect(self) -> Deferred[_Exchange]:
         factory = _ExchangeFactory()
-        self.reactor.connectTCP("127.0.0.1", self.port, factory, timeout=5)
+        if self.connect is None:
+            connect_loopback(self.reactor, self.port, factory.buildProtocol(None))
+        else:
+            self.connect(self.port, factory)
         return factory.connected
 
     def _next(self) -> None:
@@ -360,8 +360,7 @@ class BackendChannel:
         # Requests waiting for this child are failed as for a stopping one:
         # they are retried on the child that replaces it.
         self.close()
-        if exchange.transport is not None:
-            cast(ITCPTransport, exchange.transport).abortConnection()
+        exchange.abort()
         if self.on_wedged is not None:
             self.on_wedged()
 

@@ -30,8 +30,8 @@ from typing import BinaryIO, Protocol
 import httptools
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -205,7 +205,7 @@ class DataRequest:
                 watcher.errback(result)
 
 
-class DataPort(Factory):
+class DataPort(ServerFactory):
     """
     The data port's listening side: what every connection shares.
     """

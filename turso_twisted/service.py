@@ -150,8 +150,8 @@ class TursoService(Service):
         )
         for kind, variable, address, site in listeners:
             try:
-                # listenTCP wants a ServerFactory of no protocol in particular,
-                # which a Site (a factory of HTTP channels) is not to mypy.
+                # listenTCP wants a factory typed by a protocol with a factory
+                # attribute, which neither port's protocol is to mypy.
                 self.ports[kind] = self.reactor.listenTCP(
                     address.port, site, interface=address.host)  # type: ignore[arg-type]
             except CannotListenError as error:

@@ -21,14 +21,15 @@ from typing import Literal
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.interfaces import IReactorProcess, IReactorTCP
 from twisted.logger import Logger
 
 from . import names
-from .channel import BackendChannel, ChannelReactor
+from .channel import BackendChannel
 from .confine import Confinement
 from .datadir import temp_dir
 from .errors import Unavailable
+from .loopback import ConnectReactor
 from .ports import PortAllocator, PortsExhausted
 from .process import TursodbProcess, owns_listener, spawn_tursodb
 
@@ -42,10 +43,10 @@ MAX_BACKOFF = 60.0
 Phase = Literal["starting", "running", "stopping"]
 
 
-class Reactor(IReactorProcess, ChannelReactor):
+class Reactor(IReactorProcess, IReactorTCP, ConnectReactor):
     """
-    What the children need of the reactor: processes, and TCP and time for
-    their channels.
+    What the daemon needs of the reactor: processes; descriptors and time
+    for the channels to its children; TCP for its ports.
     """
 
 
