@@ -22,6 +22,7 @@ from turso_twisted.locks import KeyedLocks
 from turso_twisted.namespaces import Admission, NamespaceManager
 from turso_twisted.ports import PortAllocator
 from turso_twisted.process import TursodbProcess
+from turso_twisted.proxy import LocalNamespaces
 from turso_twisted.recovery import reconcile
 from turso_twisted.state import StateStore
 from turso_twisted.stats import NamespaceStats
@@ -145,6 +146,10 @@ class ManagerFixture:
         self.archival = Archival(self.reactor, self.state, self.supervisor, archiver, self.guard, self.leases,
                                  self.locks, self.admission)
         self.stats = NamespaceStats(self.reactor, data_dir, self.state, self.supervisor)
+
+    def namespaces(self) -> LocalNamespaces:
+        """The data plane's view of this manager's namespaces."""
+        return LocalNamespaces(self.reactor, self.manager, self.guard, self.data_dir)
 
     def reconcile(self) -> None:
         reconcile(self.data_dir, self.state, self.guard, self.reactor.seconds())

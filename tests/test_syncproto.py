@@ -20,6 +20,7 @@ from turso_twisted.syncproto import (
     parse_fields,
     pushing_clients,
     serialize_fields,
+    tag_outbound,
     tag_pull_response,
     untag_pull_request,
 )
@@ -127,6 +128,6 @@ class HistoryGuardTests(SynchronousTestCase):
         for method in (b"GET", b"OPTIONS", b"PUT"):
             self.assertEqual(guard.inbound(record, method, b"/pull-updates", b"\xff not protobuf"),
                              b"\xff not protobuf")
-            self.assertEqual(guard.outbound(record.history, method, b"/pull-updates", 200, b"\xff"), b"\xff")
+            self.assertEqual(tag_outbound(record.history, method, b"/pull-updates", 200, b"\xff"), b"\xff")
         with self.assertRaises(Invalid):
             guard.inbound(record, b"POST", b"/pull-updates", b"\xff not protobuf")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, BinaryIO
+from types import TracebackType
+from typing import Any, BinaryIO, Protocol
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 
 from . import names
 from .channel import (
+    BackendChannel,
     BackendResponse,
     BackendTimeout,
     ChannelClosed,
@@ -52,10 +54,9 @@ from .leases import Lease
 from .metrics import Metrics, request_kind
 from .namespaces import NamespaceManager
 from .policy import authorize
-from .process import TursodbProcess
-from .stats import NamespaceStats
-from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMessage
-from .tokens import DataAuth
+from .state import NamespaceRecord
+from .syncproto import PIPELINE_PATH, PULL_PATH, HistoryGuard, MalformedSyncMessage, tag_outbound
+from .tokens import Access, DataAuth
 
 #: One line per proxied request (a module global: as a class attribute a
 #: Logger would take the class's name).
@@ -134,6 +135,101 @@ def _spool(path: str, body: bytes) -> BinaryIO:
     return handle
 
 
+@attrs.frozen
+class CreationProbe:
+    """What a request would bring to a namespace it creates (see L{HistoryGuard.before_create})."""
+
+    method: bytes
+    path: bytes
+    body: bytes
+    pipeline: Any
+
+
+class ChildLease(Protocol):
+    """Permission to talk to a namespace's running child (released on leaving a C{with})."""
+
+    name: str
+
+    @property
+    def channel(self) -> BackendChannel: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> ChildLease: ...
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None: ...
+
+
+class Traffic(Protocol):
+    """Where requests are counted per namespace."""
+
+    def count(self, name: str, received: int, sent: int) -> None: ...
+
+
+class Namespaces(Protocol):
+    """
+    What the data plane needs of the namespaces: in one process, the
+    manager's own (L{LocalNamespaces}); in a data worker, its view of the
+    main process's (L{turso_twisted.worker}).
+    """
+
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe) -> Deferred[ChildLease]:
+        """
+        Check C{access} against C{name}'s access rules, create C{name} if it
+        may be, make sure its child runs, and lease it.
+
+        @raise Refusal: for a request the namespace's rules, or its state, refuse.
+        """
+
+    def record(self, lease: ChildLease) -> NamespaceRecord:
+        """The leased namespace's record."""
+
+    def inbound(self, lease: ChildLease, method: bytes, path: bytes, body: bytes,
+                pipeline: Any) -> Deferred[bytes]:
+        """The body the child gets (see L{HistoryGuard.inbound})."""
+
+    def ended(self, lease: ChildLease) -> Deferred[None]:
+        """Fire once the leased child has ended, or after L{DEATH_NOTICE_TIMEOUT}."""
+
+
+@attrs.define(eq=False)
+class LocalNamespaces:
+    """The namespaces of this process's own manager."""
+
+    reactor: IReactorTime
+    manager: NamespaceManager
+    guard: HistoryGuard
+    data_dir: str
+
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe) -> Deferred[ChildLease]:
+        try:
+            authorize(access, name, self.manager.get(name), writes, self.data_dir)
+            if self.manager.get(name) is None:
+                self.guard.before_create(name, probe.method, probe.path, probe.body, probe.pipeline)
+        except Refusal as refusal:
+            return fail(refusal)
+        leased: Deferred[Any] = self.manager.lease(name)
+        return leased
+
+    def record(self, lease: ChildLease) -> NamespaceRecord:
+        record = self.manager.get(lease.name)
+        assert record is not None  # a lease is only given on a live namespace
+        return record
+
+    def inbound(self, lease: ChildLease, method: bytes, path: bytes, body: bytes,
+                pipeline: Any) -> Deferred[bytes]:
+        try:
+            return succeed(self.guard.inbound(self.record(lease), method, path, body, pipeline))
+        except Refusal as refusal:
+            return fail(refusal)
+
+    def ended(self, lease: ChildLease) -> Deferred[None]:
+        assert isinstance(lease, Lease)
+        ended: Deferred[Any] = lease.child.whenEnded()
+        return ended.addTimeout(DEATH_NOTICE_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: None)
+
+
 @attrs.define(eq=False)
 class ProxiedRequest:
     """
@@ -156,14 +252,13 @@ class DataPlane:
 
     _log = Logger()
 
-    def __init__(self, reactor: IReactorTime, manager: NamespaceManager, guard: HistoryGuard,
-                 stats: NamespaceStats, metrics: Metrics | None = None, access_log: bool = True,
+    def __init__(self, reactor: IReactorTime, namespaces: Namespaces, stats: Traffic | None,
+                 metrics: Metrics | None = None, access_log: bool = True,
                  run_in_thread: RunInThread = deferToThread, scratch_dir: str | None = None,
-                 max_held_bytes: int = 1 << 30, auth: DataAuth | None = None,
-                 data_dir: str = "") -> None:
+                 max_held_bytes: int = 1 << 30, auth: DataAuth | None = None) -> None:
         self.reactor = reactor
-        self.manager = manager
-        self.guard = guard
+        self.namespaces = namespaces
+        #: Where traffic is counted per namespace (None: not here).
         self.stats = stats
         self.metrics = metrics
         self.access_log = access_log
@@ -177,7 +272,6 @@ class DataPlane:
         self.budget_refusals = 0
         #: The data port's credentials check, made again once a body is in.
         self.auth = auth
-        self.data_dir = data_dir
         #: Requests refused by a namespace's access rules, by error code.
         self.forbidden: dict[str, int] = {}
 
@@ -199,23 +293,20 @@ class DataPlane:
         if self.auth is not None:
             # The body took its time: expiry and revocation are checked again.
             self.auth.confirm(request.access, name)
-        try:
-            authorize(request.access, name, self.manager.get(name),
-                      verdict is not None and "write" in verdict.kinds, self.data_dir)
-        except Forbidden as refusal:
-            self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1
-            raise
-        if self.held_bytes > self.max_held_bytes:
-            self.budget_refusals += 1
-            raise Unavailable("answers_held",
-                              "too many answers wait for clients that are not reading them "
-                              "(TURSO_MAX_HELD_BYTES); retry shortly", retry_after=5)
-        if self.manager.get(name) is None:
-            self.guard.before_create(name, request.method, info.path, body, pipeline)
-        # A read can be sent again whatever the dead child saw of it.
-        reads_only = verdict is None or "write" not in verdict.kinds
+        writes = verdict is not None and "write" in verdict.kinds
+        probe = CreationProbe(request.method, info.path, body, pipeline)
         for attempt in (1, 2):
-            lease = await self.manager.lease(name)
+            try:
+                lease = await self.namespaces.admit(name, request.access, writes, probe)
+            except Forbidden as refusal:
+                self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1
+                raise
+            if self.held_bytes > self.max_held_bytes:
+                lease.release()
+                self.budget_refusals += 1
+                raise Unavailable("answers_held",
+                                  "too many answers wait for clients that are not reading them "
+                                  "(TURSO_MAX_HELD_BYTES); retry shortly", retry_after=5)
             with lease:
                 try:
                     history, response = await self._exchange(lease, request, info, target, body, pipeline)
@@ -223,28 +314,28 @@ class DataPlane:
                     # Nothing reached the child (or only a read did), so a retry
                     # cannot duplicate a write: the child is gone or going; wait
                     # until that is done.
-                    if attempt == 2 or (isinstance(error, ResponseIncomplete) and not reads_only):
+                    # A read can be sent again whatever the dead child saw of it.
+                    if attempt == 2 or (isinstance(error, ResponseIncomplete) and writes):
                         raise self._upstream_error(name, request, error) from None
                     response = None
                 except CancelledError:
                     return  # the client went away
             if response is None:
-                await self._death_noticed(lease)
+                await self.namespaces.ended(lease)
                 continue
             self._respond(request, info, history, response)
             return
 
-    async def _exchange(self, lease: Lease, request: DataRequest, info: ProxiedRequest, target: bytes,
+    async def _exchange(self, lease: ChildLease, request: DataRequest, info: ProxiedRequest, target: bytes,
                         body: bytes, pipeline: Any) -> tuple[str, BackendResponse]:
         """
         Send the request to the leased child; return the history it was
         served from and the child's answer.
         """
-        record = self.manager.get(lease.name)
-        assert record is not None  # a lease is only given on a live namespace
+        history = self.namespaces.record(lease).history
         began = self.reactor.seconds()
         try:
-            sent = self.guard.inbound(record, request.method, info.path, body, pipeline)
+            sent = await self.namespaces.inbound(lease, request.method, info.path, body, pipeline)
             headers = end_to_end(request.headers, _NOT_FORWARDED)
             info.waiting = lease.channel.request(request.method, target, headers, sent)
             response = await info.waiting
@@ -261,7 +352,7 @@ class DataPlane:
         except Exception as error:
             raise self._upstream_error(lease.name, request, error) from None
         info.upstream_seconds = self.reactor.seconds() - began
-        return record.history, response
+        return history, response
 
     async def _check_route(self, path: bytes, body: bytes) -> PipelineVerdict | None:
         """
@@ -288,13 +379,6 @@ class DataPlane:
             raise NotFound("no_such_route", "only /v2/pipeline and /pull-updates take a request body")
         return None
 
-    def _death_noticed(self, lease: Lease) -> Deferred[TursodbProcess | None]:
-        """
-        Fire once the leased child has ended, or after L{DEATH_NOTICE_TIMEOUT}.
-        """
-        ended = lease.child.whenEnded()
-        return ended.addTimeout(DEATH_NOTICE_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: None)
-
     # -- up --------------------------------------------------------------------
 
     def _respond(self, request: DataRequest, info: ProxiedRequest, history: str,
@@ -305,7 +389,7 @@ class DataPlane:
         """
         assert info.namespace is not None
         try:
-            body = self.guard.outbound(history, request.method, info.path, response.code, response.body)
+            body = tag_outbound(history, request.method, info.path, response.code, response.body)
         except MalformedSyncMessage as error:
             raise self._upstream_error(info.namespace, request, error) from None
         if request.gone or request.finished:
@@ -394,7 +478,7 @@ class DataPlane:
         seconds = self.reactor.seconds() - info.started
         if self.metrics is not None:
             self.metrics.observe(request_kind(info.path), status, seconds, info.received, sent)
-        if info.namespace is not None:
+        if info.namespace is not None and self.stats is not None:
             self.stats.count(info.namespace, info.received, sent)
         if self.access_log:
             _access_log.info(

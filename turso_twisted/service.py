@@ -35,11 +35,11 @@ from .gc import GarbageCollector
 from .hibernation import Hibernator
 from .leases import Leases
 from .locks import KeyedLocks
-from .metrics import Metrics
+from .metrics import DataFigures, Metrics, gather
 from .namespaces import Admission, NamespaceManager
 from .ports import PortAllocator
 from .process import child_environment, child_wrappers
-from .proxy import DataPlane
+from .proxy import DataPlane, LocalNamespaces
 from .recovery import recover
 from .sites import CappedSite
 from .state import StateError, StateStore
@@ -118,10 +118,10 @@ class TursoService(Service):
                                   TokenVerifier(reactor, leeway=config.jwt_leeway),
                                   namespace_keys=namespace_keys, namespace_not_before=state.tokens_not_before,
                                   namespace_of=names.of_target)
-        self.data_plane = DataPlane(reactor, self.manager, self.guard, self.stats, self.metrics,
+        namespaces = LocalNamespaces(reactor, self.manager, self.guard, config.data_dir)
+        self.data_plane = DataPlane(reactor, namespaces, self.stats, self.metrics,
                                     access_log=config.access_log, scratch_dir=scratch,
-                                    max_held_bytes=config.max_held_bytes, auth=self.data_auth,
-                                    data_dir=config.data_dir)
+                                    max_held_bytes=config.max_held_bytes, auth=self.data_auth)
         self.backups = Backups(reactor, self.manager, self.archival, self.supervisor, scratch)
         admin_token = BearerToken(config.admin_token)
         self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
@@ -137,6 +137,10 @@ class TursoService(Service):
         self.metrics.watch(self)
         #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
         self.lock_fd: int | None = None
+
+    def data_figures(self) -> DataFigures:
+        """What the data plane counted, for C{/metrics}."""
+        return gather(self.metrics, self.data_auth, self.data_plane, self.data_port, self.supervisor.queued())
 
     def privilegedStartService(self) -> None:
         """

@@ -183,6 +183,18 @@ PULL_PATH = b"/pull-updates"
 PIPELINE_PATH = b"/v2/pipeline"
 
 
+def tag_outbound(history: str, method: bytes, path: bytes, status: int, body: bytes) -> bytes:
+    """
+    The response body a client gets: a pull's revision tagged with the
+    C{history} it was served from.
+
+    @raise MalformedSyncMessage: when the child's answer cannot be parsed.
+    """
+    if method == b"POST" and path == PULL_PATH and status == 200:
+        return tag_pull_response(body, history)
+    return body
+
+
 @attrs.define(eq=False)
 class HistoryGuard:
     """
@@ -244,16 +256,6 @@ class HistoryGuard:
             raise Conflict("stale_replica",
                            f"this replica was made from data that namespace {name!r} no longer holds "
                            "(it was deleted or archived); delete the local replica files and connect again")
-
-    def outbound(self, history: str, method: bytes, path: bytes, status: int, body: bytes) -> bytes:
-        """
-        The response body a client gets: a pull's revision tagged.
-
-        @raise MalformedSyncMessage: when the child's answer cannot be parsed.
-        """
-        if method == b"POST" and path == PULL_PATH and status == 200:
-            return tag_pull_response(body, history)
-        return body
 
     def _check_pushing(self, record: NamespaceRecord, client_ids: set[str]) -> None:
         stale = client_ids & record.retired
