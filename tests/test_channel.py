@@ -76,6 +76,23 @@ class ChannelTests(SynchronousTestCase):
         spare.dataReceived(OK)
         self.successResultOf(second)
 
+    def test_the_spare_is_connected_before_the_request_is_written(self) -> None:
+        # The child, done with this request, must find the next connection in
+        # its backlog: were it connected after, a fast child would look first,
+        # find nothing and sleep 10 ms (a quarter of requests, measured).
+        self.channel.request(b"GET", b"/", [], b"")
+        host, port, factory, _, _ = self.reactor.tcpClients[0]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        connections_at_write: list[int] = []
+
+        class Recording(StringTransport):
+            def write(inner, data: bytes) -> None:
+                connections_at_write.append(len(self.reactor.tcpClients))
+                super().write(data)
+
+        protocol.makeConnection(Recording())
+        self.assertEqual(connections_at_write, [2])
+
     def test_quiet_spare_is_dropped_with_options(self) -> None:
         done = self.channel.request(b"GET", b"/", [], b"")
         protocol, _ = self.connect_next()

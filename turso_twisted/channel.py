@@ -327,16 +327,18 @@ class BackendChannel:
             # The spare could not connect, or died unused: nothing was sent.
             self._connect().addCallback(self._send, pending).addErrback(self._done, pending)
             return
+        # The next request's connection waits in the child's backlog before
+        # this request is even sent: the child, done with this one, finds it
+        # there at once (a loopback connect completes inside connect()).
+        if not self._closed:
+            self._spare = self._connect()
+            self._spare.addErrback(lambda _: None)
         answered = exchange.send(pending.request)
         limit = self.backend_timeout if pending.timeout is None else pending.timeout
         if limit:
             self._in_flight = (exchange, pending, self.reactor.seconds() + limit)
             if self._watchdog is None:
                 self._watchdog = self.reactor.callLater(limit, self._watch)
-        # The next request's connection waits in the child's backlog now.
-        if not self._closed:
-            self._spare = self._connect()
-            self._spare.addErrback(lambda _: None)
         answered.addBoth(self._done, pending)
 
     def _watch(self) -> None:
