@@ -97,6 +97,14 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def is_data_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"turso_twisted.worker" in handle.read()
+    except OSError:
+        return False
+
+
 # -- the systems under test ----------------------------------------------------------
 
 
@@ -167,6 +175,10 @@ class Daemon:
 
     def url(self, name: str) -> tuple[int, bytes]:
         return self.data_port, b"/" + name.encode()
+
+    def pids(self) -> list[int]:
+        """The daemon and its data workers: every process of the data plane."""
+        return [self.process.pid, *(pid for pid in children_of(self.process.pid) if is_data_worker(pid))]
 
     def admin(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=30) as response:
@@ -335,9 +347,9 @@ def wrk_throughput(targets: list[tuple[int, bytes]], clients: int, seconds: floa
 
 
 def throughput(targets: list[tuple[int, bytes]], clients: int, seconds: float, keep_alive: bool,
-               token: str | None, pid: int | None) -> dict[str, float]:
+               token: str | None, pids: list[int]) -> dict[str, float]:
     counts, errors = [0], [0]
-    cpu_before = cpu_seconds(pid) if pid else 0.0
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
 
     async def run() -> None:
         stop_at = time.perf_counter() + seconds
@@ -349,17 +361,50 @@ def throughput(targets: list[tuple[int, bytes]], clients: int, seconds: float, k
     asyncio.run(run())
     elapsed = time.perf_counter() - started
     result = {"requests_per_s": round(counts[0] / elapsed), "errors": errors[0]}
-    if pid:
-        result["cpu_us_per_request"] = round((cpu_seconds(pid) - cpu_before) / max(1, counts[0]) * 1e6, 1)
+    if pids:
+        result["cpu_us_per_request"] = round((sum(cpu_seconds(pid) for pid in pids) - cpu_before)
+                                             / max(1, counts[0]) * 1e6, 1)
     return result
 
 
 def measure(targets: list[tuple[int, bytes]], clients: int, seconds: float, keep_alive: bool,
-            token: str | None, pid: int | None) -> dict[str, float]:
+            token: str | None, pids: list[int]) -> dict[str, float]:
     """Throughput with wrk when the machine has it, else with the Python generator."""
     if WRK is not None:
-        return wrk_throughput(targets, clients, seconds, token, [pid] if pid else [])
-    return throughput(targets, clients, seconds, keep_alive, token, pid)
+        return wrk_throughput(targets, clients, seconds, token, pids)
+    return throughput(targets, clients, seconds, keep_alive, token, pids)
+
+
+_PINNED_SCRIPT = """
+wrk.method = "POST"
+wrk.body = %(body)s
+wrk.headers["Content-Type"] = "application/json"%(auth)s
+"""
+
+
+def pinned_throughput(targets: list[tuple[int, bytes]], seconds: float, token: str | None,
+                      pids: list[int]) -> dict[str, float]:
+    """
+    One keep-alive client per target, each on its own namespace (as a
+    replica is): one single-connection wrk per target, run together.
+    """
+    assert WRK is not None
+    auth = f'\nwrk.headers["Authorization"] = {lua_string("Bearer " + token)}' if token else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_PINNED_SCRIPT % {"body": lua_string(SELECT_1.decode()), "auth": auth})
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
+    try:
+        runs = [subprocess.Popen([WRK, "-t1", "-c1", "-d", f"{seconds:g}s", "-s", script.name,
+                                  f"http://127.0.0.1:{port}{prefix.decode()}/v2/pipeline"],
+                                 stdout=subprocess.PIPE, text=True) for port, prefix in targets]
+        outputs = [run.communicate()[0] for run in runs]
+    finally:
+        os.unlink(script.name)
+    count = sum(int(re.search(r"(\d+) requests in", out).group(1)) for out in outputs)
+    errors = sum(int(m.group(1)) for out in outputs if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)))
+    return {"requests_per_s": round(count / seconds), "errors": errors,
+            "cpu_us_per_request": round((sum(cpu_seconds(pid) for pid in pids) - cpu_before)
+                                        / max(1, count) * 1e6, 1)}
 
 
 # -- the scenarios --------------------------------------------------------------------------
@@ -418,9 +463,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for clients in (1, 8, 32):
                 key = f"{clients}_clients_{spread}_namespaces"
                 # Direct is one tursodb with one database (tursodb closes every connection).
-                d = measure([direct.url("bench0")], clients, seconds, False, None, direct_pid)
+                d = measure([direct.url("bench0")], clients, seconds, False, None, [direct_pid])
                 p = measure([daemon.url(n) for n in names[:spread]], clients, seconds, True, TOKEN,
-                            daemon.process.pid)
+                            daemon.pids())
                 tput[key] = {"direct": d, "proxy": p,
                              "ratio": round(p["requests_per_s"] / max(1, d["requests_per_s"]), 2)}
                 if d.get("cpu_us_per_request") and p.get("cpu_us_per_request"):
@@ -436,7 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(2 if status == 200 else 0):  # a daemon without namespace tokens: skipped
             for label, token in (("static_token", TOKEN), ("jwt", jwt_token)):
                 runs[label].append(measure([daemon.url(n) for n in names], 8, seconds, True, token,
-                                           daemon.process.pid))
+                                           daemon.pids()))
         auth: dict[str, Any] = {}
         for label, rows in runs.items():
             if not rows:
@@ -453,6 +498,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         direct.stop()
         daemon.stop()
+
+    if WRK is not None:
+        results["workers"] = worker_scaling(tursodb, os.path.join(workdir, "workers"), seconds)
 
     bare = bare_starts(tursodb, os.path.join(workdir, "bare"), 30 if quick else 100)
     cold_dir = os.path.join(workdir, "cold")
@@ -484,6 +532,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["scale"] = scale(tursodb, os.path.join(workdir, "scale"), args.scale)
     shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+def worker_scaling(tursodb: str, workdir: str, seconds: float) -> dict[str, Any]:
+    """
+    8 keep-alive clients over 8 namespaces with one data process and with
+    two, alternated twice: clients that each keep to one namespace (as
+    replicas do), and clients that go round all eight per request.
+    """
+    names = [f"w{i}" for i in range(8)]
+    daemons = {count: Daemon(tursodb, os.path.join(workdir, str(count)), TURSO_DATA_WORKERS=str(count))
+               for count in (1, 2)}
+    runs: dict[str, list[dict[str, float]]] = {}
+    try:
+        for _ in range(2):
+            for count, daemon in daemons.items():
+                targets = [daemon.url(name) for name in names]
+                runs.setdefault(f"pinned_{count}", []).append(
+                    pinned_throughput(targets, seconds, TOKEN, daemon.pids()))
+                runs.setdefault(f"round_robin_{count}", []).append(
+                    wrk_throughput(targets, 8, seconds, TOKEN, daemon.pids()))
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    out: dict[str, Any] = {}
+    for label, rows in runs.items():
+        out[label] = {"requests_per_s": round(statistics.mean(r["requests_per_s"] for r in rows)),
+                      "cpu_us_per_request": round(statistics.mean(r["cpu_us_per_request"] for r in rows), 1),
+                      "errors": sum(r["errors"] for r in rows)}
+    for pattern in ("pinned", "round_robin"):
+        out[f"{pattern}_ratio_2_to_1"] = round(out[f"{pattern}_2"]["requests_per_s"]
+                                               / max(1, out[f"{pattern}_1"]["requests_per_s"]), 2)
+    return out
 
 
 def bare_starts(tursodb: str, workdir: str, count: int) -> list[float]:
@@ -545,7 +625,7 @@ def scale(tursodb: str, workdir: str, total: int) -> dict[str, Any]:
         while True:
             await asyncio.sleep(1)
             kids = children_of(daemon.process.pid)
-            own = rss_kib(daemon.process.pid)
+            own = sum(rss_kib(pid) for pid in daemon.pids())
             peak["daemon_rss_kib"] = max(peak["daemon_rss_kib"], own)
             peak["total_rss_kib"] = max(peak["total_rss_kib"], own + sum(rss_kib(k) for k in kids))
             peak["children"] = max(peak["children"], len(kids))
@@ -612,6 +692,14 @@ def table(results: dict[str, Any]) -> str:
               f"  namespace JWT                     {auth['jwt']['requests_per_s']:>7}   "
               f"{auth['jwt']['daemon_cpu_us_per_request']:>8}",
               f"  ratio JWT / static                {auth['ratio_requests']:>7}   {auth['ratio_cpu']:>8}"]
+    workers = results.get("workers")
+    if workers is not None:
+        lines += ["", "data processes, 8 keep-alive clients x 8 ns   req/s 1 -> 2   CPU us/req 1 -> 2   ratio 2/1"]
+        for pattern, label in (("pinned", "one namespace per client"), ("round_robin", "all namespaces per client")):
+            one, two = workers[f"{pattern}_1"], workers[f"{pattern}_2"]
+            lines.append(f"  {label:<43} {one['requests_per_s']:>5} -> {two['requests_per_s']:<6} "
+                         f"{one['cpu_us_per_request']:>6} -> {two['cpu_us_per_request']:<8} "
+                         f"{workers[f'{pattern}_ratio_2_to_1']}")
     cold = results["cold"]
     bare = cold["bare_tursodb_exec_to_first_answer"]
     lines += ["", "cold paths                          p50 ms   p99 ms   p50 / bare tursodb",
@@ -624,7 +712,8 @@ def table(results: dict[str, Any]) -> str:
     lines += ["", f"scale: {s['namespaces']} namespaces, {s['requests']} requests, TURSO_MAX_RUNNING=256",
               f"  errors {s['errors']}, p50 {s['latency']['p50_ms']} ms, p99 {s['latency']['p99_ms']} ms, "
               f"{s['seconds']} s",
-              f"  peak daemon RSS {s['peak_daemon_rss_mib']} MiB, peak total RSS {s['peak_total_rss_mib']} MiB, "
+              f"  peak daemon RSS (main + data workers) {s['peak_daemon_rss_mib']} MiB, "
+              f"peak total RSS {s['peak_total_rss_mib']} MiB, "
               f"peak children {s['peak_children']}",
               f"  state file {s['state_file_bytes']} bytes, one write {s['state_file_write_ms']} ms"]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ again:
 
   kill_child    SIGKILL a namespace's tursodb
   stop_child    SIGSTOP one past the backend deadline (the daemon must kill it)
+  kill_worker   SIGKILL a data worker (it must be started again)
   kill_daemon   SIGKILL the daemon (its children are orphaned) and start it again
   restart       SIGTERM the daemon and start it again
   crowd         touch more namespaces than TURSO_MAX_RUNNING lets run
@@ -73,13 +74,31 @@ ADMIN_TOKEN = "soak-admin-token"
 BACKEND_TIMEOUT = 2.0
 PROGRESS_TIMEOUT = 30.0
 DISK_BYTES = 512 * 1024 * 1024
-KINDS = ("kill_child", "stop_child", "kill_daemon", "restart", "crowd", "fork", "restore",
+KINDS = ("kill_child", "stop_child", "kill_worker", "kill_daemon", "restart", "crowd", "fork", "restore",
          "garbage", "slow_clients", "disk_full")
 
 
 def namespace_token(name: str, read_only: bool = False) -> str:
     """A JWT that opens C{name} only (read-write, or read-only)."""
     return mint(SIGNING_KEY, {"iat": int(time.time()), "p": {"ro" if read_only else "rw": {"ns": [name]}}})
+
+
+def data_workers(daemon_pid: int) -> list[int]:
+    """The daemon's data worker processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == daemon_pid and b"turso_twisted.worker" in command:
+            found.append(int(entry))
+    return found
 
 
 def free_port() -> int:
@@ -474,6 +493,24 @@ class Soak:
         os.kill(found[1], signal.SIGKILL)
         return True
 
+    def kill_worker(self) -> bool:
+        """SIGKILL a data worker mid-traffic: it is started again, and no acknowledged push is lost."""
+        assert self.daemon.process is not None
+        workers = data_workers(self.daemon.process.pid)
+        if not workers:
+            return False  # one data process (TURSO_DATA_WORKERS=1)
+        victim = self.random.choice(workers)
+        say(f"SIGKILL data worker (pid {victim})")
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = data_workers(self.daemon.process.pid)
+            if len(now) == len(workers) and victim not in now:
+                return True
+            time.sleep(0.05)
+        self.ledger.anomaly(f"data worker {victim} was not started again within 30 s")
+        return True
+
     def stop_child(self) -> bool:
         found = self.running_pid()
         if not found:
@@ -861,6 +898,10 @@ class Soak:
     def report(self) -> None:
         hibernated = len(self.daemon.events("hibernated: "))
         wedged = len(self.daemon.events(WEDGED))
+        if wedged > self.faults["stop_child"]:
+            # Only a stopped child may miss the backend deadline: another
+            # one was kept waiting (behind another channel's spare, say).
+            self.ledger.anomaly(f"{wedged} children killed as wedged, {self.faults['stop_child']} stopped")
         say("faults injected: " + ", ".join(f"{kind} {self.faults[kind]}" for kind in KINDS
                                             if kind not in self.skipped)
             + f"; hibernations {hibernated}, wedged children killed {wedged}, "

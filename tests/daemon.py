@@ -118,6 +118,10 @@ class Daemon:
             "TURSO_BACKEND_PORT_END": str(base + 99),
             # Children confined as shipped, where ./dev test built the helper.
             "TURSO_LANDLOCK_BIN": os.environ.get("TURSO_LANDLOCK_BIN", "turso-landlock"),
+            # Another checkout under test (PYTHONPATH) runs its own daemon.
+            **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
+            # One process unless the test case asks for data workers.
+            "TURSO_DATA_WORKERS": str(getattr(case, "data_workers", 1)),
             **env,
         }
         self.process: _Exit | None = None
@@ -142,7 +146,8 @@ class Daemon:
     @inlineCallbacks
     def start(self, *args: str) -> Any:
         """
-        Start the daemon and wait until both listeners are up.
+        Start the daemon and wait until both listeners are up and it is
+        ready (its data workers, if any, serve).
         """
         skip = len(self.logs())
         process = self.spawn(*args)
@@ -150,9 +155,11 @@ class Daemon:
         def listening() -> bool:
             if process.ended.called:
                 raise AssertionError(f"daemon exited at start-up:\n{self.tail()}")
-            ports = {e["listener"]: e["port"] for e in self.logs()[skip:]
+            logs = self.logs()[skip:]
+            ports = {e["listener"]: e["port"] for e in logs
                      if matches(e, "listening: {listener} port on {host}:{port}")}
-            if {"data", "admin"} <= set(ports):
+            ready = any(e.get("msg", "").startswith("turso-server ready") for e in logs)
+            if {"data", "admin"} <= set(ports) and ready:
                 self.data_port, self.admin_port = ports["data"], ports["admin"]
                 return True
             return False
@@ -251,3 +258,31 @@ def run_replica(work: Callable[..., Any], *args: Any) -> Deferred[Any]:
     Run blocking pyturso work off the reactor thread.
     """
     return deferToThread(work, *args)
+
+
+def with_data_workers(*cases: type) -> dict[str, type]:
+    """
+    Each end-to-end case again, with the daemon's data port served by two
+    data workers (C{TURSO_DATA_WORKERS=2}) instead of the main process.
+    """
+    return {f"{case.__name__}WithDataWorkers": type(f"{case.__name__}WithDataWorkers", (case,),
+                                                    {"data_workers": 2, "__module__": case.__module__})
+            for case in cases}
+
+
+def data_workers(daemon: Daemon) -> list[int]:
+    """The pids of the daemon's data workers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == daemon.pid and b"turso_twisted.worker" in command:
+            found.append(int(entry))
+    return sorted(found)

@@ -18,7 +18,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from turso_twisted.recovery import find_orphans
 
-from .daemon import EXITED, RUNNING, STOPPED, Daemon, raw_request, run_replica, wait_for
+from .daemon import EXITED, RUNNING, STOPPED, Daemon, raw_request, run_replica, wait_for, with_data_workers
 from .test_dataport import MALFORMED
 
 SELECT_1 = json.dumps({"requests": [{"type": "execute", "stmt": {"sql": "select 1"}}]}).encode()
@@ -503,3 +503,8 @@ class StartupErrorTests(E2ETestCase):
         first = yield Daemon(self).start()
         second = Daemon(self, TURSO_DATA_ADDR=f"127.0.0.1:{first.data_port}")
         yield self.assertStartupFails(second, "TURSO_DATA_ADDR=127.0.0.1:", "cannot listen")
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(SyncTests, RobustnessTests, NodeClientTests, AuthTests, ProvisioningTests,
+                                   RestartTests, StartupErrorTests))

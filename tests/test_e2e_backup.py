@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from .daemon import BACKUP_TAKEN, Daemon, run_replica, wait_for
+from .daemon import BACKUP_TAKEN, Daemon, run_replica, wait_for, with_data_workers
 from .test_e2e import E2ETestCase, get_json, treq
 
 COUNT = "select count(*) from t"
@@ -272,3 +272,7 @@ class ForkTests(BackupTestCase):
         status, error = yield get_json(daemon.admin_url("/v1/namespaces/ghost/fork/other"), "POST")
         self.assertEqual(status, 404)
         json.dumps(error)
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(BackupTests, RestoreTests, IncarnationTests, ForkTests))

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from .daemon import Daemon, run_replica
+from .daemon import Daemon, run_replica, with_data_workers
 from .test_e2e import E2ETestCase, bearer, get_json, treq
 
 TOKEN = "data-token"
@@ -122,3 +122,7 @@ class IsolationTests(E2ETestCase):
         result = json.loads((yield response.content()))["results"][0]
         self.assertEqual(result["type"], "error")
         self.assertIn("no such table", result["error"]["message"])
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(IsolationTests))

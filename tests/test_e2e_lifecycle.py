@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from .daemon import GC_ARCHIVED, GC_PURGED, Daemon, run_replica, wait_for
+from .daemon import GC_ARCHIVED, GC_PURGED, Daemon, run_replica, wait_for, with_data_workers
 from .test_e2e import E2ETestCase, get_json
 
 SHORT = {"TURSO_GC_INTERVAL": "1s", "TURSO_AUTO_IDLE_DURATION": "2s"}
@@ -158,3 +158,7 @@ class ReplicaHistoryTests(E2ETestCase):
         reader = yield self.replica(daemon, "alpha")
         self.assertEqual((yield run_replica(reader.rows, "select x from t order by x")),
                          [("old",), ("written offline",)])
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(LifecycleTests, ReplicaHistoryTests))

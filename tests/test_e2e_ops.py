@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from .daemon import Daemon, run_replica
+from .daemon import Daemon, run_replica, with_data_workers
 from .test_e2e import SELECT_1, E2ETestCase, bearer, get_json, treq
 
 
@@ -95,3 +95,7 @@ class ObservabilityTests(E2ETestCase):
         status, _ = yield get_json(daemon.admin_url("/v1/namespaces"))
         self.assertEqual(status, 401, "public metrics open nothing else")
         json.dumps(status)
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(ObservabilityTests))

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import DeferredList, inlineCallbacks
 
-from .daemon import Daemon, wait_for
+from .daemon import Daemon, wait_for, with_data_workers
 from .test_e2e import SELECT_1, E2ETestCase, get_json, treq
 
 
@@ -129,3 +129,7 @@ def metric_value(daemon: Daemon, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     return 0.0
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(WedgedChildTests, SlowReaderTests))

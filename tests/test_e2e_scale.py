@@ -11,7 +11,7 @@ from twisted.internet.defer import inlineCallbacks
 
 from turso_twisted.recovery import find_orphans
 
-from .daemon import HIBERNATED, Daemon, run_replica, wait_for
+from .daemon import HIBERNATED, Daemon, run_replica, wait_for, with_data_workers
 from .test_e2e import E2ETestCase, get_json, treq
 
 
@@ -111,3 +111,7 @@ class HibernationRaceTests(E2ETestCase):
                                        pipeline("select v from t order by v"))
             rows = json.loads((yield response.content()))["results"][0]["response"]["result"]["rows"]
             self.assertEqual([int(row[0]["value"]) for row in rows], sorted(values))
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(ScaleToZeroTests, HibernationRaceTests))

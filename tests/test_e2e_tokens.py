@@ -20,7 +20,7 @@ from twisted.trial.unittest import SkipTest
 
 from turso_twisted.tokens import generate_key_pair, mint
 
-from .daemon import Daemon, run_replica
+from .daemon import Daemon, run_replica, with_data_workers
 from .test_e2e import E2ETestCase, bearer, get_json, treq
 
 CLI = os.path.join(os.path.dirname(sys.executable), "turso-server-admin")
@@ -283,3 +283,7 @@ class TokenTests(E2ETestCase):
         self.assertNotEqual(code, 0)
         status, _ = yield self.admin(daemon, "/v1/namespaces/other")
         self.assertEqual(status, 404)
+
+
+# The same cases with the data port served by two data workers.
+globals().update(with_data_workers(TokenTests))

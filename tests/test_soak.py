@@ -66,6 +66,6 @@ class SoakTests(TestCase):
         self.assertEqual((lost, duplicated, leaked, orphans, anomalies), (0, 0, 0, 0, 0), text[-4000:])
         self.assertEqual(status, 0, text[-4000:])
         # Every kind of fault ran (the disk one only where a tmpfs can be mounted).
-        kinds = 10 if "disk_full skipped" not in text else 9
+        kinds = 11 if "disk_full skipped" not in text else 10
         self.assertGreaterEqual(faults, kinds, text[-4000:])
         self.assertGreater(acknowledged, 0)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 import attrs
 from klein import Klein
 from klein.resource import KleinResource
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -141,6 +142,8 @@ class AdminAPI:
     backups: Backups
     metrics: Metrics | None = None
     metrics_public: bool = False
+    #: With data workers: fetch their latest figures and traffic first.
+    gather: Callable[[], Deferred[None]] | None = None
     app: Klein = attrs.field(factory=Klein, init=False)
     _log = Logger()
 
@@ -233,14 +236,22 @@ class AdminAPI:
             return _json(request, {"status": "not ready", "problems": problems}, 503)
         return _json(request, {"status": "ready"})
 
-    def prometheus(self, request: IRequest) -> bytes:
+    def prometheus(self, request: IRequest) -> Deferred[bytes]:
         """Prometheus metrics (the admin token unless TURSO_METRICS_PUBLIC)."""
         if not self.metrics_public:
             self.token.check(request)
-        if self.metrics is None:
+        metrics = self.metrics
+        if metrics is None:
             raise NotFound("not_found", "metrics are not enabled")
-        request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
-        return self.metrics.render()
+
+        def render(_: object) -> bytes:
+            request.setHeader(b"content-type", METRICS_CONTENT_TYPE)
+            return metrics.render()
+
+        return self._gathered().addCallback(render)
+
+    def _gathered(self) -> Deferred[None]:
+        return succeed(None) if self.gather is None else self.gather()
 
     # -- namespaces ------------------------------------------------------------
 
@@ -249,9 +260,10 @@ class AdminAPI:
         records = sorted(self.manager, key=lambda record: record.name)
         return _json(request, {"namespaces": [self._describe(record) for record in records]})
 
-    def stats(self, request: IRequest, name: str) -> bytes:
+    def stats(self, request: IRequest, name: str) -> Deferred[bytes]:
         """Files, traffic since start, and the child of one namespace."""
-        return _json(request, self.stats_view.stats(_valid(name)))
+        valid = _valid(name)
+        return self._gathered().addCallback(lambda _: _json(request, self.stats_view.stats(valid)))
 
     def show(self, request: IRequest, name: str) -> bytes:
         """One namespace."""

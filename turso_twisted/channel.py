@@ -273,7 +273,7 @@ class BackendChannel:
             pending = self._queue.popleft()
             _cancel(pending.timer)
             pending.result.errback(Failure(ChannelClosed("the namespace is stopping")))
-        return self._drop_spare()
+        return self.drop_spare()
 
     @property
     def queued(self) -> int:
@@ -394,9 +394,14 @@ class BackendChannel:
         if quiet < self.spare_idle:
             self._idle_timer = self.reactor.callLater(self.spare_idle - quiet, self._idle_check)
         else:
-            self._drop_spare()
+            self.drop_spare()
 
-    def _drop_spare(self) -> Deferred[None]:
+    def drop_spare(self) -> Deferred[None]:
+        """
+        Retire the spare connection quietly (see the module docstring);
+        fires once the child is done with it, so that a connection made
+        beside this channel is not kept waiting behind it.
+        """
         _cancel(self._idle_timer)
         self._idle_timer = None
         spare, self._spare = self._spare, None

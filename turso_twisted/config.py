@@ -104,6 +104,18 @@ def _optional_count(text: str) -> int | None:
     return None if not text.strip() else _non_negative_int(text)
 
 
+def _workers(text: str) -> int | None:
+    return None if not text.strip() else _positive_int(text)
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _confine_mode(text: str) -> str:
     mode = text.strip().lower()
     if mode not in ("auto", "landlock", "none"):
@@ -141,6 +153,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Bind address for the data listener"),
     Setting("TURSO_ADMIN_ADDR", "admin-addr", ":8081", parse_address,
             "Bind address for the admin listener"),
+    Setting("TURSO_DATA_WORKERS", "data-workers", "", _workers,
+            "Processes serving the data port (empty: one per CPU; 1: the main process alone)"),
     Setting("TURSO_DATA_DIR", "data-dir", "/var/lib/turso", str,
             "Where db files and state live"),
     Setting("TURSODB_BIN", "tursodb-bin", "/usr/local/bin/tursodb", str,
@@ -223,6 +237,7 @@ class Config:
 
     data_addr: Address
     admin_addr: Address
+    data_workers: int
     data_dir: str
     tursodb_bin: str
     auth_token: str = attrs.field(repr=False)
@@ -323,6 +338,8 @@ class Config:
         # One spelling of the data dir, so that every comparison of paths
         # (orphaned children, files) sees through symlinks.
         values["data_dir"] = os.path.realpath(values["data_dir"])
+        if values["data_workers"] is None:
+            values["data_workers"] = cpu_count()
         if values["max_running"] is None:
             values["max_running"] = values["max_namespaces"]
         config = cls(**values)

@@ -21,6 +21,7 @@ L{PIPELINE_DEPTH} of them wait.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -93,6 +94,10 @@ class DataRequest:
         self.started = False
         self.finished = False
         self.gone = False
+        #: The connection, this request with it, went to another data worker.
+        self.handed_off = False
+        #: Sent as HTTP/1.1 (only such connections move between workers).
+        self.http11 = False
         self._watchers: list[Deferred[None]] = []
 
     # -- the body ------------------------------------------------------------------
@@ -258,7 +263,10 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
         self._target: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False
+        self._in_message = False
         self._head_bytes = 0
+        #: The namespace of the last request served here (set by the data plane).
+        self.last_namespace: str | None = None
         #: Nothing more is read: a refusal or the last request is in the queue.
         self._closing = False
         self._paused = False
@@ -289,6 +297,7 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
     # -- parser callbacks (llhttp calls these in order, perhaps many per read) ------------
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._target, self._headers = [], []
         self._in_head, self._head_bytes = True, 0
 
@@ -332,6 +341,7 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
         if length is not None and length > port.max_body_bytes:
             return self._refuse(_too_large(port.max_body_bytes), method, target)
         self._reading = DataRequest(self, method, target, self._headers, parser.should_keep_alive(), access)
+        self._reading.http11 = parser.get_http_version() == "1.1"
         if expect and not self._queue and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -355,6 +365,7 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
             self._refuse(refusal, request.method, request.target)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         request, self._reading = self._reading, None
         if request is None or self._closing:
             return
@@ -411,6 +422,41 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
         if not self._paused and not self._closed:
             self._paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    # -- moving to another data worker ------------------------------------------------------
+
+    def detachable(self, request: DataRequest, name: str) -> bool:
+        """
+        Whether the connection may move, with C{request}, to the data worker
+        holding C{name}: nothing else is read or owed on it, and it is a
+        client of that namespace (its first request, or one more for it).
+        """
+        return (not self._closed and not self._closing and not self._in_message and not self._paused
+                and len(self._queue) == 1 and self._queue[0] is request and request.keep_alive
+                and request.http11 and not request.started and self.last_namespace in (None, name))
+
+    def detach(self) -> int:
+        """Stop reading; a duplicate of the socket, for another worker to adopt."""
+        self.transport.stopReading()  # type: ignore[union-attr]
+        return os.dup(self.transport.fileno())  # type: ignore[union-attr]
+
+    def reattach(self) -> None:
+        """The move failed: read again."""
+        if not self._closed:
+            self.transport.startReading()  # type: ignore[union-attr]
+
+    def hand_off(self, request: DataRequest) -> None:
+        """The other worker has the connection: let go of it without closing it for the client."""
+        request.handed_off = True
+        request._drop_body()
+        request.finished = True
+        self._queue.clear()
+        self._closed = True
+        self.setTimeout(None)
+        # Another process holds the socket now: close our descriptor only.
+        self.transport._shouldShutdown = False  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        request._notify(None)
 
     # -- the transport --------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import json
 from http import HTTPStatus
-from typing import Literal
+from typing import Any, Literal
 
 from twisted.web.iweb import IRequest
 
@@ -123,6 +123,20 @@ _DATA_STATUS: dict[type[Refusal], int] = {LimitReached: 503}
 
 #: The realm a 401 names, per port.
 _REALM = {"data": b'Bearer realm="turso-server"', "admin": b'Bearer realm="turso-server-admin"'}
+
+
+def refusal_to_json(error: Refusal) -> dict[str, Any]:
+    """A refusal as JSON, to cross a process boundary (see L{refusal_from_json})."""
+    return {"kind": type(error).__name__, "code": error.code, "message": error.message,
+            "retry_after": error.retry_after}
+
+
+def refusal_from_json(data: dict[str, Any]) -> Refusal:
+    kinds: dict[str, type[Refusal]] = {kind.__name__: kind for kind in (*STATUS, Refusal)}
+    kind = kinds.get(str(data.get("kind")), Failed)
+    retry_after = data.get("retry_after")
+    return kind(str(data["code"]), str(data["message"]),
+                retry_after=None if retry_after is None else float(retry_after))
 
 
 def out_of_space() -> InsufficientStorage:

@@ -14,6 +14,8 @@ stopping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -41,6 +43,9 @@ class Hibernator:
     max_running: int = 0
     hibernations: int = 0
     refused_running: int = 0
+    #: With data workers: ask the worker holding a namespace to give it back
+    #: now if it has nothing in flight on it (fires with whether it did).
+    reclaim: Callable[[str], Deferred[bool]] | None = None
     _sweeper: Sweeper | None = None
     _log = Logger()
 
@@ -113,6 +118,14 @@ class Hibernator:
                 continue
             idle = [child.name for child in children if child.phase == "running"
                     and child.name != name and not self.leases.busy(child.name)]
+            if not idle and self.reclaim is not None:
+                # Held by data workers: the least recently used one they are not using.
+                held = sorted((child.name for child in children if child.phase == "running"
+                               and child.name != name), key=self._last_used)
+                for candidate in held:
+                    if await self.reclaim(candidate):
+                        idle = [candidate]
+                        break
             tries += 1
             if not idle or tries > len(children) + 1:
                 self.refused_running += 1

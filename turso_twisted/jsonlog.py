@@ -10,7 +10,9 @@ through its C{--logger} option, which the plugin sets by default.
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
 import sys
 import time
 import weakref
@@ -31,10 +33,12 @@ _LEVELS = {
 }
 
 #: Twisted's own port announcements; we log "listening" ourselves.
-_PORT_CHATTER = re.compile(r"^(\S+ starting on \d+|\(\S+ Port \d+ Closed\)|(Starting|Stopping) factory .*)$")
+_PORT_CHATTER = re.compile(
+    r"^(\S+ starting on .+|\((TCP|UNIX) Port .+ Closed\)|(Starting|Stopping) factory .*)$", re.DOTALL)
 
 #: Namespaces whose chatter says nothing an operator needs.
-_QUIET_NAMESPACES = ("twisted.web.client", "twisted.internet.protocol", "twisted.web._newclient")
+_QUIET_NAMESPACES = ("twisted.web.client", "twisted.internet.protocol", "twisted.web._newclient",
+                     "twisted.protocols.amp")
 
 
 def _plain(value: Any) -> Any:
@@ -109,6 +113,67 @@ def event_as_json(event: LogEvent) -> str | None:
     return json.dumps(record, ensure_ascii=False)
 
 
+class _TextSink:
+    """Lines to a text stream (a test's C{StringIO}, say)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, line: str) -> None:
+        self.stream.write(line)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _DescriptorSink:
+    """
+    Lines to a file descriptor, each C{write()} whole lines of at most
+    C{PIPE_BUF} bytes: data workers share the main process's stdout, and a
+    pipe keeps such writes whole, so lines from different processes never
+    mix (a longer line goes in one write of its own).
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        stream.flush()
+        self.fd = stream.fileno()
+        self.lines: list[bytes] = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line.encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) > select.PIPE_BUF:
+                self._write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write(b"".join(chunk))
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # stdout is gone: nothing to tell it
+
+
+def _sink(stream: IO[str]) -> _TextSink | _DescriptorSink:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return _TextSink(stream)
+    return _DescriptorSink(stream)
+
+
 class _Flushing:
     """
     When lines are flushed: each at once, until L{flush_with} gives a
@@ -118,7 +183,7 @@ class _Flushing:
     """
 
     clock: IReactorTime | None = None
-    streams: weakref.WeakSet[IO[str]] = weakref.WeakSet()
+    sinks: weakref.WeakSet[_TextSink | _DescriptorSink] = weakref.WeakSet()
     pending = False
 
     def soon(self) -> None:
@@ -128,9 +193,9 @@ class _Flushing:
 
     def now(self) -> None:
         self.pending = False
-        for stream in list(self.streams):
+        for sink in list(self.sinks):
             try:
-                stream.flush()
+                sink.flush()
             except ValueError:
                 pass  # closed
 
@@ -144,20 +209,28 @@ def flush_with(clock: IReactorTime | None) -> None:
     _flushing.now()
 
 
-def json_observer(stream: IO[str]) -> Callable[[LogEvent], None]:
-    _flushing.streams.add(stream)
+def json_observer(stream: IO[str], fields: dict[str, Any] | None = None) -> Callable[[LogEvent], None]:
+    """
+    An observer writing each event as a JSON line to C{stream}, with
+    C{fields} added to every line (a data worker's number, say).
+    """
+    sink = _sink(stream)
+    _flushing.sinks.add(sink)
+    extra = dict(fields or {})
 
     def observe(event: LogEvent) -> None:
-        line = event_as_json(event)
+        line = event_as_json({**event, **extra} if extra else event)
         if line is None:
             return
-        stream.write(line + "\n")
+        sink.write(line + "\n")
         if (_flushing.clock is None or event.get("log_level", LogLevel.info) >= LogLevel.warn
                 or not isInIOThread()):
-            stream.flush()
+            sink.flush()
         else:
             _flushing.soon()
 
+    # The sink lives as long as the observer does.
+    observe.sink = sink  # type: ignore[attr-defined]
     # As @provider(ILogObserver) would, but mypy keeps the function's type.
     directlyProvides(observe, ILogObserver)
     return observe

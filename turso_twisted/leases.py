@@ -9,6 +9,7 @@ pick a leased child to hibernate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 import attrs
@@ -31,6 +32,8 @@ class Lease:
     leases: Leases
     name: str
     child: Child
+    #: Called once the lease is back (a claim on the namespace ends with it).
+    on_release: Callable[[], None] | None = None
     _released: bool = False
 
     @property
@@ -41,6 +44,8 @@ class Lease:
         if not self._released:
             self._released = True
             self.leases._release(self.name)
+            if self.on_release is not None:
+                self.on_release()
 
     def __enter__(self) -> Lease:
         return self
@@ -58,6 +63,9 @@ class Leases:
 
     clock: IReactorTime
     drain_timeout: float = 10.0
+    #: Told when a drain of a name starts while leases on it are out (the
+    #: data workers give back what they hold).
+    on_drain: Callable[[str], object] | None = None
     _inflight: dict[str, int] = attrs.field(factory=dict)
     _waiters: dict[str, list[Deferred[None]]] = attrs.field(factory=dict)
     _log = Logger()
@@ -111,6 +119,8 @@ class Leases:
 
         self._waiters.setdefault(name, []).append(done)
         done.addCallback(finished)
+        if self.on_drain is not None:
+            self.on_drain(name)
         return done
 
     def all_drained(self) -> Deferred[list[tuple[bool, None]]]:

@@ -79,6 +79,9 @@ class DataFigures:
     held_refusals: int = 0
     held_bytes: int = 0
     queued: int = 0
+    #: Data workers: client connections moved to, and requests handed over to, another worker.
+    moved_connections: int = 0
+    handed_requests: int = 0
 
     def observe(self, kind: str, status: int, seconds: float, received: int, sent: int) -> None:
         """Count one answered request (its kind, status, duration and bytes)."""
@@ -118,8 +121,9 @@ def gather(metrics: Metrics, auth: DataAuth, plane: DataPlane, port: DataPort, q
         latency_sum=dict(own.latency_sum), bytes_in=own.bytes_in, bytes_out=own.bytes_out,
         auth_accepted=dict(auth.accepted), auth_refused=dict(auth.refusals),
         access_refused=dict(plane.forbidden),
-        unauthorized=port.unauthorized, queue_rejections=plane.rejected, held_refusals=plane.budget_refusals,
-        held_bytes=plane.held_bytes, queued=queued)
+        unauthorized=port.unauthorized, queue_rejections=plane.rejected, held_refusals=plane.budget.refusals,
+        held_bytes=plane.budget.held, queued=queued, moved_connections=plane.moved,
+        handed_requests=plane.handed)
 
 
 @attrs.define(eq=False)
@@ -156,7 +160,7 @@ class _DaemonCollector:
         service = self.service
         supervisor, hibernator = service.supervisor, service.hibernator
         data = service.data_figures()
-        yield from _request_families(data)
+        yield from request_families(data)
         live = len(service.state.records)
         running = sum(1 for child in supervisor.children() if child.phase != "starting")
         namespaces = GaugeMetricFamily("turso_namespaces", "Live namespaces by state", labels=["state"])
@@ -208,12 +212,19 @@ class _DaemonCollector:
         yield GaugeMetricFamily("turso_answers_held_bytes",
                                 "Bytes of answers waiting for clients that read slowly",
                                 value=data.held_bytes)
+        yield CounterMetricFamily("turso_data_connections_moved",
+                                  "Client connections a data worker moved to the worker holding "
+                                  "their namespace",
+                                  value=data.moved_connections)
+        yield CounterMetricFamily("turso_data_requests_handed_over",
+                                  "Requests a data worker handed to the worker holding their namespace",
+                                  value=data.handed_requests)
         yield CounterMetricFamily("turso_answers_held_refusals",
                                   "503 answers_held: TURSO_MAX_HELD_BYTES of answers were waiting",
                                   value=data.held_refusals)
 
 
-def _request_families(data: DataFigures) -> Iterator[Metric]:
+def request_families(data: DataFigures) -> Iterator[Metric]:
     requests = CounterMetricFamily("turso_proxy_requests", "Proxied data-port requests",
                                    labels=["kind", "status_class"])
     for key, count in sorted(data.requests.items()):

@@ -82,6 +82,11 @@ class NamespaceManager:
     hibernator: Hibernator
     admission: Admission
     allow_auto_provision: bool
+    #: With data workers: hold a name for this process's own use of its
+    #: child; the result gives it back.
+    claim: Callable[[str], Deferred[Callable[[], None]]] | None = None
+    #: With data workers: fires once they have taken the last state change.
+    changed: Callable[[], Deferred[None]] | None = None
     _log = Logger()
 
     # -- queries -----------------------------------------------------------------
@@ -101,6 +106,11 @@ class NamespaceManager:
         as an access; an admin task (a backup, say) does neither.
         """
         names.validate(name)
+        if not data_request and self.claim is not None:
+            return self._claimed_lease(name, self.claim)
+        return self._lease(name, data_request)
+
+    def _lease(self, name: str, data_request: bool) -> Deferred[Lease]:
         fast = self._lease_now(name, data_request)
         if fast is not None:
             return succeed(fast)
@@ -126,6 +136,28 @@ class NamespaceManager:
             return lease
 
         return self.locks.run(name, work).addCallback(touched)
+
+    def _claimed_lease(self, name: str,
+                       claim: Callable[[str], Deferred[Callable[[], None]]]) -> Deferred[Lease]:
+        """An admin task's lease, with the data workers kept off the child until it is back."""
+
+        async def work() -> Lease:
+            give_back = await claim(name)
+            try:
+                lease = await self._lease(name, data_request=False)
+            except BaseException:
+                give_back()
+                raise
+
+            def released() -> None:
+                # This process's spare connection goes before the data
+                # workers come back: theirs would wait behind it.
+                lease.child.channel.drop_spare().addBoth(lambda _: give_back())
+
+            lease.on_release = released
+            return lease
+
+        return Deferred.fromCoroutine(work())
 
     def _lease_now(self, name: str, data_request: bool) -> Lease | None:
         """
@@ -232,6 +264,9 @@ class NamespaceManager:
             if record is None:
                 raise not_found(name)
             self._change(record, change)
+            if self.changed is not None:
+                # Data workers act on what changed (a revocation, say) before this returns.
+                await self.changed()
             return record
 
         return self.locks.run(name, work)

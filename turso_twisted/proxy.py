@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, BinaryIO, Protocol
 
@@ -80,8 +81,16 @@ HOP_BY_HOP = frozenset({
 
 #: Request headers we set or must not pass: tokens never reach children.
 _NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect"}
+#: Request headers a worker does not pass when it hands a request to another
+#: (the credentials go along: they are checked there again).
+HANDED_OVER_HEADERS_DROPPED = _NOT_FORWARDED - {b"authorization"}
 #: Response headers we set ourselves.
 _NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
+
+
+def _not_held(response: BackendResponse) -> bool:
+    """A data worker's answer that it does not hold the namespace it was handed a request for."""
+    return response.code == 503 and b'"namespace_moving"' in response.body[:200]
 
 
 def split_target(uri: bytes) -> tuple[str, bytes]:
@@ -135,6 +144,23 @@ def _spool(path: str, body: bytes) -> BinaryIO:
     return handle
 
 
+@attrs.define(eq=False)
+class AnswerBudget:
+    """Answer bytes waiting for clients that read slowly: what may wait, what does, refusals."""
+
+    limit: int = 1 << 30
+    held: int = 0
+    refusals: int = 0
+
+
+class HeldElsewhere(Exception):
+    """Another data worker holds the namespace: the request goes to it."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__(worker)
+        self.worker = worker
+
+
 @attrs.frozen
 class CreationProbe:
     """What a request would bring to a namespace it creates (see L{HistoryGuard.before_create})."""
@@ -148,7 +174,8 @@ class CreationProbe:
 class ChildLease(Protocol):
     """Permission to talk to a namespace's running child (released on leaving a C{with})."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def channel(self) -> BackendChannel: ...
@@ -192,6 +219,9 @@ class Namespaces(Protocol):
     def ended(self, lease: ChildLease) -> Deferred[None]:
         """Fire once the leased child has ended, or after L{DEATH_NOTICE_TIMEOUT}."""
 
+    def moved(self, name: str) -> None:
+        """The worker said to hold C{name} did not serve a request handed to it."""
+
 
 @attrs.define(eq=False)
 class LocalNamespaces:
@@ -224,6 +254,9 @@ class LocalNamespaces:
         except Refusal as refusal:
             return fail(refusal)
 
+    def moved(self, name: str) -> None:
+        pass  # one process: nothing is handed over
+
     def ended(self, lease: ChildLease) -> Deferred[None]:
         assert isinstance(lease, Lease)
         ended: Deferred[Any] = lease.child.whenEnded()
@@ -255,7 +288,9 @@ class DataPlane:
     def __init__(self, reactor: IReactorTime, namespaces: Namespaces, stats: Traffic | None,
                  metrics: Metrics | None = None, access_log: bool = True,
                  run_in_thread: RunInThread = deferToThread, scratch_dir: str | None = None,
-                 max_held_bytes: int = 1 << 30, auth: DataAuth | None = None) -> None:
+                 budget: AnswerBudget | None = None, auth: DataAuth | None = None,
+                 forward: Callable[[int, DataRequest], Deferred[BackendResponse]] | None = None,
+                 migrate: Callable[[int, DataRequest], Deferred[bool]] | None = None) -> None:
         self.reactor = reactor
         self.namespaces = namespaces
         #: Where traffic is counted per namespace (None: not here).
@@ -265,19 +300,28 @@ class DataPlane:
         self.run_in_thread = run_in_thread
         #: Where large answers wait for slow clients (None: in memory).
         self.scratch_dir = scratch_dir
-        #: The budget of answer bytes held for clients, and what is held now.
-        self.max_held_bytes = max_held_bytes
-        self.held_bytes = 0
+        #: The budget of answer bytes held for clients (shared by the planes of a process).
+        self.budget = budget or AnswerBudget()
         self.rejected = 0
-        self.budget_refusals = 0
         #: The data port's credentials check, made again once a body is in.
         self.auth = auth
         #: Requests refused by a namespace's access rules, by error code.
         self.forbidden: dict[str, int] = {}
+        #: How a data worker hands a request to the worker holding its namespace,
+        #: and a whole connection (fires with whether it could).
+        self.forward = forward
+        self.migrate = migrate
+        #: Client connections moved to, and requests handed over to, other workers.
+        self.moved = 0
+        self.handed = 0
+        #: Requests being served, and who waits for there to be none.
+        self.in_flight = 0
+        self._idle: list[Deferred[None]] = []
 
     def handle(self, request: DataRequest) -> None:
         """Serve C{request}, complete with its body, and answer it."""
         info = ProxiedRequest(self.reactor.seconds(), request.received)
+        self.in_flight += 1
         request.notify_finish().addBoth(self._finished, request, info)
         done = Deferred.fromCoroutine(self._serve(request, info))
         done.addErrback(self._failed, request)
@@ -301,9 +345,18 @@ class DataPlane:
             except Forbidden as refusal:
                 self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1
                 raise
-            if self.held_bytes > self.max_held_bytes:
+            except HeldElsewhere as elsewhere:
+                if (self.migrate is not None and request.connection.detachable(request, name)
+                        and await self.migrate(elsewhere.worker, request)):
+                    self.moved += 1
+                    return  # that worker serves the connection now, this request first
+                self.handed += 1
+                if not await self._hand_over(elsewhere.worker, request, info, name, writes, attempt):
+                    continue
+                return
+            if self.budget.held > self.budget.limit:
                 lease.release()
-                self.budget_refusals += 1
+                self.budget.refusals += 1
                 raise Unavailable("answers_held",
                                   "too many answers wait for clients that are not reading them "
                                   "(TURSO_MAX_HELD_BYTES); retry shortly", retry_after=5)
@@ -325,6 +378,35 @@ class DataPlane:
                 continue
             self._respond(request, info, history, response)
             return
+
+    async def _hand_over(self, worker: int, request: DataRequest, info: ProxiedRequest, name: str,
+                         writes: bool, attempt: int) -> bool:
+        """
+        Serve a request through the data worker that holds its namespace;
+        C{False} when it should be tried again (that worker went away
+        before it had the request).
+        """
+        if self.forward is None:
+            raise Unavailable("namespace_moving", f"namespace {name!r} is changing hands between data "
+                              "workers; retry shortly", retry_after=1)
+        began = self.reactor.seconds()
+        try:
+            info.waiting = self.forward(worker, request)
+            response = await info.waiting
+        except (ConnectError, ResponseIncomplete) as error:
+            self.namespaces.moved(name)
+            if attempt == 2 or (isinstance(error, ResponseIncomplete) and writes):
+                raise self._upstream_error(name, request, error) from None
+            return False
+        except CancelledError:
+            return True  # the client went away
+        if attempt == 1 and _not_held(response):
+            # That worker gave it back meanwhile: ask again who holds it.
+            self.namespaces.moved(name)
+            return False
+        info.upstream_seconds = self.reactor.seconds() - began
+        self._respond(request, info, None, response)
+        return True
 
     async def _exchange(self, lease: ChildLease, request: DataRequest, info: ProxiedRequest, target: bytes,
                         body: bytes, pipeline: Any) -> tuple[str, BackendResponse]:
@@ -381,17 +463,20 @@ class DataPlane:
 
     # -- up --------------------------------------------------------------------
 
-    def _respond(self, request: DataRequest, info: ProxiedRequest, history: str,
+    def _respond(self, request: DataRequest, info: ProxiedRequest, history: str | None,
                  response: BackendResponse) -> None:
         """
         Give the client the child's status, end-to-end headers and body (a
-        pull's revision tagged with its history).
+        pull's revision tagged with its history; C{None}: the answer came
+        from another data worker, which tagged it).
         """
         assert info.namespace is not None
-        try:
-            body = tag_outbound(history, request.method, info.path, response.code, response.body)
-        except MalformedSyncMessage as error:
-            raise self._upstream_error(info.namespace, request, error) from None
+        body = response.body
+        if history is not None:
+            try:
+                body = tag_outbound(history, request.method, info.path, response.code, body)
+            except MalformedSyncMessage as error:
+                raise self._upstream_error(info.namespace, request, error) from None
         if request.gone or request.finished:
             return
         headers = end_to_end(response.headers, _NOT_RETURNED)
@@ -408,7 +493,7 @@ class DataPlane:
         counted against the budget of bytes held for clients until sent.
         """
         size = len(body)
-        self.held_bytes += size
+        self.budget.held += size
         path = os.path.join(self.scratch_dir or "", f"answer-{uuid.uuid4().hex}")
         # The answer's bytes are kept by nothing once they are in the file:
         # not the request's turn, not this closure.
@@ -420,7 +505,7 @@ class DataPlane:
             try:
                 handle = await self.run_in_thread(_spool, path, pending.pop())
             except BaseException:
-                self.held_bytes -= size
+                self.budget.held -= size
                 raise
             try:
                 await FileSender().beginFileTransfer(handle, request)
@@ -428,7 +513,7 @@ class DataPlane:
                 return  # the client went away; its connection is gone
             finally:
                 handle.close()
-                self.held_bytes -= size
+                self.budget.held -= size
             request.finish()
 
         return Deferred.fromCoroutine(send())
@@ -463,8 +548,31 @@ class DataPlane:
         """
         if isinstance(result, Failure) and info.waiting is not None and not info.waiting.called:
             info.waiting.cancel()
+        self.in_flight -= 1
+        if request.handed_off:
+            # Counted and logged by the worker it went to.
+            self._wake_idle()
+            return
+        if info.namespace is not None:
+            request.connection.last_namespace = info.namespace
         status = 499 if request.gone else request.code  # 499: the client left
         self._account(request.method, request.target, info, status, request.sent)
+        self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        if not self.in_flight:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """Fires once no request is being served."""
+        waiter: Deferred[None] = Deferred()
+        if self.in_flight:
+            self._idle.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
 
     def refused_at_headers(self, request: DataRequest) -> None:
         """

@@ -39,7 +39,7 @@ from .metrics import DataFigures, Metrics, gather
 from .namespaces import Admission, NamespaceManager
 from .ports import PortAllocator
 from .process import child_environment, child_wrappers
-from .proxy import DataPlane, LocalNamespaces
+from .proxy import AnswerBudget, DataPlane, LocalNamespaces
 from .recovery import recover
 from .sites import CappedSite
 from .state import StateError, StateStore
@@ -47,6 +47,7 @@ from .stats import NamespaceStats
 from .supervisor import Reactor, Supervisor
 from .syncproto import HistoryGuard
 from .tokens import DataAuth, KeySet, TokenVerifier, load_keys
+from .workers import WorkerPool
 
 
 class TursoService(Service):
@@ -58,7 +59,8 @@ class TursoService(Service):
     _log = Logger()
 
     def __init__(self, config: Config, reactor: Reactor, state: StateStore,
-                 confinement: Confinement | None = None) -> None:
+                 confinement: Confinement | None = None,
+                 options: Mapping[str, str | None] | None = None) -> None:
         self.config = config
         self.reactor = reactor
         self.state = state
@@ -110,6 +112,34 @@ class TursoService(Service):
         self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
         scratch = temp_dir(config.data_dir)
 
+        #: The data port: served here (one process), or by data workers.
+        self.data_port: DataPort | None = None
+        self.workers: WorkerPool | None = None
+        if config.data_workers > 1:
+            self.workers = WorkerPool(reactor, config, options or {}, config.data_workers, self.manager,
+                                      self.guard, self.supervisor, state, self.stats, self.leases,
+                                      self.hibernator)
+        else:
+            self._serve_data_here(scratch)
+        self.backups = Backups(reactor, self.manager, self.archival, self.supervisor, scratch)
+        admin_token = BearerToken(config.admin_token)
+        self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
+                              self.backups, self.metrics, metrics_public=config.metrics_public,
+                              gather=None if self.workers is None else self.workers.gather)
+        self.admin_site = CappedSite(self.admin.resource(), config.max_restore_bytes, admin_token,
+                                     limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)
+        self.ports: dict[str, IListeningPort] = {}
+        #: Files start-up recovery found with no namespace and quarantined.
+        self.quarantined: list[str] = []
+        self.metrics.watch(self)
+        #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
+        self.lock_fd: int | None = None
+        self._bound = False
+
+    def _serve_data_here(self, scratch: str) -> None:
+        """The data port in this process (C{TURSO_DATA_WORKERS=1})."""
+        config, reactor, state = self.config, self.reactor, self.state
+
         def namespace_keys(name: str) -> KeySet | None:
             record = state.records.get(name)
             return None if record is None else record.config.keys
@@ -121,25 +151,16 @@ class TursoService(Service):
         namespaces = LocalNamespaces(reactor, self.manager, self.guard, config.data_dir)
         self.data_plane = DataPlane(reactor, namespaces, self.stats, self.metrics,
                                     access_log=config.access_log, scratch_dir=scratch,
-                                    max_held_bytes=config.max_held_bytes, auth=self.data_auth)
-        self.backups = Backups(reactor, self.manager, self.archival, self.supervisor, scratch)
-        admin_token = BearerToken(config.admin_token)
-        self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
-                              self.backups, self.metrics, metrics_public=config.metrics_public)
+                                    budget=AnswerBudget(config.max_held_bytes), auth=self.data_auth)
         self.data_port = DataPort(reactor, self.data_plane.handle, self.data_plane.refused_at_headers,
                                   self.data_auth, config.max_body_bytes, scratch_dir=scratch,
                                   idle_timeout=config.client_idle_timeout)
-        self.admin_site = CappedSite(self.admin.resource(), config.max_restore_bytes, admin_token,
-                                     limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)
-        self.ports: dict[str, IListeningPort] = {}
-        #: Files start-up recovery found with no namespace and quarantined.
-        self.quarantined: list[str] = []
-        self.metrics.watch(self)
-        #: The data dir lock (see L{turso_twisted.datadir}), held until exit.
-        self.lock_fd: int | None = None
 
     def data_figures(self) -> DataFigures:
-        """What the data plane counted, for C{/metrics}."""
+        """What the data plane counted (here, or in the data workers), for C{/metrics}."""
+        if self.workers is not None:
+            return self.workers.figures()
+        assert self.data_port is not None
         return gather(self.metrics, self.data_auth, self.data_plane, self.data_port, self.supervisor.queued())
 
     def privilegedStartService(self) -> None:
@@ -154,25 +175,32 @@ class TursoService(Service):
         )
         for kind, variable, address, site in listeners:
             try:
+                if site is None:
+                    # The data workers accept on it; this process only binds it.
+                    assert self.workers is not None
+                    self.workers.listen(address.host, address.port)
+                    continue
                 # listenTCP wants a factory typed by a protocol with a factory
                 # attribute, which neither port's protocol is to mypy.
                 self.ports[kind] = self.reactor.listenTCP(
                     address.port, site, interface=address.host)  # type: ignore[arg-type]
-            except CannotListenError as error:
+            except (CannotListenError, OSError) as error:
                 for port in self.ports.values():
                     port.stopListening()
-                reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+                cause = getattr(error, "socketError", error)
+                reason = getattr(cause, "strerror", None) or str(cause)
                 # Logging has begun by now: the line goes to the log, as JSON.
                 self._log.critical("{variable}={address}: cannot listen: {reason}",
                                    variable=variable, address=str(address), reason=reason)
                 raise SystemExit(1) from None
+        self._bound = True
         super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()
         # Log lines of one reactor turn are written out together.
         jsonlog.flush_with(self.reactor)
-        if not self.ports:
+        if not self._bound:
             self.privilegedStartService()
         # We hold the data dir lock: any child still serving it is an orphan.
         self.quarantined = recover(self.config.data_dir, self.config.tursodb_bin, self.state, self.guard,
@@ -192,16 +220,28 @@ class TursoService(Service):
             self._log.warn("auth is off (dev only): no token for the {ports} port(s); set "
                            "TURSO_AUTH_TOKEN or TURSO_JWT_KEY / TURSO_ADMIN_TOKEN in production",
                            ports=" and ".join(open_ports), open_ports=open_ports)
-        for kind, port in self.ports.items():
+        bound = [(kind, port.getHost()) for kind, port in self.ports.items()]
+        if self.workers is not None and self.workers.listener is not None:
+            host, number = self.workers.listener.getsockname()[:2]
+            bound.insert(0, ("data", IPv4Address("TCP", host, number)))
+        for kind, address in bound:
             # A listenTCP port has an IP address.
-            host = cast("IPv4Address | IPv6Address", port.getHost())
-            self._log.info("listening: {listener} port on {host}:{port}", listener=kind, host=host.host,
-                           port=host.port)
+            where = cast("IPv4Address | IPv6Address", address)
+            self._log.info("listening: {listener} port on {host}:{port}", listener=kind, host=where.host,
+                           port=where.port)
         self.gc.start()
         self.hibernator.start()
+        if self.workers is None:
+            self._ready()
+            return
+        self.workers.start().addCallback(lambda _: self._ready())
+
+    def _ready(self) -> None:
         self.readiness.listening = True
-        self._log.info("turso-server ready: {namespaces} namespaces in {data_dir}",
-                       data_dir=self.config.data_dir, namespaces=len(self.state.records))
+        workers = self.config.data_workers if self.workers is not None else 1
+        self._log.info("turso-server ready: {namespaces} namespaces in {data_dir}, {workers} data "
+                       "process(es)", data_dir=self.config.data_dir, namespaces=len(self.state.records),
+                       workers=workers)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -219,6 +259,9 @@ class TursoService(Service):
         await DeferredList([stopped for port in self.ports.values()
                             if (stopped := port.stopListening()) is not None])
         self.ports = {}
+        if self.workers is not None:
+            # They finish what is in flight (bounded) and give back what they hold.
+            await self.workers.stop()
         await self.gc.stop()
         await self.hibernator.stop()
         await self.manager.stop_all()
@@ -265,6 +308,6 @@ def make_service(options: Mapping[str, str | None], reactor: Reactor | None = No
         state.load()
     except (StateError, OSError) as error:
         _fatal(str(error))
-    service = TursoService(config, reactor, state, confinement)
+    service = TursoService(config, reactor, state, confinement, options)
     service.lock_fd = lock_fd
     return service

@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import attrs
@@ -179,6 +179,8 @@ class StateStore:
     writes: int = 0
     #: Names whose records could not be read at load (see L{_set_aside}).
     quarantined_records: list[str] = attrs.field(factory=list)
+    #: Called after each write (the data workers learn what changed).
+    on_save: list[Callable[[], None]] = attrs.field(factory=list)
     _pending_flush: IDelayedCall | None = attrs.field(default=None, init=False)
     _lines: dict[str, tuple[tuple[Any, ...], str]] = attrs.field(factory=dict, init=False)
     _log = Logger()
@@ -274,6 +276,8 @@ class StateStore:
         payload = self._serialize()
         write_atomically(self.path, payload, keep_previous=self.previous_path)
         self.writes += 1
+        for listener in self.on_save:
+            listener()
 
     def _serialize(self) -> bytes:
         """

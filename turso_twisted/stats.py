@@ -41,10 +41,14 @@ class NamespaceStats:
     usage: dict[str, list[int]] = attrs.field(factory=dict)
 
     def count(self, name: str, received: int, sent: int) -> None:
+        self.add(name, 1, received, sent)
+
+    def add(self, name: str, requests: int, received: int, sent: int) -> None:
+        """Count C{requests} (served by a data worker, say)."""
         counts = self.usage.get(name)
         if counts is None:
             counts = self.usage[name] = [0, 0, 0]
-        counts[0] += 1
+        counts[0] += requests
         counts[1] += received
         counts[2] += sent
 

@@ -223,7 +223,7 @@ class Supervisor:
                                     {**self.child_env, "TMPDIR": scratch}, spawn_cwd)
             process.whenEnded().addBoth(self._remove_scratch, root)
             child = Child(label, process, self.make_channel(port), began, scratch)
-            child.channel.on_wedged = partial(self._kill_wedged, child)
+            child.channel.on_wedged = partial(self.kill_wedged, child)
             process.whenEnded().addBoth(self._close_channel, child.channel)
             if register:
                 self._children[label] = child
@@ -323,7 +323,7 @@ class Supervisor:
                 name=name, port=child.port, pid=child.pid, status=child.process.exit_description(),
                 uptime=round(uptime, 3), stderr=child.process.stderr_summary())
 
-    def _kill_wedged(self, child: Child) -> None:
+    def kill_wedged(self, child: Child) -> None:
         """
         A child missed the backend deadline: it cannot be trusted to answer
         SIGTERM either.  Kill it; the next request starts a new one.

@@ -195,6 +195,68 @@ def tag_outbound(history: str, method: bytes, path: bytes, status: int, body: by
     return body
 
 
+@attrs.frozen
+class CreationFacts:
+    """What a request would bring to a namespace it creates: enough to refuse a stale replica."""
+
+    #: A pull that presents a revision (a replica that has synced before).
+    has_revision: bool = False
+    #: The client ids a push names.
+    clients: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, method: bytes, path: bytes, body: bytes, pipeline: Any = None) -> CreationFacts:
+        """
+        @raise Invalid: for a pull request that cannot be parsed.
+        """
+        if method != b"POST":
+            return cls()
+        if path == PULL_PATH:
+            try:
+                fields = parse_fields(body)
+            except MalformedSyncMessage as error:
+                raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
+            return cls(has_revision=any(number in (2, 3) and wire == _WIRE_BYTES and value
+                                        for number, wire, value in fields))
+        if path == PIPELINE_PATH:
+            return cls(clients=frozenset(pushing_clients(pipeline)))
+        return cls()
+
+
+def _stale_push(record: NamespaceRecord, stale: set[str]) -> Conflict:
+    return Conflict("stale_replica",
+                    f"this replica ({sorted(stale)[0]}) was made from other data than namespace "
+                    f"{record.name!r} now holds (it was deleted and created again, restored, or "
+                    "its files were replaced); delete the local replica files and connect again")
+
+
+def inbound_body(record: NamespaceRecord, method: bytes, path: bytes, body: bytes,
+                 pipeline: Any = None) -> tuple[bytes, set[str]]:
+    """
+    The request body a child gets (a pull's revisions untagged), and the
+    client ids of a push that the namespace has not seen push before.
+
+    @raise Conflict: for a replica of another history.
+    @raise Invalid: for a pull request that cannot be parsed.
+    """
+    if method != b"POST":
+        return body, set()
+    if path == PULL_PATH:
+        try:
+            return untag_pull_request(body, record.history, record.name), set()
+        except StaleReplica as error:
+            raise Conflict("stale_replica", str(error)) from None
+        except MalformedSyncMessage as error:
+            raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
+    if path == PIPELINE_PATH:
+        clients = pushing_clients(pipeline)
+        stale = clients & record.retired
+        if stale:
+            raise _stale_push(record, stale)
+        return body, clients - record.clients
+    return body, set()
+
+
 @attrs.define(eq=False)
 class HistoryGuard:
     """
@@ -208,62 +270,27 @@ class HistoryGuard:
     def inbound(self, record: NamespaceRecord, method: bytes, path: bytes, body: bytes,
                 pipeline: Any = None) -> bytes:
         """
-        The request body a child gets: a pull's revisions untagged, a push
-        checked against retired replicas (and its new replicas noted, saved
-        at once: it is what retires them should the files be replaced).
+        The request body a child gets (see L{inbound_body}); a push's new
+        replicas are noted and saved at once: it is what retires them
+        should the files be replaced.
 
         @raise Conflict: for a replica of another history.
         @raise Invalid: for a pull request that cannot be parsed.
         """
-        if method != b"POST":
-            return body
-        if path == PULL_PATH:
-            try:
-                return untag_pull_request(body, record.history, record.name)
-            except StaleReplica as error:
-                raise Conflict("stale_replica", str(error)) from None
-            except MalformedSyncMessage as error:
-                raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
-        if path == PIPELINE_PATH:
-            clients = pushing_clients(pipeline)
-            if clients:
-                self._check_pushing(record, clients)
-        return body
+        sent, new = inbound_body(record, method, path, body, pipeline)
+        self.note_clients(record, new)
+        return sent
 
-    def before_create(self, name: str, method: bytes, path: bytes, body: bytes,
-                      pipeline: Any = None) -> None:
+    def note_clients(self, record: NamespaceRecord, client_ids: set[str]) -> None:
         """
-        Check a request that would create C{name} (not live): a replica
-        that has synced before (a revision to pull from, or a client id of
-        an earlier history pushing) cannot be served by a new, empty
-        namespace, so it is refused before anything is created.
+        Remember C{client_ids} as replicas that push to C{record}'s history
+        (saved now).
 
-        @raise Conflict: for such a replica.
-        @raise Invalid: for a pull request that cannot be parsed.
+        @raise Conflict: for one retired from an earlier history.
         """
-        if method != b"POST":
-            return
-        stale = False
-        if path == PULL_PATH:
-            try:
-                fields = parse_fields(body)
-            except MalformedSyncMessage as error:
-                raise Invalid("bad_request", f"malformed pull-updates request: {error}") from None
-            stale = any(number in (2, 3) and wire == _WIRE_BYTES and value for number, wire, value in fields)
-        elif path == PIPELINE_PATH:
-            stale = bool(pushing_clients(pipeline) & self.retired(name))
-        if stale:
-            raise Conflict("stale_replica",
-                           f"this replica was made from data that namespace {name!r} no longer holds "
-                           "(it was deleted or archived); delete the local replica files and connect again")
-
-    def _check_pushing(self, record: NamespaceRecord, client_ids: set[str]) -> None:
         stale = client_ids & record.retired
         if stale:
-            raise Conflict("stale_replica",
-                           f"this replica ({sorted(stale)[0]}) was made from other data than namespace "
-                           f"{record.name!r} now holds (it was deleted and created again, restored, or "
-                           "its files were replaced); delete the local replica files and connect again")
+            raise _stale_push(record, stale)
         new = client_ids - record.clients
         if new:
             record.clients.update(new)
@@ -272,6 +299,29 @@ class HistoryGuard:
             except BaseException:
                 record.clients.difference_update(new)
                 raise
+
+    def before_create(self, name: str, method: bytes, path: bytes, body: bytes,
+                      pipeline: Any = None) -> None:
+        """
+        Check a request that would create C{name} (not live): see L{check_creation}.
+
+        @raise Conflict: for a replica that has synced before.
+        @raise Invalid: for a pull request that cannot be parsed.
+        """
+        self.check_creation(name, CreationFacts.of(method, path, body, pipeline))
+
+    def check_creation(self, name: str, facts: CreationFacts) -> None:
+        """
+        A replica that has synced before (a revision to pull from, or a
+        client id of an earlier history pushing) cannot be served by a new,
+        empty namespace, so it is refused before anything is created.
+
+        @raise Conflict: for such a replica.
+        """
+        if facts.has_revision or facts.clients & self.retired(name):
+            raise Conflict("stale_replica",
+                           f"this replica was made from data that namespace {name!r} no longer holds "
+                           "(it was deleted or archived); delete the local replica files and connect again")
 
     def retire(self, name: str, client_ids: set[str]) -> None:
         """

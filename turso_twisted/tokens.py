@@ -67,6 +67,20 @@ class Access:
     def can_write(self, name: str) -> bool:
         return self.write is None or name in self.write
 
+    def to_json(self) -> dict[str, Any]:
+        """To cross a process boundary (a data worker asks the main process on a request's behalf)."""
+        return {"read": None if self.read is None else sorted(self.read),
+                "write": None if self.write is None else sorted(self.write),
+                "via": self.via, "issued_at": self.issued_at, "expires_at": self.expires_at}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Access:
+        def names(value: Any) -> frozenset[str] | None:
+            return None if value is None else frozenset(str(name) for name in value)
+
+        return cls(names(data["read"]), names(data["write"]), via=data["via"],
+                   issued_at=data.get("issued_at"), expires_at=data.get("expires_at"))
+
 
 #: Auth is off: no token is configured.
 OPEN = Access(None, None, via="off")
