@@ -5,11 +5,13 @@ holding its namespace, and a worker that dies loses no acknowledged push.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import threading
 from typing import Any
+from urllib.request import urlopen
 
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -101,3 +103,28 @@ class DataWorkerTests(E2ETestCase):
                                                       and e.get("namespace") == "alpha"]) == 24 and served,
                                "24 access-log lines")
         self.assertEqual(len({line["worker"] for line in lines}), 1, lines)
+
+    @inlineCallbacks
+    def test_namespaces_given_back_and_hibernated_wake_on_any_worker(self) -> Any:
+        """
+        Namespaces served by either worker, given back when idle and
+        hibernated, wake on whichever worker the next connection reaches
+        (a worker's note of who held a namespace is stale by then).
+        """
+        daemon = yield Daemon(self, TURSO_HIBERNATE_AFTER="1s").start()
+        names = [f"n{i}" for i in range(6)]
+
+        def one(name: str) -> int:
+            with socket.create_connection(("127.0.0.1", daemon.data_port), timeout=30) as sock:
+                sock.sendall(b"POST /%s/v2/pipeline HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (name.encode(), len(SELECT_1), SELECT_1))
+                return int(sock.makefile("rb").readline().split()[1])
+
+        for _ in range(3):
+            codes = []
+            for name in names:
+                codes.append((yield deferToThread(one, name)))
+            self.assertEqual(codes, [200] * len(names))
+            yield wait_for(lambda: not any(record["running"] for record in
+                                           json.loads(urlopen(daemon.admin_url("/v1/namespaces")).read())
+                                           ["namespaces"]), "every namespace to hibernate", timeout=60)

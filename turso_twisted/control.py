@@ -103,11 +103,14 @@ class Lease(amp.Command):
     The answer: C{{"port", "record"}} (the worker now holds it),
     C{{"owner": index}} (another worker does), or C{{"refusal"}}.
     C{dead_port}: the port of a child that just failed the worker (its
-    death is waited for before a new one is started).
+    death is waited for before a new one is started).  C{here}: the request
+    was moved or handed to this worker already; a namespace nobody holds
+    goes to it, not to the least busy one.
     """
 
     arguments = [(b"name", amp.Unicode()), (b"access", BigJSON()), (b"writes", amp.Boolean()),
-                 (b"facts", BigJSON()), (b"dead_port", amp.Integer(optional=True))]
+                 (b"facts", BigJSON()), (b"dead_port", amp.Integer(optional=True)),
+                 (b"here", amp.Boolean(optional=True))]
     response = [(b"outcome", BigJSON())]
 
 

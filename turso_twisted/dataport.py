@@ -267,6 +267,8 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
         self._head_bytes = 0
         #: The namespace of the last request served here (set by the data plane).
         self.last_namespace: str | None = None
+        #: Moved here from another data worker, its first request not served yet.
+        self.moved_in = False
         #: Nothing more is read: a refusal or the last request is in the queue.
         self._closing = False
         self._paused = False

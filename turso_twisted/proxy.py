@@ -201,10 +201,13 @@ class Namespaces(Protocol):
     main process's (L{turso_twisted.worker}).
     """
 
-    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe) -> Deferred[ChildLease]:
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
+              here: bool = False) -> Deferred[ChildLease]:
         """
         Check C{access} against C{name}'s access rules, create C{name} if it
-        may be, make sure its child runs, and lease it.
+        may be, make sure its child runs, and lease it (C{here}: the request
+        was moved or handed to this data worker, which takes the namespace
+        if nobody holds it).
 
         @raise Refusal: for a request the namespace's rules, or its state, refuse.
         """
@@ -232,7 +235,8 @@ class LocalNamespaces:
     guard: HistoryGuard
     data_dir: str
 
-    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe) -> Deferred[ChildLease]:
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
+              here: bool = False) -> Deferred[ChildLease]:
         try:
             authorize(access, name, self.manager.get(name), writes, self.data_dir)
             if self.manager.get(name) is None:
@@ -290,7 +294,8 @@ class DataPlane:
                  run_in_thread: RunInThread = deferToThread, scratch_dir: str | None = None,
                  budget: AnswerBudget | None = None, auth: DataAuth | None = None,
                  forward: Callable[[int, DataRequest], Deferred[BackendResponse]] | None = None,
-                 migrate: Callable[[int, DataRequest], Deferred[bool]] | None = None) -> None:
+                 migrate: Callable[[int, DataRequest], Deferred[bool]] | None = None,
+                 takes_over: bool = False) -> None:
         self.reactor = reactor
         self.namespaces = namespaces
         #: Where traffic is counted per namespace (None: not here).
@@ -311,6 +316,8 @@ class DataPlane:
         #: and a whole connection (fires with whether it could).
         self.forward = forward
         self.migrate = migrate
+        #: Serves requests other data workers handed over (they go no further).
+        self.takes_over = takes_over
         #: Client connections moved to, and requests handed over to, other workers.
         self.moved = 0
         self.handed = 0
@@ -339,9 +346,12 @@ class DataPlane:
             self.auth.confirm(request.access, name)
         writes = verdict is not None and "write" in verdict.kinds
         probe = CreationProbe(request.method, info.path, body, pipeline)
+        # Moved or handed here already: no further.
+        here = self.takes_over or request.connection.moved_in
+        request.connection.moved_in = False
         for attempt in (1, 2):
             try:
-                lease = await self.namespaces.admit(name, request.access, writes, probe)
+                lease = await self.namespaces.admit(name, request.access, writes, probe, here)
             except Forbidden as refusal:
                 self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1
                 raise

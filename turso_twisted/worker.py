@@ -170,7 +170,8 @@ class WorkerNamespaces:
 
     # -- the data plane's side ---------------------------------------------------------
 
-    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe) -> Deferred[ChildLease]:
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
+              here: bool = False) -> Deferred[ChildLease]:
         held = self.held.get(name)
         if held is not None and held.revoking is None:
             try:
@@ -179,16 +180,17 @@ class WorkerNamespaces:
                 return fail(refusal)
             return succeed(self._lease(held))
         holder = self.elsewhere.get(name)
-        if holder is not None:
+        if holder is not None and not here:
             # The holder checks the access rules.
             return fail(HeldElsewhere(holder))
-        return Deferred.fromCoroutine(self._take(name, access, writes, probe))
+        return Deferred.fromCoroutine(self._take(name, access, writes, probe, here))
 
     def moved(self, name: str) -> None:
         """A handover to C{name}'s holder failed: ask the main process next time."""
         self.elsewhere.pop(name, None)
 
-    async def _take(self, name: str, access: Access, writes: bool, probe: CreationProbe) -> ChildLease:
+    async def _take(self, name: str, access: Access, writes: bool, probe: CreationProbe,
+                    here: bool = False) -> ChildLease:
         while (waiting := self._taking.get(name)) is not None:
             # Another request is asking for it: its answer may serve this one.
             await waiting
@@ -196,7 +198,7 @@ class WorkerNamespaces:
             if held is not None and held.revoking is None:
                 authorize(access, name, held.record, writes, self.data_dir)
                 return self._lease(held)
-            if name in self.elsewhere:
+            if name in self.elsewhere and not here:
                 raise HeldElsewhere(self.elsewhere[name])
         facts = CreationFacts.of(probe.method, probe.path, probe.body, probe.pipeline)
         assert self.control is not None
@@ -206,7 +208,7 @@ class WorkerNamespaces:
             answer = await self._ask(
                 control.Lease, name=name, access=access.to_json(), writes=writes,
                 facts={"has_revision": facts.has_revision, "clients": sorted(facts.clients)},
-                dead_port=self._dead_ports.pop(name, None))
+                dead_port=self._dead_ports.pop(name, None), here=here)
         finally:
             if self._taking.get(name) is done:
                 del self._taking[name]
@@ -515,6 +517,20 @@ class _Peer(amp.AMP):
         return {}
 
 
+class _Recorder(Factory):
+    """The data port's factory, for one adopted connection whose protocol we need."""
+
+    noisy = False
+
+    def __init__(self, port: DataPort) -> None:
+        self.port = port
+        self.made: DataConnection | None = None
+
+    def buildProtocol(self, addr: object) -> DataConnection:
+        self.made = self.port.buildProtocol(addr)
+        return self.made
+
+
 class _PeerFactory(Factory):
     noisy = False
 
@@ -671,7 +687,7 @@ class DataWorker:
         # Requests other workers hand over: served, but logged and counted by the worker the client
         # reached (their credentials are checked again: anything local can reach this socket).
         self.handed_auth = auth()
-        self.handed_plane = DataPlane(reactor, self.namespaces, None, None, access_log=False,
+        self.handed_plane = DataPlane(reactor, self.namespaces, None, None, access_log=False, takes_over=True,
                                       scratch_dir=scratch, budget=budget,
                                       auth=self.handed_auth)
         self.handed_port = DataPort(reactor, self.handed_plane.handle, self.handed_plane.refused_at_headers,
@@ -712,20 +728,14 @@ class DataWorker:
 
     def adopt(self, fd: int, head: bytes) -> None:
         """Serve a client connection another worker moved here, starting with C{head}."""
-        made: list[DataConnection] = []
-
-        class Once(Factory):
-            noisy = False
-
-            def buildProtocol(inner, addr: object) -> DataConnection:
-                made.append(self.port.buildProtocol(addr))
-                return made[0]
-
+        recorder = _Recorder(self.port)
         try:
-            self.reactor.adoptStreamConnection(fd, socket.AF_INET, Once())
+            self.reactor.adoptStreamConnection(fd, socket.AF_INET, recorder)
         finally:
-            os.close(fd)
-        made[0].dataReceived(head)
+            os.close(fd)  # adopting made a copy
+        assert recorder.made is not None
+        recorder.made.moved_in = True
+        recorder.made.dataReceived(head)
 
     def figures(self) -> DataFigures:
         queued = sum(held.channel.queued for held in self.namespaces.held.values())

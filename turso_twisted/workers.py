@@ -81,8 +81,9 @@ class MainControl(amp.AMP):
 
     @control.Lease.responder
     def lease(self, name: str, access: dict[str, Any], writes: bool, facts: dict[str, Any],
-              dead_port: int | None = None) -> Deferred[dict[str, Any]]:
-        leased = Deferred.fromCoroutine(self.pool._lease(self.worker, name, access, writes, facts, dead_port))
+              dead_port: int | None = None, here: bool | None = None) -> Deferred[dict[str, Any]]:
+        leased = Deferred.fromCoroutine(self.pool._lease(self.worker, name, access, writes, facts, dead_port,
+                                                         bool(here)))
         return leased.addCallback(lambda outcome: {"outcome": outcome})
 
     @control.Release.responder
@@ -235,7 +236,7 @@ class WorkerPool:
     # -- holding namespaces ------------------------------------------------------------
 
     async def _lease(self, worker: _Worker, name: str, access_json: dict[str, Any], writes: bool,
-                     facts_json: dict[str, Any], dead_port: int | None) -> dict[str, Any]:
+                     facts_json: dict[str, Any], dead_port: int | None, here: bool = False) -> dict[str, Any]:
         try:
             access = Access.from_json(access_json)
             while True:
@@ -249,7 +250,7 @@ class WorkerPool:
                     self.guard.check_creation(name, CreationFacts(bool(facts_json.get("has_revision")),
                                                                   frozenset(facts_json.get("clients", ()))))
                 if holder is None:
-                    chosen = self._least_busy(worker)
+                    chosen = worker if here else self._least_busy(worker)
                     if chosen is not worker:
                         # It goes to the worker holding fewest: this one hands the request over.
                         self.holders[name] = chosen.index
