@@ -93,6 +93,21 @@ class ChannelTests(SynchronousTestCase):
         protocol.makeConnection(Recording())
         self.assertEqual(connections_at_write, [2])
 
+    def test_closed_while_busy_drops_the_spare_once_the_child_is_done(self) -> None:
+        # Else the spare waits in the child's backlog for whoever uses the
+        # child next (another data worker), which then waits behind it.
+        self.channel.request(b"GET", b"/", [], b"")
+        protocol, _ = self.connect_next()
+        spare, spare_transport = self.connect_next()
+        closed = self.channel.close()
+        self.assertNoResult(closed)
+        self.assertEqual(spare_transport.value(), b"")
+        protocol.dataReceived(OK)
+        self.assertTrue(spare_transport.value().startswith(b"OPTIONS * HTTP/1.1\r\n"))
+        self.assertNoResult(closed)
+        spare.dataReceived(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        self.successResultOf(closed)
+
     def test_quiet_spare_is_dropped_with_options(self) -> None:
         done = self.channel.request(b"GET", b"/", [], b"")
         protocol, _ = self.connect_next()

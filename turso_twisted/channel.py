@@ -227,6 +227,8 @@ class BackendChannel:
     _busy: bool = False
     _closed: bool = False
     _spare: Deferred[_Exchange] | None = None
+    #: close() calls waiting for the request with the child to be done.
+    _closing: list[Deferred[None]] = attrs.field(factory=list)
     _idle_timer: IDelayedCall | None = None
     _last_done: float = 0.0
     #: The request the child is answering: its exchange, itself, its deadline.
@@ -273,11 +275,21 @@ class BackendChannel:
             pending = self._queue.popleft()
             _cancel(pending.timer)
             pending.result.errback(Failure(ChannelClosed("the namespace is stopping")))
+        if self._busy:
+            # The spare goes once the request with the child is done.
+            closed: Deferred[None] = Deferred()
+            self._closing.append(closed)
+            return closed
         return self.drop_spare()
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """A request is with the child (perhaps one whose client left)."""
+        return self._busy
 
     # -- internals -----------------------------------------------------------------
 
@@ -377,9 +389,19 @@ class BackendChannel:
         else:
             pending.result.callback(result)
         self._last_done = self.reactor.seconds()
-        if self._queue:
+        if self._closed:
+            # Closed while this request was with the child: its spare must
+            # not wait in the child's backlog for whoever comes next.
+            waiting, self._closing = self._closing, []
+
+            def dropped(_: object) -> None:
+                for closed in waiting:
+                    closed.callback(None)
+
+            self.drop_spare().addBoth(dropped)
+        elif self._queue:
             self._next()
-        elif not self._closed and self._idle_timer is None:
+        elif self._idle_timer is None:
             self._idle_timer = self.reactor.callLater(self.spare_idle, self._idle_check)
 
     def _idle_check(self) -> None:

@@ -84,7 +84,7 @@ class TakeConnection(amp.Command):
     """
 
     arguments = [(b"fd", amp.Descriptor()), (b"head", BigBytes())]
-    response = []
+    response = [(b"taken", amp.Boolean())]
 
 
 # -- worker to main ------------------------------------------------------------------
@@ -117,7 +117,8 @@ class Lease(amp.Command):
 class Release(amp.Command):
     """The worker no longer uses C{name} (last used at C{last_access})."""
 
-    arguments = [(b"name", amp.Unicode()), (b"last_access", amp.Float())]
+    arguments = [(b"name", amp.Unicode()), (b"last_access", amp.Float()),
+                 (b"grant", amp.Integer(optional=True))]
     response = []
     requiresAnswer = False
 

@@ -69,14 +69,18 @@ LISTEN_FD, CONTROL_FD = 3, 4
 REPORT_INTERVAL = 1.0
 
 
-def forward_address(main_pid: int, index: int) -> str:
-    """Where worker C{index} takes requests handed over by the others (an abstract socket)."""
-    return f"\0turso-server-{main_pid}-data-worker-{index}"
+def forward_address(run: str, index: int) -> str:
+    """
+    Where worker C{index} takes requests handed over by the others: an
+    abstract socket named after the main process's run (its pid and a
+    random part, so that nothing can take the name first).
+    """
+    return f"\0turso-server-{run}-data-worker-{index}"
 
 
-def connections_address(main_pid: int, index: int) -> str:
-    """Where worker C{index} takes client connections moved to it (an abstract socket)."""
-    return f"\0turso-server-{main_pid}-data-worker-{index}-connections"
+def connections_address(run: str, index: int) -> str:
+    """Where worker C{index} takes client connections moved to it (see L{forward_address})."""
+    return f"\0turso-server-{run}-data-worker-{index}-connections"
 
 
 #: Request headers not passed when a request moves with its connection: it is framed again.
@@ -107,6 +111,8 @@ class Held:
     port: int
     channel: BackendChannel
     last_used: float
+    #: Which grant of it this is (the main process's number for it).
+    grant: int | None = None
     in_flight: int = 0
     #: Set when the main process asks for it back: fires once nothing is in flight.
     revoking: Deferred[None] | None = None
@@ -224,7 +230,7 @@ class WorkerNamespaces:
         port = int(outcome["port"])
         self.elsewhere.pop(name, None)
         held = Held(name, NamespaceRecord.from_json(name, outcome["record"]), port, self.make_channel(port),
-                    self.clock.seconds())
+                    self.clock.seconds(), outcome.get("grant"))
         held.channel.on_wedged = partial(self._wedged, held)
         self.held[name] = held
         return self._lease(held)
@@ -323,7 +329,7 @@ class WorkerNamespaces:
         held = self.held.get(name)
         if held is None:
             return succeed(True)
-        if held.in_flight or held.revoking is not None:
+        if held.in_flight or held.revoking is not None or held.channel.busy:
             return succeed(False)
         del self.held[name]
         return held.channel.close().addCallback(lambda _: True)
@@ -355,7 +361,8 @@ class WorkerNamespaces:
         """Give back what has been idle for L{release_after}."""
         now = self.clock.seconds()
         for held in list(self.held.values()):
-            if held.in_flight == 0 and held.revoking is None and now - held.last_used >= self.release_after:
+            if (held.in_flight == 0 and held.revoking is None and not held.channel.busy
+                    and now - held.last_used >= self.release_after):
                 self._give_back(held)
 
     def _give_back(self, held: Held) -> None:
@@ -365,7 +372,8 @@ class WorkerNamespaces:
             # Only once the spare is retired: the next holder's connections
             # would otherwise wait behind it.
             if self.control is not None:
-                self.control.callRemote(control.Release, name=held.name, last_access=held.last_used)
+                self.control.callRemote(control.Release, name=held.name, last_access=held.last_used,
+                                        grant=held.grant)
 
         held.channel.close().addBoth(closed)
 
@@ -468,13 +476,16 @@ class Handovers:
     """Kept-alive connections to the other workers, to hand them requests."""
 
     reactor: Any
-    main_pid: int
+    run: str
     _idle: dict[int, deque[_Handover]] = attrs.field(factory=dict)
 
     def forward(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
         body = request.body
+        # An answer to HEAD has a length and no body, which the answer's parser
+        # here cannot tell: ask with GET (the client still gets no body).
+        method = b"GET" if request.method == b"HEAD" else request.method
         head = [b"%s %s HTTP/1.1\r\nhost: worker\r\ncontent-length: %d\r\n"
-                % (request.method, request.target, len(body))]
+                % (method, request.target, len(body))]
         head += [b"%s: %s\r\n" % pair for pair in end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED)]
         data = b"".join(head) + b"\r\n" + body
         idle = self._idle.get(index)
@@ -483,7 +494,7 @@ class Handovers:
 
         async def connect_and_send() -> BackendResponse:
             factory = _HandoverFactory(self, index)
-            self.reactor.connectUNIX(forward_address(self.main_pid, index), factory, timeout=5)
+            self.reactor.connectUNIX(forward_address(self.run, index), factory, timeout=5)
             try:
                 protocol = await factory.connected
             except Exception as error:
@@ -513,8 +524,13 @@ class _Peer(amp.AMP):
 
     @control.TakeConnection.responder
     def take_connection(self, fd: int, head: bytes) -> dict[str, Any]:
-        self.worker.adopt(fd, head)
-        return {}
+        try:
+            self.worker.adopt(fd, head)
+        except Exception as error:
+            # The client may have gone meanwhile: the sender hands the request over instead.
+            self.worker._log.info("could not take a moved connection: {error}", error=str(error))
+            return {"taken": False}
+        return {"taken": True}
 
 
 class _Recorder(Factory):
@@ -546,7 +562,7 @@ class Migrations:
     """Moving client connections to the worker that holds their namespace."""
 
     reactor: Any
-    main_pid: int
+    run: str
     _peers: dict[int, Deferred[amp.AMP]] = attrs.field(factory=dict)
 
     def migrate(self, index: int, request: DataRequest) -> Deferred[bool]:
@@ -559,7 +575,9 @@ class Migrations:
         async def move() -> bool:
             try:
                 peer = await self._peer(index)
-                await peer.callRemote(control.TakeConnection, fd=fd, head=data)
+                answer = await peer.callRemote(control.TakeConnection, fd=fd, head=data)
+                if not answer["taken"]:
+                    raise ConnectError(string="not taken")
             except Exception:
                 self._peers.pop(index, None)
                 connection.reattach()
@@ -576,7 +594,7 @@ class Migrations:
         if known is not None:
             return _chain(known)
         made: Deferred[amp.AMP] = ClientCreator(self.reactor, amp.AMP).connectUNIX(
-            connections_address(self.main_pid, index), timeout=5)
+            connections_address(self.run, index), timeout=5)
 
         def lost(failure: Failure) -> Failure:
             self._peers.pop(index, None)
@@ -650,8 +668,9 @@ class DataWorker:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, index: int, main_pid: int) -> None:
-        self.reactor, self.config, self.index, self.main_pid = reactor, config, index, main_pid
+    def __init__(self, reactor: Any, config: Config, index: int, run: str) -> None:
+        self.reactor, self.config, self.index, self.run = reactor, config, index, run
+        self._family = socket.AF_INET
         self.control: WorkerControl | None = None
         self._ports: list[IListeningPort] = []
         self._listen_fd = -1
@@ -673,8 +692,8 @@ class DataWorker:
 
         # TURSO_MAX_HELD_BYTES is the daemon's: each worker keeps its share.
         budget = AnswerBudget(config.max_held_bytes // max(1, config.data_workers))
-        self.handovers = Handovers(reactor, self.main_pid)
-        self.migrations = Migrations(reactor, self.main_pid)
+        self.handovers = Handovers(reactor, run)
+        self.migrations = Migrations(reactor, run)
         # Clients' requests: logged, counted, handed over when another worker holds the namespace.
         self.auth = auth()
         self.plane = DataPlane(reactor, self.namespaces, self.namespaces, self.metrics,
@@ -696,9 +715,8 @@ class DataWorker:
 
     def start(self, listen_fd: int, control_fd: int) -> None:
         reactor = self.reactor
-        self._ports.append(reactor.listenUNIX(forward_address(self.main_pid, self.index), self.handed_port))
-        self._ports.append(reactor.listenUNIX(connections_address(self.main_pid, self.index),
-                                              _PeerFactory(self)))
+        with socket.socket(fileno=os.dup(listen_fd)) as listener:
+            self._family = listener.family
         reactor.adoptStreamConnection(control_fd, socket.AF_UNIX, _ControlFactory(self))
         os.close(control_fd)
         self._listen_fd = listen_fd
@@ -713,7 +731,11 @@ class DataWorker:
 
     def _ready(self, answer: dict[str, Any]) -> None:
         self.namespaces.update_auth(answer["auth"], complete=True)
-        self._ports.append(self.reactor.adoptStreamPort(self._listen_fd, socket.AF_INET, self.port))
+        # Only now, with the credentials table in, is anything taken.
+        reactor = self.reactor
+        self._ports.append(reactor.listenUNIX(forward_address(self.run, self.index), self.handed_port))
+        self._ports.append(reactor.listenUNIX(connections_address(self.run, self.index), _PeerFactory(self)))
+        self._ports.append(reactor.adoptStreamPort(self._listen_fd, self._family, self.port))
         os.close(self._listen_fd)
         self._log.info("data worker {index} serving", index=self.index)
 
@@ -730,7 +752,7 @@ class DataWorker:
         """Serve a client connection another worker moved here, starting with C{head}."""
         recorder = _Recorder(self.port)
         try:
-            self.reactor.adoptStreamConnection(fd, socket.AF_INET, recorder)
+            self.reactor.adoptStreamConnection(fd, self._family, recorder)
         finally:
             os.close(fd)  # adopting made a copy
         assert recorder.made is not None
@@ -811,7 +833,7 @@ def main() -> None:
     # SIGTERM is the main process's to handle; a worker stops when told, or with it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = DataWorker(reactor, config, index, main_pid)
+    worker = DataWorker(reactor, config, index, os.environ["TURSO_WORKER_RUN"])
     worker.start(LISTEN_FD, CONTROL_FD)
     flush_with(reactor)
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # the reactor takes it

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall
@@ -27,7 +29,7 @@ from twisted.python.failure import Failure
 
 from . import control
 from .config import Config
-from .errors import Refusal, Unavailable, not_found, refusal_to_json
+from .errors import INTERNAL, Refusal, Unavailable, from_os_error, not_found, refusal_to_json
 from .hibernation import Hibernator
 from .leases import Lease, Leases
 from .metrics import DataFigures
@@ -53,8 +55,9 @@ class _Worker(ProcessProtocol):
         self.pool, self.index = pool, index
         self.channel: MainControl | None = None
         self.ready = False
-        #: What it holds: a lease on the child each.
+        #: What it holds: a lease on the child each, and which grant of it.
         self.held: dict[str, Lease] = {}
+        self.grants: dict[str, int] = {}
         #: Revokes sent to it, by name.
         self.revoking: dict[str, Deferred[None]] = {}
         #: Its figures, as last reported.
@@ -87,8 +90,8 @@ class MainControl(amp.AMP):
         return leased.addCallback(lambda outcome: {"outcome": outcome})
 
     @control.Release.responder
-    def release(self, name: str, last_access: float) -> dict[str, Any]:
-        self.pool._release(self.worker, name)
+    def release(self, name: str, last_access: float, grant: int | None = None) -> dict[str, Any]:
+        self.pool._release(self.worker, name, grant)
         return {}
 
     @control.NoteClients.responder
@@ -129,6 +132,10 @@ class WorkerPool:
         self.restarts = 0
         self.stopping = False
         self._auth_sent: dict[str, Any] = {}
+        #: Names the workers' sockets: this process's pid and a part nobody can guess.
+        self.run = f"{os.getpid()}-{secrets.token_hex(8)}"
+        #: Numbers each namespace given to a worker (see L{_let_go}).
+        self._grants = 0
         self._syncs: list[Deferred[Any]] = []
         self._all_ready: Deferred[None] = Deferred()
         leases.on_drain = self.revoke
@@ -160,7 +167,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         worker = _Worker(self, index)
         self.workers[index] = worker
-        env = {**os.environ, "TURSO_WORKER_INDEX": str(index),
+        env = {**os.environ, "TURSO_WORKER_INDEX": str(index), "TURSO_WORKER_RUN": self.run,
                "TURSO_WORKER_OPTIONS": json.dumps(self.options)}
         self.reactor.spawnProcess(worker, sys.executable, [sys.executable, "-m", "turso_twisted.worker"],
                                   env=env, childFDs={0: "w", 1: 1, 2: 2, 3: self.listener.fileno(),
@@ -242,7 +249,13 @@ class WorkerPool:
             while True:
                 holder = self.holders.get(name)
                 if holder == MAIN:
-                    await self._main_done[name]
+                    # The main process uses the child (a backup): wait, as a queue would.
+                    waiting: Deferred[Any] = _chained(self._main_done[name])
+                    try:
+                        await waiting.addTimeout(self.config.queue_timeout, self.reactor)
+                    except defer.TimeoutError:
+                        raise Unavailable("namespace_busy", f"namespace {name!r} is busy (a backup or a "
+                                          "fork); retry shortly", retry_after=1) from None
                     continue
                 record = self.manager.get(name)
                 authorize(access, name, record, writes, self.config.data_dir)
@@ -281,12 +294,28 @@ class WorkerPool:
                                   retry_after=1)
             self.holders[name] = worker.index
             worker.held[name] = lease
+            self._grants += 1
+            worker.grants[name] = self._grants
             record = self.manager.get(name)
             assert record is not None
             worker.sent[name] = _digest(record.to_json())
-            return {"port": lease.child.port, "record": record.to_json()}
-        except Refusal as refusal:
-            return {"refusal": refusal_to_json(refusal)}
+            return {"port": lease.child.port, "record": record.to_json(), "grant": self._grants}
+        except Exception as error:
+            return {"refusal": refusal_to_json(self._refusal(error, "taking namespace " + repr(name)))}
+
+    def _refusal(self, error: Exception, doing: str) -> Refusal:
+        """
+        What a worker's request answers when C{error} happened here: never
+        an AMP error, which would cut the worker's control channel.
+        """
+        if isinstance(error, Refusal):
+            return error
+        refusal = from_os_error(error)
+        if refusal is not None:
+            self._log.warn("{doing}: {error}", doing=doing, error=str(error))
+            return refusal
+        self._log.failure("unexpected error {doing} for a data worker", Failure(error), doing=doing)
+        return INTERNAL
 
     def _least_busy(self, asking: _Worker) -> _Worker:
         """The serving worker holding fewest namespaces (C{asking} on a tie)."""
@@ -299,11 +328,16 @@ class WorkerPool:
             return asking
         return next(self.workers[index] for index, count in counts.items() if count == best)
 
-    def _release(self, worker: _Worker, name: str) -> None:
+    def _release(self, worker: _Worker, name: str, grant: int | None) -> None:
         if name in worker.held:
-            self._let_go(worker, name)
+            self._let_go(worker, name, grant)
 
-    def _let_go(self, worker: _Worker, name: str) -> None:
+    def _let_go(self, worker: _Worker, name: str, grant: int | None = None) -> None:
+        """Free what C{worker} holds of C{name} (only that grant of it, if given: a late word about an
+        earlier one must not free a newer one)."""
+        if grant is not None and worker.grants.get(name) != grant:
+            return
+        worker.grants.pop(name, None)
         lease = worker.held.pop(name, None)
         worker.sent.pop(name, None)
         if self.holders.get(name) == worker.index:
@@ -370,8 +404,8 @@ class WorkerPool:
             if record is None:
                 raise not_found(name)
             self.guard.note_clients(record, clients)
-        except Refusal as refusal:
-            return {"refusal": refusal_to_json(refusal)}
+        except Exception as error:
+            return {"refusal": refusal_to_json(self._refusal(error, "noting replicas of " + repr(name)))}
         return {}
 
     def _wedged(self, name: str, port: int) -> None:
@@ -385,11 +419,12 @@ class WorkerPool:
         worker = self.workers.get(holder) if holder is not None else None
         if worker is None or worker.channel is None or name not in worker.held or name in worker.revoking:
             return succeed(False)
+        grant = worker.grants.get(name)
 
         def answered(answer: dict[str, Any]) -> bool:
             if answer["given"]:
-                self._let_go(worker, name)
-            return bool(answer["given"])
+                self._let_go(worker, name, grant)
+            return bool(answer["given"]) and name not in worker.held
 
         asked: Deferred[Any] = worker.channel.callRemote(control.GiveBackIfIdle, name=name)
         return asked.addCallbacks(answered, lambda _: False)
@@ -469,6 +504,19 @@ class WorkerPool:
             return succeed(None)
         done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
         return done.addCallback(lambda _: None)
+
+
+def _chained(source: Deferred[None]) -> Deferred[None]:
+    """A Deferred firing with C{source} that can time out without cancelling C{source}."""
+    out: Deferred[None] = Deferred()
+
+    def passed(result: object) -> object:
+        if not out.called:
+            out.callback(None)
+        return result
+
+    source.addBoth(passed)
+    return out
 
 
 def _digest(view: dict[str, Any]) -> str:
