@@ -33,7 +33,7 @@ from typing import Any, cast
 import attrs
 import httptools
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import ClientCreator, ClientFactory, Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -745,8 +745,7 @@ class DataWorker:
             self._log.info("data worker {index}: the main process is gone; exiting", index=self.index)
         else:
             self._log.failure("data worker {index} could not start", failure, index=self.index)
-        if self.reactor.running:
-            self.reactor.stop()
+        self._stop_reactor()
 
     def adopt(self, fd: int, head: bytes) -> None:
         """Serve a client connection another worker moved here, starting with C{head}."""
@@ -780,7 +779,7 @@ class DataWorker:
         self._ports = []
         done = Deferred.fromCoroutine(self._drain())
         done.addTimeout(self.config.shutdown_timeout, self.reactor)
-        done.addBoth(lambda _: self.reactor.stop())
+        done.addBoth(lambda _: self._stop_reactor())
 
     async def _drain(self) -> None:
         await self.plane.idle()
@@ -792,8 +791,13 @@ class DataWorker:
 
     def main_gone(self) -> None:
         """The main process went away: nothing is left to serve for."""
-        if self.reactor.running:
+        self._stop_reactor()
+
+    def _stop_reactor(self) -> None:
+        try:
             self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # stopping already
 
 
 class _ControlFactory(ClientFactory):
