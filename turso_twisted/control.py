@@ -13,13 +13,16 @@ Messages follow a namespace's transitions, never each request:
     names the worker that holds it, which the request is then handed to;
   - the worker gives it back (L{Release}) once it has been idle for the
     channel's spare time, or when the main process asks (L{Revoke}: before
-    stopping, archiving or restoring it, or to use the child itself);
+    stopping, archiving or restoring it, or to use the child itself;
+    L{GiveBackIfIdle}: to make room under C{TURSO_MAX_RUNNING});
   - the main process pushes what changes under a held namespace
     (L{Refresh}) and the credentials every worker checks at the headers
     (L{AuthTable}), and is acknowledged before an admin change returns;
   - a worker reports new replicas pushing (L{NoteClients}: saved before
     the push goes on), a wedged child (L{Wedged}), and, once a second, its
-    counters and traffic (L{Report}).
+    counters and traffic (L{Report}; L{ReportNow} when C{/metrics} asks);
+  - between workers, a client connection moves to the one holding its
+    namespace (L{TakeConnection}, its descriptor passed beside the box).
 """
 
 from __future__ import annotations
