@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from . import control, names
 from .channel import BackendChannel, BackendResponse, ResponseIncomplete
 from .config import Config
+from .datadir import temp_dir
 from .dataport import DataConnection, DataPort, DataRequest
 from .errors import Refusal, Unavailable, refusal_from_json
 from .jsonlog import flush_with, json_observer
@@ -680,7 +681,7 @@ class DataWorker:
                                         queue_timeout=config.queue_timeout,
                                         backend_timeout=config.backend_timeout))
         self.metrics = Metrics()
-        scratch = os.path.join(config.data_dir, "_tmp")
+        scratch = temp_dir(config.data_dir)
         verifier = TokenVerifier(reactor, leeway=config.jwt_leeway)
         server_keys = load_keys(config.jwt_key) if config.jwt_key else None
 
