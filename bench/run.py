@@ -37,6 +37,7 @@ import urllib.request
 from typing import Any
 
 from turso_twisted.tokens import generate_key_pair, mint
+from turso_twisted.workers import worker_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -95,14 +96,6 @@ def children_of(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
-
-
-def is_data_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"turso_twisted.worker" in handle.read()
-    except OSError:
-        return False
 
 
 # -- the systems under test ----------------------------------------------------------
@@ -178,7 +171,7 @@ class Daemon:
 
     def pids(self) -> list[int]:
         """The daemon and its data workers: every process of the data plane."""
-        return [self.process.pid, *(pid for pid in children_of(self.process.pid) if is_data_worker(pid))]
+        return [self.process.pid, *worker_pids(self.process.pid)]
 
     def admin(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=30) as response:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from turso_twisted.recovery import find_orphans
+from turso_twisted.workers import worker_pids
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -272,17 +273,5 @@ def with_data_workers(*cases: type) -> dict[str, type]:
 
 def data_workers(daemon: Daemon) -> list[int]:
     """The pids of the daemon's data workers."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                command = handle.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == daemon.pid and b"turso_twisted.worker" in command:
-            found.append(int(entry))
-    return sorted(found)
+    assert daemon.pid is not None
+    return worker_pids(daemon.pid)

@@ -48,6 +48,24 @@ STOP_MARGIN = 5.0
 MAIN = -1
 
 
+def worker_pids(main_pid: int) -> list[int]:
+    """The pids of the data workers of the daemon whose main process is C{main_pid} (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == main_pid and b"turso_twisted.worker" in command:
+            found.append(int(entry))
+    return sorted(found)
+
+
 class _Worker(ProcessProtocol):
     """One data worker process, and its end of the control channel."""
 
