@@ -33,38 +33,23 @@ from typing import Any
 from twisted.protocols import amp
 
 
-class BigJSON(amp.Argument):
-    """
-    A JSON value of any size: AMP caps one value at 64 KiB, so it goes as
-    numbered chunks (a namespace's record lists its replicas, which can be
-    many).
-    """
-
-    CHUNK = 60_000
-
-    def toBox(self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any],
-              proto: amp.AMP) -> None:
-        data = json.dumps(objects[name.decode("ascii")], separators=(",", ":")).encode("utf-8")
-        chunks = [data[i:i + self.CHUNK] for i in range(0, len(data), self.CHUNK)] or [b""]
-        strings[name] = b"%d" % len(chunks)
-        for index, chunk in enumerate(chunks):
-            strings[b"%s.%d" % (name, index)] = chunk
-
-    def fromBox(self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any],
-                proto: amp.AMP) -> None:
-        count = int(strings[name])
-        data = b"".join(strings[b"%s.%d" % (name, index)] for index in range(count))
-        objects[name.decode("ascii")] = json.loads(data)
-
-
 class BigBytes(amp.Argument):
-    """Bytes of any size, as numbered chunks (a request's head and body)."""
+    """
+    Bytes of any size: AMP caps one value at 64 KiB, so they go as
+    numbered chunks (a request's head and body).
+    """
 
     CHUNK = 60_000
 
+    def encode(self, value: Any) -> bytes:
+        return bytes(value)
+
+    def decode(self, data: bytes) -> Any:
+        return data
+
     def toBox(self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any],
               proto: amp.AMP) -> None:
-        data = objects[name.decode("ascii")]
+        data = self.encode(objects[name.decode("ascii")])
         chunks = [data[i:i + self.CHUNK] for i in range(0, len(data), self.CHUNK)] or [b""]
         strings[name] = b"%d" % len(chunks)
         for index, chunk in enumerate(chunks):
@@ -73,7 +58,18 @@ class BigBytes(amp.Argument):
     def fromBox(self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any],
                 proto: amp.AMP) -> None:
         count = int(strings[name])
-        objects[name.decode("ascii")] = b"".join(strings[b"%s.%d" % (name, index)] for index in range(count))
+        objects[name.decode("ascii")] = self.decode(
+            b"".join(strings[b"%s.%d" % (name, index)] for index in range(count)))
+
+
+class BigJSON(BigBytes):
+    """A JSON value of any size (a namespace's record lists its replicas, which can be many)."""
+
+    def encode(self, value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+    def decode(self, data: bytes) -> Any:
+        return json.loads(data)
 
 
 # -- worker to worker --------------------------------------------------------------------

@@ -88,12 +88,16 @@ def connections_address(run: str, index: int) -> str:
 _REFRAMED = frozenset({b"content-length", b"transfer-encoding", b"expect"})
 
 
-def request_bytes(request: DataRequest) -> bytes:
-    """C{request} on the wire again, as its client sent it (framed by C{Content-Length})."""
+def request_bytes(request: DataRequest, headers: list[tuple[bytes, bytes]] | None = None,
+                  method: bytes | None = None) -> bytes:
+    """
+    C{request} on the wire again, framed by C{Content-Length}: with the
+    headers its client sent, or with C{headers}.
+    """
     body = request.body
-    head = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
-    head += [b"%s: %s\r\n" % (name, value) for name, value in request.headers
-             if name.lower() not in _REFRAMED]
+    head = [b"%s %s HTTP/1.1\r\n" % (method or request.method, request.target)]
+    head += [b"%s: %s\r\n" % (name, value) for name, value in
+             (request.headers if headers is None else headers) if name.lower() not in _REFRAMED]
     head.append(b"content-length: %d\r\n\r\n" % len(body))
     return b"".join(head) + body
 
@@ -481,14 +485,10 @@ class Handovers:
     _idle: dict[int, deque[_Handover]] = attrs.field(factory=dict)
 
     def forward(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
-        body = request.body
         # An answer to HEAD has a length and no body, which the answer's parser
         # here cannot tell: ask with GET (the client still gets no body).
-        method = b"GET" if request.method == b"HEAD" else request.method
-        head = [b"%s %s HTTP/1.1\r\nhost: worker\r\ncontent-length: %d\r\n"
-                % (method, request.target, len(body))]
-        head += [b"%s: %s\r\n" % pair for pair in end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED)]
-        data = b"".join(head) + b"\r\n" + body
+        data = request_bytes(request, end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED),
+                             b"GET" if request.method == b"HEAD" else None)
         idle = self._idle.get(index)
         if idle:
             return idle.pop().send(data)
