@@ -8,7 +8,7 @@ connection is pending it sleeps 10 ms before it looks again.  A client that
 connects per request therefore waits ~6-10 ms, while a connection that is
 already accepted when the request is written is answered in ~0.15 ms.  So
 while a namespace is busy the channel keeps one I{spare} connection open:
-opened as soon as a request is sent, it waits in the child's backlog, is
+opened just before a request is sent, it waits in the child's backlog, is
 accepted the moment the child finishes, and carries the next request with
 no sleep in between.
 

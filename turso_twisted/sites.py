@@ -14,10 +14,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .auth import BearerToken
+from .dataport import IN_MEMORY
 from .errors import Refusal, TooLarge, from_os_error, response_parts, status_phrase
-
-#: Bodies up to this size stay in memory (as in Twisted).
-_IN_MEMORY = 100_000
 
 
 class CappedRequest(Request):
@@ -48,7 +46,7 @@ class CappedRequest(Request):
         if length is not None and length > site.max_body_bytes:
             self._reject_too_large()
             return
-        if site.scratch_dir is not None and (length is None or length > _IN_MEMORY):
+        if site.scratch_dir is not None and (length is None or length > IN_MEMORY):
             # Large bodies wait in the data dir, not in the system's /tmp.
             try:
                 self.content = tempfile.TemporaryFile(dir=site.scratch_dir)
