@@ -60,6 +60,7 @@ sys.path.insert(0, ROOT)
 
 from turso_twisted.recovery import find_orphans  # noqa: E402
 from turso_twisted.tokens import generate_key_pair, mint  # noqa: E402
+from turso_twisted.workers import worker_pids  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 WORKER = os.path.join(ROOT, "soak", "worker.py")
@@ -81,24 +82,6 @@ KINDS = ("kill_child", "stop_child", "kill_worker", "kill_daemon", "restart", "c
 def namespace_token(name: str, read_only: bool = False) -> str:
     """A JWT that opens C{name} only (read-write, or read-only)."""
     return mint(SIGNING_KEY, {"iat": int(time.time()), "p": {"ro" if read_only else "rw": {"ns": [name]}}})
-
-
-def data_workers(daemon_pid: int) -> list[int]:
-    """The daemon's data worker processes."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                command = handle.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == daemon_pid and b"turso_twisted.worker" in command:
-            found.append(int(entry))
-    return found
 
 
 def free_port() -> int:
@@ -197,13 +180,14 @@ class Daemon:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the daemon exited at start-up ({self.process.returncode})")
             try:
-                status, _ = self.admin("GET", "/healthz", timeout=1)
+                # Ready: listening, and its data workers (if any) serving.
+                status, _ = self.admin("GET", "/readyz", timeout=1)
                 if status == 200:
                     return
             except OSError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError("the daemon did not listen within 60 s")
+        raise RuntimeError("the daemon was not ready within 60 s")
 
     def kill(self) -> None:
         assert self.process is not None
@@ -496,7 +480,7 @@ class Soak:
     def kill_worker(self) -> bool:
         """SIGKILL a data worker mid-traffic: it is started again, and no acknowledged push is lost."""
         assert self.daemon.process is not None
-        workers = data_workers(self.daemon.process.pid)
+        workers = worker_pids(self.daemon.process.pid)
         if not workers:
             return False  # one data process (TURSO_DATA_WORKERS=1)
         victim = self.random.choice(workers)
@@ -504,7 +488,7 @@ class Soak:
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            now = data_workers(self.daemon.process.pid)
+            now = worker_pids(self.daemon.process.pid)
             if len(now) == len(workers) and victim not in now:
                 return True
             time.sleep(0.05)
