@@ -34,7 +34,7 @@ import attrs
 import httptools
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ReactorNotRunning
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.protocol import ClientCreator, ClientFactory, Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, globalLogBeginner
@@ -404,6 +404,7 @@ class _Handover(Protocol):
         self._reset()
         self.lost = False
         self.sent = False
+        self.expiry: IDelayedCall | None = None
 
     def _reset(self) -> None:
         self._headers: list[tuple[bytes, bytes]] = []
@@ -478,10 +479,17 @@ class _HandoverFactory(ClientFactory):
 
 @attrs.define(eq=False)
 class Handovers:
-    """Kept-alive connections to the other workers, to hand them requests."""
+    """
+    Kept-alive connections to the other workers, to hand them requests.
+    A connection idle for C{keep_idle} seconds is closed from this side:
+    that is shorter than the peer's own idle timeout, so a request is
+    never sent on a connection the peer is closing at that moment (which
+    would fail it with a 502).
+    """
 
     reactor: Any
     run: str
+    keep_idle: float
     _idle: dict[int, deque[_Handover]] = attrs.field(factory=dict)
 
     def forward(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
@@ -491,7 +499,11 @@ class Handovers:
                              b"GET" if request.method == b"HEAD" else None)
         idle = self._idle.get(index)
         if idle:
-            return idle.pop().send(data)
+            protocol = idle.pop()
+            if protocol.expiry is not None and protocol.expiry.active():
+                protocol.expiry.cancel()
+            protocol.expiry = None
+            return protocol.send(data)
 
         async def connect_and_send() -> BackendResponse:
             factory = _HandoverFactory(self, index)
@@ -506,8 +518,18 @@ class Handovers:
 
     def idle(self, protocol: _Handover) -> None:
         self._idle.setdefault(protocol.index, deque()).append(protocol)
+        protocol.expiry = self.reactor.callLater(self.keep_idle, self._expire, protocol)
+
+    def _expire(self, protocol: _Handover) -> None:
+        protocol.expiry = None
+        self.gone(protocol)
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
 
     def gone(self, protocol: _Handover) -> None:
+        if protocol.expiry is not None and protocol.expiry.active():
+            protocol.expiry.cancel()
+        protocol.expiry = None
         idle = self._idle.get(protocol.index)
         if idle and protocol in idle:
             idle.remove(protocol)
@@ -693,7 +715,7 @@ class DataWorker:
 
         # TURSO_MAX_HELD_BYTES is the daemon's: each worker keeps its share.
         budget = AnswerBudget(config.max_held_bytes // max(1, config.data_workers))
-        self.handovers = Handovers(reactor, run)
+        self.handovers = Handovers(reactor, run, keep_idle=config.client_idle_timeout / 2)
         self.migrations = Migrations(reactor, run)
         # Clients' requests: logged, counted, handed over when another worker holds the namespace.
         self.auth = auth()
