@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 import attrs
@@ -117,17 +118,15 @@ class NamespaceManager:
 
         async def work() -> Lease:
             self.admission.check_open()
-            record = self.state.records.get(name)
-            created = False
-            if record is None:
+            new = None
+            if name not in self.state.records:
                 if not (data_request and self.allow_auto_provision):
                     raise NotFound("namespace_not_found",
                                    f"namespace {name!r} does not exist"
                                    + (" and auto-provisioning is off" if data_request else ""))
                 self.admission.check_capacity()
-                record = self._add(name, "auto")
-                created = True
-            child = await self._running_child(name, created)
+                new = self._new_record(name, "auto")
+            child = await self._running_child(name, new)
             return self.leases.take(child)
 
         def touched(lease: Lease) -> Lease:
@@ -175,19 +174,24 @@ class NamespaceManager:
             self.state.touch(name)
         return self.leases.take(child)
 
-    async def _running_child(self, name: str, created: bool) -> Child:
+    async def _running_child(self, name: str, new: NamespaceRecord | None = None) -> Child:
         """
         The running child of C{name}, started if need be.  A namespace that
         has run before must still have its data file: one that vanished is
-        refused, never started empty over.  A namespace created just now
-        that cannot start is removed again, with the empty files its child
-        made, so that a failure leaves nothing behind.
+        refused, never started empty over.
+
+        A C{new} namespace's record is written while its child starts, not
+        before: it is durable before the child serves anything, and a crash
+        in between leaves only empty files no record owns, which start-up
+        quarantines.  A new namespace that cannot start is not recorded (or
+        is removed again), nor are the empty files its child made kept, so
+        that a failure leaves nothing behind.
         """
         child = self.supervisor.running(name)
         if child is not None:
             return child
         db_path = names.db_path(self.archiver.data_dir, name)
-        if not created and not os.path.exists(db_path):
+        if new is None and not os.path.exists(db_path):
             self._log.error("the data file of namespace {name} is missing; refusing to start it empty",
                             name=name, path=db_path)
             raise Unavailable("namespace_data_missing",
@@ -195,8 +199,21 @@ class NamespaceManager:
                               "restore it, or delete the namespace")
         files = names.data_files(self.archiver.data_dir, name)
         new_files = [p for p in files if not os.path.exists(p)]
+        recorded = False
+
+        def record(new: NamespaceRecord) -> None:
+            nonlocal recorded
+            self.state.records[name] = new
+            try:
+                self.state.save()
+            except BaseException:
+                del self.state.records[name]
+                raise
+            recorded = True
+            self._log.info("namespace {name} created ({origin})", name=name, origin=new.origin, id=new.id)
+
         try:
-            if created and len(new_files) < len(files):
+            if new is not None and len(new_files) < len(files):
                 self._log.error("files of the new namespace {name} are already in the data dir; "
                                 "refusing to start it over them", name=name)
                 new_files = []
@@ -204,11 +221,12 @@ class NamespaceManager:
                                   f"namespace {name!r}: files of that name are already in the data dir "
                                   "(left by a crash or by hand); move them away")
             await self.hibernator.make_room(name)
-            return await self.supervisor.start(name)
+            return await self.supervisor.start(name, None if new is None else partial(record, new))
         except BaseException:
-            if created:
-                self.state.records.pop(name, None)
-                self.state.save()
+            if new is not None:
+                if recorded:
+                    self.state.records.pop(name, None)
+                    self.state.save()
                 for path in new_files:
                     if os.path.exists(path) and os.path.getsize(path) == 0:
                         os.unlink(path)
@@ -216,17 +234,11 @@ class NamespaceManager:
 
     # -- admin operations ----------------------------------------------------------
 
-    def _add(self, name: str, origin: Origin) -> NamespaceRecord:
+    def _new_record(self, name: str, origin: Origin) -> NamespaceRecord:
+        """A record for a new C{name}, not yet in the state (L{_running_child} puts it there)."""
         record = NamespaceRecord.new(name, origin, self.clock.seconds())
         # Replicas of earlier incarnations of the name must not push here.
         record.retired = self.guard.retired(name)
-        self.state.records[name] = record
-        try:
-            self.state.save()
-        except BaseException:
-            del self.state.records[name]
-            raise
-        self._log.info("namespace {name} created ({origin})", name=name, origin=origin, id=record.id)
         return record
 
     def create(self, name: str) -> Deferred[tuple[NamespaceRecord, bool]]:
@@ -247,8 +259,8 @@ class NamespaceManager:
                     self._log.info("namespace {name} made explicit", name=name, id=existing.id)
                 return existing, False
             self.admission.check_capacity()
-            record = self._add(name, "explicit")
-            await self._running_child(name, created=True)
+            record = self._new_record(name, "explicit")
+            await self._running_child(name, record)
             return record, True
 
         return self.locks.run(name, work)
