@@ -24,25 +24,23 @@ import os
 import signal
 import socket
 import sys
-from collections import deque
 from collections.abc import Callable
 from functools import lru_cache, partial
 from types import TracebackType
 from typing import Any, cast
 
 import attrs
-import httptools
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ReactorNotRunning
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
-from twisted.internet.protocol import ClientCreator, ClientFactory, Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import ClientCreator, ClientFactory, Factory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from . import control, names
-from .channel import BackendChannel, BackendResponse, ResponseIncomplete
+from .channel import BackendChannel, BackendResponse
 from .config import Config
 from .datadir import temp_dir
 from .dataport import DataConnection, DataPort, DataRequest
@@ -59,6 +57,7 @@ from .proxy import (
     HeldElsewhere,
     end_to_end,
 )
+from .relay import Peers, relayed_bytes, request_bytes
 from .state import NamespaceRecord
 from .syncproto import CreationFacts, inbound_body
 from .tokens import Access, DataAuth, KeySet, TokenVerifier, load_keys
@@ -82,24 +81,6 @@ def forward_address(run: str, index: int) -> str:
 def connections_address(run: str, index: int) -> str:
     """Where worker C{index} takes client connections moved to it (see L{forward_address})."""
     return f"\0turso-server-{run}-data-worker-{index}-connections"
-
-
-#: Request headers not passed when a request moves with its connection: it is framed again.
-_REFRAMED = frozenset({b"content-length", b"transfer-encoding", b"expect"})
-
-
-def request_bytes(request: DataRequest, headers: list[tuple[bytes, bytes]] | None = None,
-                  method: bytes | None = None) -> bytes:
-    """
-    C{request} on the wire again, framed by C{Content-Length}: with the
-    headers its client sent, or with C{headers}.
-    """
-    body = request.body
-    head = [b"%s %s HTTP/1.1\r\n" % (method or request.method, request.target)]
-    head += [b"%s: %s\r\n" % (name, value) for name, value in
-             (request.headers if headers is None else headers) if name.lower() not in _REFRAMED]
-    head.append(b"content-length: %d\r\n\r\n" % len(body))
-    return b"".join(head) + body
 
 
 @lru_cache(maxsize=1024)
@@ -394,147 +375,6 @@ class WorkerNamespaces:
 # -- handing requests to the worker that holds their namespace ------------------------------
 
 
-class _Handover(Protocol):
-    """One kept-alive connection to another worker, one request at a time."""
-
-    def __init__(self, pool: Handovers, index: int, connected: Deferred[_Handover]) -> None:
-        self.pool, self.index, self._connected = pool, index, connected
-        self.answer: Deferred[BackendResponse] | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self._reset()
-        self.lost = False
-        self.sent = False
-        self.expiry: IDelayedCall | None = None
-
-    def _reset(self) -> None:
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
-        self._keep_alive = True
-
-    def connectionMade(self) -> None:
-        self._connected.callback(self)
-
-    def send(self, data: bytes) -> Deferred[BackendResponse]:
-        self.answer = Deferred()
-        self.sent = True
-        assert self.transport is not None
-        self.transport.write(data)
-        return self.answer
-
-    def dataReceived(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as error:
-            self._fail(ResponseIncomplete(f"bad answer from data worker {self.index}: {error}"))
-            assert self.transport is not None
-            self.transport.loseConnection()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self._keep_alive = self._parser.should_keep_alive()
-
-    def on_body(self, data: bytes) -> None:
-        self._body.append(data)
-
-    def on_message_complete(self) -> None:
-        answer, self.answer = self.answer, None
-        response = BackendResponse(self._parser.get_status_code(), b"", self._headers, b"".join(self._body))
-        keep = self._keep_alive
-        self._reset()
-        if keep:
-            self.pool.idle(self)
-        else:
-            assert self.transport is not None
-            self.transport.loseConnection()
-        if answer is not None:
-            answer.callback(response)
-
-    def _fail(self, error: Exception) -> None:
-        answer, self.answer = self.answer, None
-        if answer is not None and not answer.called:
-            answer.errback(Failure(error))
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = True
-        self.pool.gone(self)
-        self._fail(ResponseIncomplete(f"data worker {self.index} closed the connection"))
-
-
-class _HandoverFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, pool: Handovers, index: int) -> None:
-        self.pool, self.index = pool, index
-        self.connected: Deferred[_Handover] = Deferred()
-
-    def buildProtocol(self, addr: object) -> _Handover:
-        return _Handover(self.pool, self.index, self.connected)
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        if not self.connected.called:
-            self.connected.errback(reason)
-
-
-@attrs.define(eq=False)
-class Handovers:
-    """
-    Kept-alive connections to the other workers, to hand them requests.
-    A connection idle for C{keep_idle} seconds is closed from this side:
-    that is shorter than the peer's own idle timeout, so a request is
-    never sent on a connection the peer is closing at that moment (which
-    would fail it with a 502).
-    """
-
-    reactor: Any
-    run: str
-    keep_idle: float
-    _idle: dict[int, deque[_Handover]] = attrs.field(factory=dict)
-
-    def forward(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
-        # An answer to HEAD has a length and no body, which the answer's parser
-        # here cannot tell: ask with GET (the client still gets no body).
-        data = request_bytes(request, end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED),
-                             b"GET" if request.method == b"HEAD" else None)
-        idle = self._idle.get(index)
-        if idle:
-            protocol = idle.pop()
-            if protocol.expiry is not None and protocol.expiry.active():
-                protocol.expiry.cancel()
-            protocol.expiry = None
-            return protocol.send(data)
-
-        async def connect_and_send() -> BackendResponse:
-            factory = _HandoverFactory(self, index)
-            self.reactor.connectUNIX(forward_address(self.run, index), factory, timeout=5)
-            try:
-                protocol = await factory.connected
-            except Exception as error:
-                raise ConnectError(string=f"data worker {index}: {error}") from None
-            return await protocol.send(data)
-
-        return Deferred.fromCoroutine(connect_and_send())
-
-    def idle(self, protocol: _Handover) -> None:
-        self._idle.setdefault(protocol.index, deque()).append(protocol)
-        protocol.expiry = self.reactor.callLater(self.keep_idle, self._expire, protocol)
-
-    def _expire(self, protocol: _Handover) -> None:
-        protocol.expiry = None
-        self.gone(protocol)
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
-
-    def gone(self, protocol: _Handover) -> None:
-        if protocol.expiry is not None and protocol.expiry.active():
-            protocol.expiry.cancel()
-        protocol.expiry = None
-        idle = self._idle.get(protocol.index)
-        if idle and protocol in idle:
-            idle.remove(protocol)
-
-
 # -- the control channel, worker side ----------------------------------------------------------
 
 
@@ -715,14 +555,16 @@ class DataWorker:
 
         # TURSO_MAX_HELD_BYTES is the daemon's: each worker keeps its share.
         budget = AnswerBudget(config.max_held_bytes // max(1, config.data_workers))
-        self.handovers = Handovers(reactor, run, keep_idle=config.client_idle_timeout / 2)
+        self.handovers = Peers(
+            reactor, lambda index, to: reactor.connectUNIX(forward_address(run, index), to, timeout=5),
+            lambda index: f"data worker {index}", keep_idle=config.client_idle_timeout / 2)
         self.migrations = Migrations(reactor, run)
         # Clients' requests: logged, counted, handed over when another worker holds the namespace.
         self.auth = auth()
         self.plane = DataPlane(reactor, self.namespaces, self.namespaces, self.metrics,
                                access_log=config.access_log, scratch_dir=scratch,
                                budget=budget, auth=self.auth,
-                               forward=self.handovers.forward, migrate=self.migrations.migrate)
+                               forward=self._hand_over, migrate=self.migrations.migrate)
         self.port = DataPort(reactor, self.plane.handle, self.plane.refused_at_headers, self.auth,
                              config.max_body_bytes, scratch_dir=scratch,
                              idle_timeout=config.client_idle_timeout)
@@ -769,6 +611,11 @@ class DataWorker:
         else:
             self._log.failure("data worker {index} could not start", failure, index=self.index)
         self._stop_reactor()
+
+    def _hand_over(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
+        """Hand C{request} to data worker C{index}, with its credentials (checked there again)."""
+        return self.handovers.send(index, relayed_bytes(
+            request, end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED)))
 
     def adopt(self, fd: int, head: bytes) -> None:
         """Serve a client connection another worker moved here, starting with C{head}."""

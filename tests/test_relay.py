@@ -1,5 +1,5 @@
 """
-Unit tests for a data worker's pieces that need no other process.
+Unit tests for the kept-alive connections requests are relayed over.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.dataport import DataRequest
-from turso_twisted.worker import Handovers, _Handover
+from turso_twisted.relay import PeerConnection, Peers, relayed_bytes
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -22,10 +22,12 @@ class HandoverPoolTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.pool = Handovers(self.reactor, "run", keep_idle=30.0)
+        self.connects: list[int] = []
+        self.pool = Peers(self.reactor, lambda peer, factory: self.connects.append(peer),
+                          lambda peer: f"peer {peer}", keep_idle=30.0)
 
-    def answered_connection(self) -> tuple[_Handover, StringTransport]:
-        protocol = _Handover(self.pool, 1, Deferred())
+    def answered_connection(self) -> tuple[PeerConnection, StringTransport]:
+        protocol = PeerConnection(self.pool, 1, Deferred())
         transport = StringTransport()
         protocol.makeConnection(transport)
         answers = []
@@ -51,11 +53,11 @@ class HandoverPoolTests(SynchronousTestCase):
     def test_reused_connection_is_not_closed_under_its_request(self) -> None:
         protocol, transport = self.answered_connection()
         self.reactor.advance(20)
-        self.pool.forward(1, _request())
+        self.pool.send(1, relayed_bytes(_request(), []))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.reactor.advance(60)
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.reactor.unixClients, [])
+        self.assertEqual(self.connects, [])
 
     def test_lost_connection_leaves_no_timer(self) -> None:
         protocol, transport = self.answered_connection()
