@@ -198,3 +198,22 @@ class LoadTests(SynchronousTestCase):
     def test_tokens_not_in_repr(self) -> None:
         config = self.load(TURSO_AUTH_TOKEN="data-secret", TURSO_ADMIN_TOKEN="admin-secret")
         self.assertNotIn("secret", repr(config))
+
+    def test_cluster_settings(self) -> None:
+        self.assertFalse(self.load().clustered)
+        config = self.load(TURSO_CLUSTER_ETCD="http://etcd-0:2379, http://etcd-1:2379/",
+                           TURSO_CLUSTER_TOKEN="cluster-secret", TURSO_NODE_NAME="turso-1",
+                           TURSO_CLUSTER_PREFIX="prod/turso/")
+        self.assertTrue(config.clustered)
+        self.assertEqual(config.cluster_etcd, ("http://etcd-0:2379", "http://etcd-1:2379"))
+        self.assertEqual((config.node_name, config.cluster_prefix), ("turso-1", "/prod/turso"))
+        self.assertNotIn("cluster-secret", repr(config))
+
+    def test_cluster_settings_refused(self) -> None:
+        self.assertFails("TURSO_CLUSTER_TOKEN is not", TURSO_CLUSTER_ETCD="http://etcd:2379")
+        self.assertFails("TURSO_CLUSTER_ETCD='etcd:2379'", TURSO_CLUSTER_ETCD="etcd:2379")
+        message = self.assertFails("must differ", TURSO_CLUSTER_ETCD="http://etcd:2379",
+                                   TURSO_CLUSTER_TOKEN="same", TURSO_AUTH_TOKEN="same")
+        self.assertNotIn("same", message)
+        self.assertFails("TURSO_NODE_NAME='-bad'", TURSO_NODE_NAME="-bad")
+        self.assertFails("TURSO_NODE_URL='node:8082'", TURSO_NODE_URL="node:8082")

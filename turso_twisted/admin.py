@@ -32,9 +32,11 @@ from .archival import Archival
 from .archive import parse_entry_name
 from .auth import BearerToken
 from .backup import Backups
+from .cluster import Cluster, OwnedElsewhere
 from .config import parse_bool
 from .errors import (
     INTERNAL,
+    Conflict,
     Invalid,
     NotAllowed,
     NotFound,
@@ -144,6 +146,8 @@ class AdminAPI:
     metrics_public: bool = False
     #: With data workers: fetch their latest figures and traffic first.
     gather: Callable[[], Deferred[None]] | None = None
+    #: This node's cluster (C{None}: a single node).
+    cluster: Cluster | None = None
     app: Klein = attrs.field(factory=Klein, init=False)
     _log = Logger()
 
@@ -174,8 +178,10 @@ class AdminAPI:
         route("/v1/namespaces/<name>/fork/<target>", methods=["POST"])(self._admin(self.fork))
         route("/v1/archive", methods=["GET"])(self._admin(self.list_archive))
         route("/v1/archive/<entry>", methods=["DELETE"])(self._admin(self.delete_archive_entry))
+        route("/v1/cluster", methods=["GET"])(self._admin(self.show_cluster))
 
         app.handle_errors(Refusal)(self._refusal)
+        app.handle_errors(OwnedElsewhere)(self._owned_elsewhere)
         app.handle_errors(NoRoute)(self._route_not_found)
         app.handle_errors(MethodNotAllowed)(self._method_not_allowed)
         app.handle_errors(HTTPException)(self._bad_request)
@@ -198,6 +204,12 @@ class AdminAPI:
     def _refusal(self, request: IRequest, failure: Failure) -> bytes:
         # handle_errors(Refusal) sends only Refusals here.
         return render(request, cast(Refusal, failure.value), "admin")
+
+    def _owned_elsewhere(self, request: IRequest, failure: Failure) -> bytes:
+        owner = cast(OwnedElsewhere, failure.value)
+        return render(request, Conflict("namespace_elsewhere",
+                                        f"that name belongs to cluster node {owner.node!r}; ask its admin "
+                                        "API"), "admin")
 
     def _route_not_found(self, request: IRequest, failure: Failure) -> bytes:
         return render(request, NotFound("not_found", "no such admin route"), "admin")
@@ -222,6 +234,14 @@ class AdminAPI:
 
     def _describe(self, record: NamespaceRecord) -> dict[str, Any]:
         return self.stats_view.describe(record)
+
+    # -- the cluster -----------------------------------------------------------
+
+    def show_cluster(self, request: IRequest) -> bytes:
+        """The cluster's nodes, whether each is live, and how many names each owns."""
+        if self.cluster is None:
+            raise NotFound("not_clustered", "this daemon is a single node (TURSO_CLUSTER_ETCD is not set)")
+        return _json(request, self.cluster.describe())
 
     # -- probes --------------------------------------------------------------
 

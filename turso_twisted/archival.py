@@ -95,6 +95,7 @@ class Archival:
             del self.state.records[name]
             self.guard.retire(name, record.clients | record.retired)
             self.state.save()
+            self.admission.placer.release(name, record.id)
             return manifest
 
         return self.locks.run(name, work)
@@ -131,6 +132,11 @@ class Archival:
                                f"namespace {name!r} is live; delete it before unarchiving")
             self.admission.check_capacity()
             entry = self.archiver.find(name, archived_at)
+            namespace_id = (entry.manifest or {}).get("id")
+            if isinstance(namespace_id, str):
+                # The name is this node's before a file moves back (in a cluster);
+                # a manifest without an id is refused by the unarchive itself.
+                await self.admission.placer.claim(name, namespace_id)
             manifest = await self.archiver.unarchive(entry)
             record = record_from_manifest(manifest, locked, self.clock.seconds())
             # The files come back with their history: their replicas are
@@ -207,6 +213,7 @@ class Archival:
         if namespace_id:
             record.id = namespace_id
         record.retired = self.guard.retired(name) | retired
+        await self.admission.placer.claim(name, record.id)
         record.installing = True
         self.state.records[name] = record
         self.state.save()

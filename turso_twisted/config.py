@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -114,6 +115,37 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    """Comma-separated etcd client URLs (C{http://host:2379}); empty: no cluster."""
+    endpoints = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    for endpoint in endpoints:
+        if not re.fullmatch(r"https?://[^/\s]+", endpoint):
+            raise ValueError(f"{endpoint!r} is not an http(s)://host:port URL")
+    return endpoints
+
+
+def _node_name(text: str) -> str:
+    name = text.strip() or socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+        raise ValueError("a node name is 1-63 letters, digits, '.', '_' or '-', starting with a letter "
+                         "or digit")
+    return name
+
+
+def _url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    if url and not re.fullmatch(r"https?://[^/\s]+", url):
+        raise ValueError("expected an http(s)://host:port URL")
+    return url
+
+
+def _prefix(text: str) -> str:
+    prefix = "/" + text.strip().strip("/")
+    if not re.fullmatch(r"/[A-Za-z0-9._/-]{1,100}", prefix):
+        raise ValueError("expected a key prefix such as /turso-server")
+    return prefix
 
 
 def _confine_mode(text: str) -> str:
@@ -219,6 +251,23 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve GET /metrics on the admin port without the admin token"),
     Setting("TURSO_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", parse_duration,
             "How long a graceful shutdown waits for in-flight requests"),
+    Setting("TURSO_CLUSTER_ETCD", "cluster-etcd", "", _endpoints,
+            "etcd (v3) client URLs, comma-separated, that the nodes of a cluster agree through (empty: "
+            "one node, no cluster)"),
+    Setting("TURSO_CLUSTER_PREFIX", "cluster-prefix", "/turso-server", _prefix,
+            "The etcd key prefix of this cluster (several clusters can share one etcd)"),
+    Setting("TURSO_NODE_NAME", "node-name", "", _node_name,
+            "This node's name in the cluster, unique and stable (empty: the host name; in Kubernetes "
+            "the pod name)"),
+    Setting("TURSO_CLUSTER_ADDR", "cluster-addr", ":8082", parse_address,
+            "Bind address of the internal listener peers forward requests to (cluster mode)"),
+    Setting("TURSO_NODE_URL", "node-url", "", _url,
+            "How peers reach this node's internal listener (empty: http://<bound address>:<port>, or "
+            "http://<node name>:<port> when it listens on every interface)"),
+    Setting("TURSO_CLUSTER_TOKEN", "cluster-token", "", str,
+            "Shared secret of the nodes of a cluster: it opens their internal listeners", secret=True),
+    Setting("TURSO_CLUSTER_TOKEN_FILE", "cluster-token-file", "", str,
+            "File holding TURSO_CLUSTER_TOKEN"),
     Setting("TURSO_CONFINE", "confine", "auto", _confine_mode,
             "Confine each child to its own files and scratch dir: landlock (required), auto "
             "(Landlock where the kernel and the helper allow, else a WARN), none"),
@@ -264,8 +313,18 @@ class Config:
     access_log: bool
     metrics_public: bool
     shutdown_timeout: float
+    cluster_etcd: tuple[str, ...]
+    cluster_prefix: str
+    node_name: str
+    cluster_addr: Address
+    node_url: str
+    cluster_token: str = attrs.field(repr=False)
     confine: str
     landlock_bin: str
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster_etcd)
 
     @classmethod
     def load(
@@ -302,7 +361,8 @@ class Config:
                 raise ConfigError(f"{source}={shown}: {error}") from None
 
         for token_field, file_field in (("auth_token", "auth_token_file"),
-                                        ("admin_token", "admin_token_file"), ("jwt_key", "jwt_key_file")):
+                                        ("admin_token", "admin_token_file"), ("jwt_key", "jwt_key_file"),
+                                        ("cluster_token", "cluster_token_file")):
             # An option (token or file) beats the environment (token or file);
             # a token and a file from the same level are ambiguous.
             levels = [(_level(raw[f]), f) for f in (token_field, file_field) if values[f]]
@@ -335,6 +395,12 @@ class Config:
                 f"TURSO_BACKEND_PORT_START={values['backend_port_start']} is above "
                 f"TURSO_BACKEND_PORT_END={values['backend_port_end']}: the range is inverted"
             )
+        if values["cluster_etcd"]:
+            if not values["cluster_token"]:
+                raise ConfigError("TURSO_CLUSTER_ETCD is set but TURSO_CLUSTER_TOKEN is not: the nodes "
+                                  "of a cluster need a shared secret for their internal listeners")
+            if values["cluster_token"] in (values["auth_token"], values["admin_token"]):
+                raise ConfigError("TURSO_CLUSTER_TOKEN must differ from the data and admin tokens")
         # One spelling of the data dir, so that every comparison of paths
         # (orphaned children, files) sees through symlinks.
         values["data_dir"] = os.path.realpath(values["data_dir"])

@@ -21,6 +21,7 @@ L{PIPELINE_DEPTH} of them wait.
 
 from __future__ import annotations
 
+import hmac
 import os
 import tempfile
 from collections import deque
@@ -37,7 +38,16 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from .errors import HeadersTooLarge, Invalid, Refusal, TooLarge, from_os_error, response_parts, status_phrase
+from .errors import (
+    HeadersTooLarge,
+    Invalid,
+    Refusal,
+    TooLarge,
+    Unauthorized,
+    from_os_error,
+    response_parts,
+    status_phrase,
+)
 from .tokens import Access
 
 #: Bodies up to this size stay in memory; larger ones wait in a file.
@@ -48,6 +58,9 @@ MAX_HEAD_BYTES = 64 * 1024
 
 #: Complete requests that may wait for their turn before reading stops.
 PIPELINE_DEPTH = 8
+
+#: The header a node relaying a request to another sends the cluster's token in.
+PEER_TOKEN_HEADER = b"x-turso-cluster-token"
 
 
 class Gatekeeper(Protocol):
@@ -219,7 +232,8 @@ class DataPort(ServerFactory):
 
     def __init__(self, reactor: IReactorTime, handle: Callable[[DataRequest], None],
                  refused: Callable[[DataRequest], None], gatekeeper: Gatekeeper, max_body_bytes: int,
-                 scratch_dir: str | None = None, idle_timeout: float = 120.0) -> None:
+                 scratch_dir: str | None = None, idle_timeout: float = 120.0,
+                 peer_token: bytes | None = None) -> None:
         self.reactor = reactor
         #: Given each complete request in its turn; answers it.
         self.handle = handle
@@ -229,6 +243,10 @@ class DataPort(ServerFactory):
         self.max_body_bytes = max_body_bytes
         self.scratch_dir = scratch_dir
         self.idle_timeout = idle_timeout
+        #: On a cluster's internal listener: what every request must carry in
+        #: C{PEER_TOKEN_HEADER} (it comes from another node), besides the
+        #: client's own credentials.
+        self.peer_token = peer_token
         #: Requests refused for their credentials.
         self.unauthorized = 0
         self._date = (-1, b"")
@@ -319,6 +337,7 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
         length: int | None = 0
         authorization: list[bytes] = []
         expect = False
+        peer_token = b""
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -332,8 +351,15 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
                 authorization.append(value)
             elif lowered == b"expect":
                 expect = value.strip().lower() == b"100-continue"
+            elif lowered == PEER_TOKEN_HEADER:
+                peer_token = value
         if parser.get_http_version() not in ("1.1", "1.0"):
             return self._refuse(Invalid("bad_request", "only HTTP/1.0 and HTTP/1.1 are served"),
+                                method, target)
+        if port.peer_token is not None and not hmac.compare_digest(peer_token, port.peer_token):
+            port.unauthorized += 1
+            return self._refuse(Unauthorized("unauthorized", "this is a cluster's internal listener: it "
+                                             "serves the cluster's nodes only (TURSO_CLUSTER_TOKEN)"),
                                 method, target)
         try:
             access = port.gatekeeper.admit(authorization, target)

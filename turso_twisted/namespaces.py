@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -40,17 +40,45 @@ def _make_explicit(record: NamespaceRecord) -> None:
     record.locked = True
 
 
+class Placer(Protocol):
+    """Where a new namespace may live: anywhere on one node; in a cluster, agreed through etcd."""
+
+    def claim(self, name: str, namespace_id: str) -> Deferred[None]:
+        """
+        Make this node the owner of the new namespace C{name} (of id
+        C{namespace_id}), before any file of it is made here.
+
+        @raise turso_twisted.cluster.OwnedElsewhere: if another node owns the name.
+        @raise Unavailable: if that cannot be agreed now.
+        """
+
+    def release(self, name: str, namespace_id: str) -> None:
+        """That namespace is gone from this node (archived): its name is free again."""
+
+
+class SingleNode:
+    """The placer of a daemon that is not part of a cluster: every name is its own."""
+
+    def claim(self, name: str, namespace_id: str) -> Deferred[None]:
+        return succeed(None)
+
+    def release(self, name: str, namespace_id: str) -> None:
+        pass
+
+
 @attrs.define(eq=False)
 class Admission:
     """
-    Whether new work is taken: not while shutting down, and no new namespace
-    past C{TURSO_MAX_NAMESPACES}.
+    Whether new work is taken: not while shutting down, no new namespace
+    past C{TURSO_MAX_NAMESPACES}, and in a cluster only names this node may
+    own (L{placer}).
     """
 
     state: StateStore
     max_namespaces: int = 0
     #: Set at shutdown: new leases and creates are refused with a 503.
     stopping: bool = False
+    placer: Placer = attrs.field(factory=SingleNode)
 
     def check_open(self) -> None:
         """
@@ -199,7 +227,7 @@ class NamespaceManager:
                               "restore it, or delete the namespace")
         files = names.data_files(self.archiver.data_dir, name)
         new_files = [p for p in files if not os.path.exists(p)]
-        recorded = False
+        recorded = claimed = False
 
         def record(new: NamespaceRecord) -> None:
             nonlocal recorded
@@ -220,6 +248,9 @@ class NamespaceManager:
                 raise Unavailable("namespace_files_present",
                                   f"namespace {name!r}: files of that name are already in the data dir "
                                   "(left by a crash or by hand); move them away")
+            if new is not None:
+                await self.admission.placer.claim(name, new.id)
+                claimed = True
             await self.hibernator.make_room(name)
             return await self.supervisor.start(name, None if new is None else partial(record, new))
         except BaseException:
@@ -230,6 +261,8 @@ class NamespaceManager:
                 for path in new_files:
                     if os.path.exists(path) and os.path.getsize(path) == 0:
                         os.unlink(path)
+                if claimed:
+                    self.admission.placer.release(name, new.id)
             raise
 
     # -- admin operations ----------------------------------------------------------

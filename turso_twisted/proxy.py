@@ -37,7 +37,8 @@ from .channel import (
     QueueTimeout,
     ResponseIncomplete,
 )
-from .dataport import DataRequest
+from .cluster import OwnedElsewhere, owner_unavailable
+from .dataport import PEER_TOKEN_HEADER, DataRequest
 from .errors import (
     INTERNAL,
     Forbidden,
@@ -80,7 +81,7 @@ HOP_BY_HOP = frozenset({
 })
 
 #: Request headers we set or must not pass: tokens never reach children.
-_NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect"}
+_NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect", PEER_TOKEN_HEADER}
 #: Request headers a worker does not pass when it hands a request to another
 #: (the credentials go along: they are checked there again).
 HANDED_OVER_HEADERS_DROPPED = _NOT_FORWARDED - {b"authorization"}
@@ -295,7 +296,9 @@ class DataPlane:
                  budget: AnswerBudget | None = None, auth: DataAuth | None = None,
                  forward: Callable[[int, DataRequest], Deferred[BackendResponse]] | None = None,
                  migrate: Callable[[int, DataRequest], Deferred[bool]] | None = None,
-                 takes_over: bool = False) -> None:
+                 takes_over: bool = False,
+                 relay: Callable[[OwnedElsewhere, DataRequest], Deferred[BackendResponse]] | None = None,
+                 ) -> None:
         self.reactor = reactor
         self.namespaces = namespaces
         #: Where traffic is counted per namespace (None: not here).
@@ -316,6 +319,10 @@ class DataPlane:
         #: and a whole connection (fires with whether it could).
         self.forward = forward
         self.migrate = migrate
+        #: How a cluster node sends a request to the node that owns its namespace.
+        self.relay = relay
+        #: Requests relayed to other nodes.
+        self.relayed = 0
         #: Serves requests other data workers handed over (they go no further).
         self.takes_over = takes_over
         #: Client connections moved to, and requests handed over to, other workers.
@@ -355,6 +362,9 @@ class DataPlane:
             except Forbidden as refusal:
                 self.forbidden[refusal.code] = self.forbidden.get(refusal.code, 0) + 1
                 raise
+            except OwnedElsewhere as owner:
+                await self._relay(owner, request, info, name, writes)
+                return
             except HeldElsewhere as elsewhere:
                 if (self.migrate is not None and request.connection.detachable(request, name)
                         and await self.migrate(elsewhere.worker, request)):
@@ -417,6 +427,28 @@ class DataPlane:
         info.upstream_seconds = self.reactor.seconds() - began
         self._respond(request, info, None, response)
         return True
+
+    async def _relay(self, owner: OwnedElsewhere, request: DataRequest, info: ProxiedRequest, name: str,
+                     writes: bool) -> None:
+        """
+        Serve a request through the cluster node that owns its namespace
+        (one hop: that node serves it, or refuses it, but never sends it on).
+        """
+        if self.relay is None:
+            raise owner_unavailable(name, owner.node)
+        self.relayed += 1
+        began = self.reactor.seconds()
+        try:
+            info.waiting = self.relay(owner, request)
+            response = await info.waiting
+        except ConnectError:
+            raise owner_unavailable(name, owner.node) from None
+        except ResponseIncomplete as error:
+            raise self._upstream_error(name, request, error) from None
+        except CancelledError:
+            return  # the client went away
+        info.upstream_seconds = self.reactor.seconds() - began
+        self._respond(request, info, None, response)
 
     async def _exchange(self, lease: ChildLease, request: DataRequest, info: ProxiedRequest, target: bytes,
                         body: bytes, pipeline: Any) -> tuple[str, BackendResponse]:

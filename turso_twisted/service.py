@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from . import jsonlog, names
@@ -27,10 +28,13 @@ from .archive import Archiver
 from .auth import BearerToken
 from .backup import Backups
 from .channel import BackendChannel
-from .config import Config, ConfigError
+from .cluster import Cluster, OwnedElsewhere
+from .config import Address, Config, ConfigError
 from .confine import Confinement, ConfinementUnavailable, choose
 from .datadir import DataDirBusy, lock_data_dir, temp_dir
 from .dataport import DataPort
+from .errors import Refusal
+from .etcd import Etcd, EtcdError, EtcdUnavailable
 from .gc import GarbageCollector
 from .hibernation import Hibernator
 from .leases import Leases
@@ -39,8 +43,9 @@ from .metrics import DataFigures, Metrics, gather
 from .namespaces import Admission, NamespaceManager
 from .ports import PortAllocator
 from .process import child_environment, child_wrappers
-from .proxy import AnswerBudget, DataPlane, LocalNamespaces
+from .proxy import AnswerBudget, DataPlane, LocalNamespaces, Namespaces
 from .recovery import recover
+from .routing import ClusterNamespaces, ClusterPlacer, Relay
 from .sites import CappedSite
 from .state import StateError, StateStore
 from .stats import NamespaceStats
@@ -48,6 +53,9 @@ from .supervisor import Reactor, Supervisor
 from .syncproto import HistoryGuard
 from .tokens import DataAuth, KeySet, TokenVerifier, load_keys
 from .workers import WorkerPool
+
+#: How long a node waits before trying to join the cluster again.
+JOIN_RETRY = 2.0
 
 
 class TursoService(Service):
@@ -112,10 +120,17 @@ class TursoService(Service):
         self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
         scratch = temp_dir(config.data_dir)
 
+        #: In a cluster: this node's membership, and its internal listener.
+        self.cluster: Cluster | None = None
+        self.cluster_port: DataPort | None = None
+        if config.clustered:
+            self.cluster = Cluster(reactor, Etcd(reactor, config.cluster_etcd), config.cluster_prefix,
+                                   config.node_name, config.node_url)
+            self.admission.placer = ClusterPlacer(self.cluster)
         #: The data port: served here (one process), or by data workers.
         self.data_port: DataPort | None = None
         self.workers: WorkerPool | None = None
-        if config.data_workers > 1:
+        if config.data_workers > 1 and self.cluster is None:
             self.workers = WorkerPool(reactor, config, options or {}, config.data_workers, self.manager,
                                       self.guard, self.supervisor, state, self.stats, self.leases,
                                       self.hibernator)
@@ -125,7 +140,8 @@ class TursoService(Service):
         admin_token = BearerToken(config.admin_token)
         self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
                               self.backups, self.metrics, metrics_public=config.metrics_public,
-                              gather=None if self.workers is None else self.workers.gather)
+                              gather=None if self.workers is None else self.workers.gather,
+                              cluster=self.cluster)
         self.admin_site = CappedSite(self.admin.resource(), config.max_restore_bytes, admin_token,
                                      limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)
         self.ports: dict[str, IListeningPort] = {}
@@ -148,10 +164,26 @@ class TursoService(Service):
                                   TokenVerifier(reactor, leeway=config.jwt_leeway),
                                   namespace_keys=namespace_keys, namespace_not_before=state.tokens_not_before,
                                   namespace_of=names.of_target)
-        namespaces = LocalNamespaces(reactor, self.manager, self.guard, config.data_dir)
+        local = LocalNamespaces(reactor, self.manager, self.guard, config.data_dir)
+        namespaces: Namespaces = local
+        relay = None
+        budget = AnswerBudget(config.max_held_bytes)
+        if self.cluster is not None:
+            namespaces = ClusterNamespaces(local, self.cluster)
+            relay = Relay(reactor, config.node_name, config.cluster_token,
+                          keep_idle=config.client_idle_timeout / 2)
+            # Requests other nodes relay here: checked in full again, never sent on.
+            self.cluster_plane = DataPlane(reactor, ClusterNamespaces(local, self.cluster, relayed=True),
+                                           self.stats, self.metrics, access_log=config.access_log,
+                                           scratch_dir=scratch, budget=budget, auth=self.data_auth)
+            self.cluster_port = DataPort(reactor, self.cluster_plane.handle,
+                                         self.cluster_plane.refused_at_headers, self.data_auth,
+                                         config.max_body_bytes, scratch_dir=scratch,
+                                         idle_timeout=config.client_idle_timeout,
+                                         peer_token=config.cluster_token.encode())
         self.data_plane = DataPlane(reactor, namespaces, self.stats, self.metrics,
                                     access_log=config.access_log, scratch_dir=scratch,
-                                    budget=AnswerBudget(config.max_held_bytes), auth=self.data_auth)
+                                    budget=budget, auth=self.data_auth, relay=relay)
         self.data_port = DataPort(reactor, self.data_plane.handle, self.data_plane.refused_at_headers,
                                   self.data_auth, config.max_body_bytes, scratch_dir=scratch,
                                   idle_timeout=config.client_idle_timeout)
@@ -169,10 +201,12 @@ class TursoService(Service):
         start-up with one line and exit status 1.
         """
         os.makedirs(temp_dir(self.config.data_dir), exist_ok=True)
-        listeners = (
+        listeners: list[tuple[str, str, Address, Any]] = [
             ("data", "TURSO_DATA_ADDR", self.config.data_addr, self.data_port),
             ("admin", "TURSO_ADMIN_ADDR", self.config.admin_addr, self.admin_site),
-        )
+        ]
+        if self.cluster_port is not None:
+            listeners.append(("cluster", "TURSO_CLUSTER_ADDR", self.config.cluster_addr, self.cluster_port))
         for kind, variable, address, site in listeners:
             try:
                 if site is None:
@@ -180,10 +214,7 @@ class TursoService(Service):
                     assert self.workers is not None
                     self.workers.listen(address.host, address.port)
                     continue
-                # listenTCP wants a factory typed by a protocol with a factory
-                # attribute, which neither port's protocol is to mypy.
-                self.ports[kind] = self.reactor.listenTCP(
-                    address.port, site, interface=address.host)  # type: ignore[arg-type]
+                self.ports[kind] = self.reactor.listenTCP(address.port, site, interface=address.host)
             except (CannotListenError, OSError) as error:
                 for port in self.ports.values():
                     port.stopListening()
@@ -193,8 +224,22 @@ class TursoService(Service):
                 self._log.critical("{variable}={address}: cannot listen: {reason}",
                                    variable=variable, address=str(address), reason=reason)
                 raise SystemExit(1) from None
+        if self.cluster is not None:
+            self.cluster.url = self._node_url()
         self._bound = True
         super().privilegedStartService()
+
+    def _node_url(self) -> str:
+        """How peers reach the internal listener: as configured, else as bound."""
+        if self.config.node_url:
+            return self.config.node_url
+        bound = cast("IPv4Address | IPv6Address", self.ports["cluster"].getHost())
+        host = bound.host
+        if host in ("", "0.0.0.0", "::"):
+            host = self.config.node_name
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{bound.port}"
 
     def startService(self) -> None:
         super().startService()
@@ -231,10 +276,44 @@ class TursoService(Service):
                            port=where.port)
         self.gc.start()
         self.hibernator.start()
+        if self.cluster is not None:
+            ensureDeferred(self._join(self.cluster)).addCallback(lambda _: self._ready())
+            return
         if self.workers is None:
             self._ready()
             return
         self.workers.start().addCallback(lambda _: self._ready())
+
+    async def _join(self, cluster: Cluster) -> None:
+        """
+        Join the cluster (waiting for etcd as long as it takes: not ready
+        until then), and claim the names this node holds.
+        """
+        while True:
+            try:
+                await cluster.join()
+                break
+            except (EtcdUnavailable, EtcdError) as error:
+                self._log.warn("cannot join the cluster yet: {error}; retrying", error=str(error))
+                await deferLater(self.reactor, JOIN_RETRY, lambda: None)
+        self._log.info("joined the cluster as node {node} ({url}); {nodes} node(s) live",
+                       node=cluster.node, url=cluster.url, nodes=len(cluster.nodes))
+        for record in list(self.state.records.values()):
+            placement = cluster.owner(record.name)
+            if placement is not None and placement.node == cluster.node and placement.id == record.id:
+                continue
+            if placement is not None and placement.node != cluster.node:
+                self._log.error("namespace {name} is here, but node {owner} owns that name in the cluster; "
+                                "this copy is not served", name=record.name, owner=placement.node)
+                continue
+            try:
+                await self.admission.placer.claim(record.name, record.id)
+            except OwnedElsewhere as owner:
+                self._log.error("namespace {name} is here, but node {owner} owns that name in the cluster; "
+                                "this copy is not served", name=record.name, owner=owner.node)
+            except Refusal as refusal:
+                self._log.warn("could not claim namespace {name} in the cluster: {error}", name=record.name,
+                               error=str(refusal))
 
     def _ready(self) -> None:
         self.readiness.listening = True
@@ -265,6 +344,9 @@ class TursoService(Service):
         await self.gc.stop()
         await self.hibernator.stop()
         await self.manager.stop_all()
+        if self.cluster is not None:
+            # Peers see this node gone at once, not when its lease runs out.
+            await self.cluster.leave()
         try:
             self.state.flush_pending()
         except Exception:

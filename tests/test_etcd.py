@@ -1,0 +1,129 @@
+"""
+The etcd client and the cluster's placements against a real etcd.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from turso_twisted.cluster import Cluster, OwnedElsewhere
+from turso_twisted.errors import Unavailable
+from turso_twisted.etcd import Etcd, EtcdUnavailable, created_at, get, prefix_end, put
+
+from .daemon import wait_for
+from .etcd import EtcdServer, free_port
+
+
+class PrefixTests(SynchronousTestCase):
+    def test_prefix_end(self) -> None:
+        self.assertEqual(prefix_end(b"/a/"), b"/a0")
+        self.assertEqual(prefix_end(b"a\xff"), b"b")
+        self.assertEqual(prefix_end(b"\xff"), b"\0")
+
+
+class EtcdClientTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.server = yield EtcdServer(self).start()
+        self.etcd = Etcd(reactor, [self.server.url])
+        self.addCleanup(self.etcd.close)
+
+    def d(self, coroutine: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(coroutine)
+
+    @inlineCallbacks
+    def test_put_range_and_create_only_once(self) -> Any:
+        yield self.d(self.etcd.put(b"/p/a", b"1"))
+        yield self.d(self.etcd.put(b"/p/b", b"2"))
+        yield self.d(self.etcd.put(b"/q", b"3"))
+        kvs, revision = yield self.d(self.etcd.range(b"/p/", prefix=True))
+        self.assertEqual([(kv.key, kv.value) for kv in kvs], [(b"/p/a", b"1"), (b"/p/b", b"2")])
+        self.assertGreaterEqual(revision, 3)
+        results = yield DeferredList([
+            self.d(self.etcd.txn([created_at(b"/p/new", 0)], [put(b"/p/new", str(i).encode())],
+                                 [get(b"/p/new")]))
+            for i in range(10)])
+        won = [result for ok, result in results if result.succeeded]
+        self.assertEqual(len(won), 1)
+        lost = [result for ok, result in results if not result.succeeded]
+        self.assertTrue(all(len(r.ranges) == 1 and len(r.ranges[0]) == 1 for r in lost))
+
+    @inlineCallbacks
+    def test_lease_ends_its_keys(self) -> Any:
+        lease = yield self.d(self.etcd.grant(5))
+        yield self.d(self.etcd.put(b"/n/me", b"x", lease))
+        ttl = yield self.d(self.etcd.keep_alive(lease))
+        self.assertGreater(ttl, 0)
+        yield self.d(self.etcd.revoke(lease))
+        kvs, _ = yield self.d(self.etcd.range(b"/n/me"))
+        self.assertEqual(kvs, [])
+        self.assertEqual((yield self.d(self.etcd.keep_alive(lease))), 0)
+
+    @inlineCallbacks
+    def test_watch_sees_changes_and_survives_a_restart(self) -> Any:
+        seen: list[tuple[bytes, bool]] = []
+        _, revision = yield self.d(self.etcd.range(b"/w/", prefix=True))
+        watch = self.etcd.watch(b"/w/", revision + 1,
+                                lambda events, _: seen.extend((e.kv.key, e.deleted) for e in events))
+        watch.retry_delay = 0.1
+        self.addCleanup(watch.stop)
+        yield self.d(self.etcd.put(b"/w/a", b"1"))
+        yield self.d(self.etcd.delete(b"/w/a"))
+        yield wait_for(lambda: len(seen) == 2, "two events")
+        self.assertEqual(seen, [(b"/w/a", False), (b"/w/a", True)])
+        yield self.server.stop()
+        yield self.server.start()
+        yield self.d(self.etcd.put(b"/w/b", b"2"))
+        yield wait_for(lambda: len(seen) == 3, "the event after etcd restarted")
+        self.assertEqual(seen[-1], (b"/w/b", False))
+
+    @inlineCallbacks
+    def test_unreachable_is_a_domain_error(self) -> Any:
+        etcd = Etcd(reactor, [f"http://127.0.0.1:{free_port()}"], timeout=2)
+        self.addCleanup(etcd.close)
+        yield self.assertFailure(self.d(etcd.range(b"/x")), EtcdUnavailable)
+
+
+class ClusterViewTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.server = yield EtcdServer(self).start()
+
+    @inlineCallbacks
+    def member(self, node: str) -> Any:
+        cluster = Cluster(reactor, Etcd(reactor, [self.server.url]), "/t", node, f"http://{node}:1",
+                          lease_ttl=5)
+        yield Deferred.fromCoroutine(cluster.join())
+        self.addCleanup(lambda: Deferred.fromCoroutine(cluster.leave()))
+        return cluster
+
+    @inlineCallbacks
+    def test_one_owner_and_every_view_agrees(self) -> Any:
+        a = yield self.member("a")
+        b = yield self.member("b")
+        yield wait_for(lambda: set(a.nodes) == set(b.nodes) == {"a", "b"}, "both nodes seen")
+        first = yield Deferred.fromCoroutine(a.place("alpha", "id-1"))
+        second = yield Deferred.fromCoroutine(b.place("alpha", "id-2"))
+        self.assertEqual((first.node, second.node, second.id), ("a", "a", "id-1"))
+        yield wait_for(lambda: b.owner("alpha") is not None, "b to see the placement")
+        self.assertIsNone(a.where("alpha"))
+        with self.assertRaises(OwnedElsewhere) as raised:
+            b.where("alpha")
+        self.assertEqual((raised.exception.node, raised.exception.url), ("a", "http://a:1"))
+        # a leaves: b refuses its names rather than serving them itself.
+        yield Deferred.fromCoroutine(a.leave())
+        yield wait_for(lambda: "a" not in b.nodes, "a gone from b's view")
+        with self.assertRaises(Unavailable) as refused:
+            b.where("alpha")
+        self.assertEqual(refused.exception.code, "owner_unavailable")
+        # Unplacing another node's name does nothing.
+        yield Deferred.fromCoroutine(b.unplace("alpha", "id-1"))
+        self.assertEqual(b.owner("alpha").node, "a")

@@ -1,0 +1,356 @@
+"""
+Cluster mode: which node owns which namespace, agreed through etcd.
+
+etcd holds one key per namespace, C{<prefix>/ns/<name>}, whose value names
+the owning node, the namespace's id and an epoch; it is created and changed
+only by transactions that compare the key's create or mod revision, so two
+nodes can never both own a name, even when two first requests for it reach
+two nodes at once.  Each live node has C{<prefix>/nodes/<node>} (its
+internal URL) under a lease it keeps alive: a node that dies drops out when
+its lease ends, and its names answer C{owner_unavailable} until it is back.
+Nothing is ever re-created elsewhere.
+
+L{Cluster} keeps both in memory (read once, then followed with a watch), so
+a request costs no etcd round trip unless it creates a name.  While etcd is
+out of reach, names already known keep being served; only new placements
+wait for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .errors import Unavailable
+from .etcd import (
+    Compacted,
+    Etcd,
+    EtcdError,
+    EtcdUnavailable,
+    Event,
+    KeyValue,
+    Watch,
+    created_at,
+    delete,
+    get,
+    modified_at,
+    put,
+)
+
+
+class OwnedElsewhere(Exception):
+    """Another node owns the namespace: a request for it goes there."""
+
+    def __init__(self, node: str, url: str) -> None:
+        super().__init__(node, url)
+        self.node = node
+        self.url = url
+
+
+def owner_unavailable(name: str, node: str) -> Unavailable:
+    return Unavailable("owner_unavailable",
+                       f"namespace {name!r} is served by node {node!r}, which is not reachable now; "
+                       "retry later (its data is never re-created elsewhere)", retry_after=5)
+
+
+def cluster_unavailable(name: str, why: str) -> Unavailable:
+    return Unavailable("cluster_unavailable",
+                       f"namespace {name!r} cannot be placed while the cluster's etcd is out of reach "
+                       f"({why}); retry later", retry_after=5)
+
+
+@attrs.frozen
+class Placement:
+    """Who owns a namespace: the node, the namespace's id there, and how often it moved."""
+
+    node: str
+    id: str
+    epoch: int = 1
+    #: The etcd key's revisions (a change compares against C{revision}).
+    created: int = 0
+    revision: int = 0
+
+    def to_value(self) -> bytes:
+        return json.dumps({"node": self.node, "id": self.id, "epoch": self.epoch},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_kv(cls, kv: KeyValue) -> Placement:
+        data = json.loads(kv.value)
+        return cls(str(data["node"]), str(data.get("id", "")), int(data.get("epoch", 1)),
+                   kv.create_revision, kv.mod_revision)
+
+
+@attrs.frozen
+class Node:
+    """A live node and where its peers reach it."""
+
+    name: str
+    url: str
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """This node's membership of the cluster, and its view of who owns what."""
+
+    reactor: IReactorTime
+    etcd: Etcd
+    prefix: str
+    node: str
+    url: str
+    lease_ttl: int = 10
+    placements: dict[str, Placement] = attrs.field(factory=dict)
+    nodes: dict[str, Node] = attrs.field(factory=dict)
+    #: Whether the view follows etcd now (the watch runs).
+    following: bool = False
+    #: Called with each name whose placement changed or went (the data workers learn it).
+    on_change: list[Callable[[str], None]] = attrs.field(factory=list)
+    _lease: int = 0
+    _watch: Watch | None = None
+    _renewal: LoopingCall | None = None
+    _log = Logger()
+
+    # -- keys --------------------------------------------------------------------
+
+    @property
+    def _ns_prefix(self) -> bytes:
+        return f"{self.prefix}/ns/".encode()
+
+    @property
+    def _node_prefix(self) -> bytes:
+        return f"{self.prefix}/nodes/".encode()
+
+    def _ns_key(self, name: str) -> bytes:
+        return self._ns_prefix + name.encode()
+
+    def _node_key(self, node: str) -> bytes:
+        return self._node_prefix + node.encode()
+
+    @property
+    def _root(self) -> bytes:
+        return f"{self.prefix}/".encode()
+
+    # -- joining and leaving -----------------------------------------------------
+
+    async def join(self) -> None:
+        """
+        Register this node (under a lease), read every placement and node,
+        and follow changes from then on.
+
+        @raise EtcdUnavailable: if etcd cannot be reached.
+        """
+        await self._register()
+        await self._load()
+        self._renewal = LoopingCall(self._renew)
+        self._renewal.clock = self.reactor
+        self._renewal.start(max(1.0, self.lease_ttl / 3), now=False)
+
+    async def leave(self) -> None:
+        """Stop following, and drop this node's key (its names become unavailable at once)."""
+        if self._renewal is not None and self._renewal.running:
+            self._renewal.stop()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self.following = False
+        if self._lease:
+            try:
+                await self.etcd.revoke(self._lease)
+            except (EtcdUnavailable, EtcdError) as error:
+                self._log.warn("could not leave the cluster cleanly: {error}", error=str(error))
+        await self.etcd.close()
+
+    async def _register(self) -> None:
+        self._lease = await self.etcd.grant(self.lease_ttl)
+        await self.etcd.put(self._node_key(self.node), json.dumps({"url": self.url}).encode(), self._lease)
+        self.nodes[self.node] = Node(self.node, self.url)
+
+    async def _load(self) -> None:
+        kvs, revision = await self.etcd.range(self._root, prefix=True)
+        self.placements.clear()
+        self.nodes = {self.node: Node(self.node, self.url)}
+        for kv in kvs:
+            self._apply(kv, deleted=False)
+        if self._watch is not None:
+            self._watch.stop()
+        self._watch = self.etcd.watch(self._root, revision + 1, self._changed)
+        self._watch.on_lost = self._lost
+        self._watch.on_restored = self._restored
+        self.following = True
+
+    def _renew(self) -> Deferred[None]:
+        async def renew() -> None:
+            try:
+                if self._lease and await self.etcd.keep_alive(self._lease) > 0:
+                    return
+                self._log.warn("this node's cluster lease ended; registering again")
+                await self._register()
+            except (EtcdUnavailable, EtcdError) as error:
+                self._log.warn("cannot renew this node's cluster lease: {error}", error=str(error))
+
+        return Deferred.fromCoroutine(renew())
+
+    # -- following changes -------------------------------------------------------
+
+    def _changed(self, events: list[Event], revision: int) -> None:
+        for event in events:
+            self._apply(event.kv, event.deleted)
+
+    def _apply(self, kv: KeyValue, deleted: bool) -> None:
+        if kv.key.startswith(self._ns_prefix):
+            name = kv.key[len(self._ns_prefix):].decode()
+            if deleted:
+                self.placements.pop(name, None)
+            else:
+                try:
+                    self.placements[name] = Placement.from_kv(kv)
+                except (ValueError, KeyError, TypeError):
+                    self._log.error("unreadable placement of {name} in etcd; ignored", name=name)
+                    return
+            for listener in self.on_change:
+                listener(name)
+        elif kv.key.startswith(self._node_prefix):
+            node = kv.key[len(self._node_prefix):].decode()
+            if deleted:
+                if node == self.node:
+                    # Our lease ended while etcd could not be reached: register again.
+                    Deferred.fromCoroutine(self._register()).addErrback(lambda _: None)
+                    return
+                self.nodes.pop(node, None)
+                self._log.warn("cluster node {node} left", node=node)
+                return
+            try:
+                url = str(json.loads(kv.value)["url"])
+            except (ValueError, KeyError, TypeError):
+                self._log.error("unreadable node entry {node} in etcd; ignored", node=node)
+                return
+            if node not in self.nodes:
+                self._log.info("cluster node {node} joined at {url}", node=node, url=url)
+            self.nodes[node] = Node(node, url)
+
+    def _lost(self, error: Exception) -> None:
+        if self.following:
+            self._log.warn("lost the cluster's etcd ({error}); serving the names known until it is back",
+                           error=str(error))
+        self.following = False
+        if isinstance(error, Compacted):
+            # What happened meanwhile is gone from etcd's history: read it all again.
+            assert self._watch is not None
+            self._watch.stop()
+            self._watch = None
+            self._reload_later()
+
+    def _reload_later(self) -> None:
+        def reload() -> None:
+            Deferred.fromCoroutine(self._load()).addErrback(lambda _: self._reload_later())
+
+        self.reactor.callLater(1.0, reload)
+
+    def _restored(self) -> None:
+        if not self.following:
+            self._log.info("following the cluster's etcd again")
+        self.following = True
+
+    # -- placements --------------------------------------------------------------
+
+    def owner(self, name: str) -> Placement | None:
+        """Who owns C{name}, as last seen."""
+        return self.placements.get(name)
+
+    def where(self, name: str) -> str | None:
+        """
+        C{None} if this node owns C{name} (or nobody does yet).
+
+        @raise OwnedElsewhere: if another live node owns it.
+        @raise Unavailable: if the node that owns it is not live.
+        """
+        placement = self.placements.get(name)
+        if placement is None or placement.node == self.node:
+            return None
+        node = self.nodes.get(placement.node)
+        if node is None:
+            raise owner_unavailable(name, placement.node)
+        raise OwnedElsewhere(node.name, node.url)
+
+    async def place(self, name: str, namespace_id: str) -> Placement:
+        """
+        Make this node the owner of the new namespace C{name}, unless a
+        node already is; return the placement that holds.
+
+        @raise Unavailable: (C{cluster_unavailable}) if etcd cannot be reached.
+        """
+        key = self._ns_key(name)
+        mine = Placement(self.node, namespace_id)
+        try:
+            result = await self.etcd.txn([created_at(key, 0)], [put(key, mine.to_value())], [get(key)])
+        except EtcdUnavailable as error:
+            raise cluster_unavailable(name, str(error)) from None
+        if result.succeeded:
+            placement = attrs.evolve(mine, created=result.revision, revision=result.revision)
+            self._log.info("namespace {name} placed on this node", name=name)
+        else:
+            [kvs] = result.ranges
+            if not kvs:  # deleted in between: try once more
+                return await self.place(name, namespace_id)
+            placement = Placement.from_kv(kvs[0])
+        current = self.placements.get(name)
+        if current is None or current.revision < placement.revision:
+            self.placements[name] = placement
+        return placement
+
+    async def adopt(self, name: str, placement: Placement, namespace_id: str) -> Placement:
+        """
+        Point this node's placement of C{name} (left by an earlier
+        incarnation that could not be unplaced) at the new C{namespace_id}.
+
+        @raise Unavailable: if etcd cannot be reached, or the placement changed meanwhile.
+        """
+        key = self._ns_key(name)
+        mine = Placement(self.node, namespace_id, placement.epoch)
+        try:
+            result = await self.etcd.txn([modified_at(key, placement.revision)], [put(key, mine.to_value())],
+                                         [])
+        except EtcdUnavailable as error:
+            raise cluster_unavailable(name, str(error)) from None
+        if not result.succeeded:
+            raise Unavailable("namespace_moving", f"namespace {name!r} changed owner meanwhile; retry",
+                              retry_after=1)
+        adopted = attrs.evolve(mine, created=placement.created, revision=result.revision)
+        self.placements[name] = adopted
+        return adopted
+
+    async def unplace(self, name: str, namespace_id: str) -> None:
+        """Remove this node's placement of C{name} (that incarnation only), after a delete."""
+        key = self._ns_key(name)
+        placement = self.placements.get(name)
+        if placement is None:
+            kvs, _ = await self.etcd.range(key)
+            if not kvs:
+                return
+            placement = Placement.from_kv(kvs[0])
+        if placement.node != self.node or placement.id != namespace_id:
+            return
+        await self.etcd.txn([modified_at(key, placement.revision)], [delete(key)], [])
+        if self.placements.get(name) == placement:
+            del self.placements[name]
+
+    def describe(self) -> dict[str, Any]:
+        """The per-node view: nodes, and how many names each owns."""
+        counts: dict[str, int] = {}
+        for placement in self.placements.values():
+            counts[placement.node] = counts.get(placement.node, 0) + 1
+        nodes = set(self.nodes) | set(counts)
+        return {
+            "node": self.node,
+            "following": self.following,
+            "nodes": [{"name": node, "url": self.nodes[node].url if node in self.nodes else None,
+                       "live": node in self.nodes, "namespaces": counts.get(node, 0)}
+                      for node in sorted(nodes)],
+        }

@@ -1,0 +1,144 @@
+"""
+Cluster mode on the data path: a request for a name this node owns is
+served here; one for a name another live node owns is relayed there, one
+hop, over that node's internal listener; one whose owner is down gets 503
+C{owner_unavailable}, and is never served from an empty namespace made
+here.  A new name is placed on the node that creates it, by an etcd
+transaction (L{ClusterPlacer}), before any file of it exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .channel import BackendResponse
+from .cluster import Cluster, OwnedElsewhere, owner_unavailable
+from .dataport import PEER_TOKEN_HEADER, DataRequest
+from .errors import Refusal, Unavailable
+from .proxy import HANDED_OVER_HEADERS_DROPPED, ChildLease, CreationProbe, Namespaces, end_to_end
+from .relay import Peers, relayed_bytes
+from .state import NamespaceRecord
+from .tokens import Access
+
+#: Tells the owner which node relayed a request (for its log).
+RELAYED_BY_HEADER = b"x-turso-relayed-by"
+
+
+@attrs.define(eq=False)
+class ClusterPlacer:
+    """Names are placed through the cluster's etcd (see L{turso_twisted.namespaces.Placer})."""
+
+    cluster: Cluster
+    _log = Logger()
+
+    def claim(self, name: str, namespace_id: str) -> Deferred[None]:
+        async def claim() -> None:
+            cluster = self.cluster
+            placement = await cluster.place(name, namespace_id)
+            if placement.node != cluster.node:
+                node = cluster.nodes.get(placement.node)
+                if node is None:
+                    raise owner_unavailable(name, placement.node)
+                raise OwnedElsewhere(node.name, node.url)
+            if placement.id != namespace_id:
+                # Ours, from an incarnation whose placement could not be removed.
+                await cluster.adopt(name, placement, namespace_id)
+
+        return Deferred.fromCoroutine(claim())
+
+    def release(self, name: str, namespace_id: str) -> None:
+        def failed(failure: Failure) -> None:
+            self._log.warn("could not free the name {name} in the cluster: {error}; the name stays on "
+                           "this node", name=name, error=failure.getErrorMessage())
+
+        Deferred.fromCoroutine(self.cluster.unplace(name, namespace_id)).addErrback(failed)
+
+
+@attrs.define(eq=False)
+class ClusterNamespaces:
+    """
+    The namespaces of a cluster node, on top of its own (C{local}).  On
+    the internal listener (C{relayed}) a request came from another node
+    and goes no further: if this node does not own its name (any more),
+    it is refused with a 503 the client retries.
+    """
+
+    local: Namespaces
+    cluster: Cluster
+    relayed: bool = False
+
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
+              here: bool = False) -> Deferred[ChildLease]:
+        try:
+            self.cluster.where(name)
+        except OwnedElsewhere as owner:
+            return fail(self._not_here(name, owner))
+        except Refusal as refusal:
+            return fail(refusal)
+        admitted = self.local.admit(name, access, writes, probe, here)
+        if self.relayed:
+            admitted.addErrback(self._trap_elsewhere, name)
+        return admitted
+
+    def _not_here(self, name: str, owner: OwnedElsewhere) -> Exception:
+        if not self.relayed:
+            return owner
+        return Unavailable("namespace_moving", f"namespace {name!r} is served by node {owner.node!r} now; "
+                           "retry", retry_after=1)
+
+    def _trap_elsewhere(self, failure: Failure, name: str) -> Any:
+        failure.trap(OwnedElsewhere)
+        owner = failure.value
+        assert isinstance(owner, OwnedElsewhere)
+        raise self._not_here(name, owner)
+
+    def record(self, lease: ChildLease) -> NamespaceRecord:
+        return self.local.record(lease)
+
+    def inbound(self, lease: ChildLease, method: bytes, path: bytes, body: bytes,
+                pipeline: Any) -> Deferred[bytes]:
+        return self.local.inbound(lease, method, path, body, pipeline)
+
+    def ended(self, lease: ChildLease) -> Deferred[None]:
+        return self.local.ended(lease)
+
+    def moved(self, name: str) -> None:
+        self.local.moved(name)
+
+
+def _connect_tcp(reactor: Any) -> Any:
+    def connect(url: str, factory: ClientFactory) -> None:
+        parts = urlsplit(url)
+        reactor.connectTCP(parts.hostname or "", parts.port or 80, factory, timeout=5)
+
+    return connect
+
+
+@attrs.define(eq=False)
+class Relay:
+    """Sends requests to the nodes that own their namespaces, with the cluster's token."""
+
+    reactor: Any
+    node: str
+    token: str = attrs.field(repr=False)
+    keep_idle: float = 60.0
+    peers: Peers = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.peers = Peers(self.reactor, _connect_tcp(self.reactor), lambda url: f"cluster node at {url}",
+                           keep_idle=self.keep_idle)
+
+    def __call__(self, owner: OwnedElsewhere, request: DataRequest) -> Deferred[BackendResponse]:
+        headers = end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED | {RELAYED_BY_HEADER})
+        headers += [(PEER_TOKEN_HEADER, self.token.encode()), (RELAYED_BY_HEADER, self.node.encode())]
+        return self.peers.send(owner.url, relayed_bytes(request, headers))
+
+
+
