@@ -82,8 +82,10 @@ class HibernationRaceTests(E2ETestCase):
 
         @inlineCallbacks
         def client(start: int, stop: int, step: int) -> Any:
-            for i in range(start, stop, step):
-                name = ("left", "right")[i % 2]
+            for turn, i in enumerate(range(start, stop, step)):
+                # Each client alternates, so that the racing clients keep asking
+                # for the namespace that is not resident.
+                name = ("left", "right")[(start + turn) % 2]
                 response = yield treq.post(daemon.data_url(f"/{name}/v2/pipeline"),
                                            pipeline(f"insert into t values ({i})"))
                 body = yield response.content()

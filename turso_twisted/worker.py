@@ -201,25 +201,29 @@ class WorkerNamespaces:
                 control.Lease, name=name, access=access.to_json(), writes=writes,
                 facts={"has_revision": facts.has_revision, "clients": sorted(facts.clients)},
                 dead_port=self._dead_ports.pop(name, None), here=here)
+            outcome = answer["outcome"]
+            if "refusal" in outcome:
+                raise refusal_from_json(outcome["refusal"])
+            if "owner" in outcome:
+                if len(self.elsewhere) > 100_000:
+                    self.elsewhere.clear()
+                self.elsewhere[name] = int(outcome["owner"])
+                raise HeldElsewhere(self.elsewhere[name])
+            port = int(outcome["port"])
+            self.elsewhere.pop(name, None)
+            held = Held(name, NamespaceRecord.from_json(name, outcome["record"]), port,
+                        self.make_channel(port), self.clock.seconds(), outcome.get("grant"))
+            held.channel.on_wedged = partial(self._wedged, held)
+            self.held[name] = held
+            return self._lease(held)
         finally:
+            # Only now are the requests waiting for this answer woken: one
+            # woken before the namespace is noted as held would ask for it
+            # again, and the main process, taking that as a give-back, would
+            # free the lease this request is about to use.
             if self._taking.get(name) is done:
                 del self._taking[name]
             done.callback(None)
-        outcome = answer["outcome"]
-        if "refusal" in outcome:
-            raise refusal_from_json(outcome["refusal"])
-        if "owner" in outcome:
-            if len(self.elsewhere) > 100_000:
-                self.elsewhere.clear()
-            self.elsewhere[name] = int(outcome["owner"])
-            raise HeldElsewhere(self.elsewhere[name])
-        port = int(outcome["port"])
-        self.elsewhere.pop(name, None)
-        held = Held(name, NamespaceRecord.from_json(name, outcome["record"]), port, self.make_channel(port),
-                    self.clock.seconds(), outcome.get("grant"))
-        held.channel.on_wedged = partial(self._wedged, held)
-        self.held[name] = held
-        return self._lease(held)
 
     async def _ask(self, command: type[amp.Command], **arguments: Any) -> dict[str, Any]:
         """Ask the main process; a channel that fails is the client's 503, not our crash."""
