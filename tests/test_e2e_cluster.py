@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import socket
+import threading
+import time
 from typing import Any
 from urllib.request import urlopen
 
@@ -241,3 +243,80 @@ class PlacementTests(ClusterTestCase):
         status, error = yield deferToThread(post, c.data_port, "/nodejs/v2/pipeline")
         self.assertEqual((status, error["error"]), (401, "unauthorized"))
 
+
+
+class MoveTests(ClusterTestCase):
+
+    @inlineCallbacks
+    def test_a_moved_namespace_keeps_its_replicas_syncing(self) -> Any:
+        """
+        A namespace moves from node A to node B while a replica pushes
+        through node A: every acknowledged row is there after the move, the
+        replica from before it pushes and pulls on with no re-bootstrap,
+        and node A's copy is in its archive.
+        """
+        a, b = yield self.start_cluster(2)
+        writer = yield self.replica(a, "alpha")
+        yield run_replica(writer.run, "create table t (k integer primary key)")
+        yield run_replica(writer.push)
+        acknowledged: list[int] = []
+        stop = threading.Event()
+
+        def push_rows() -> int:
+            retries = 0
+            for key in range(10_000):
+                if stop.is_set():
+                    break
+                writer.run(f"insert into t values ({key})")
+                while True:
+                    try:
+                        writer.push()
+                        break
+                    except Exception:
+                        retries += 1
+                        if retries > 200:
+                            raise
+                        time.sleep(0.05)
+                acknowledged.append(key)
+            return retries
+
+        pushing = run_replica(push_rows)
+        yield wait_for(lambda: len(acknowledged) >= 10, "pushes under way")
+        # Asked of node B, which does not own it: node A moves it.
+        status, moved = yield get_json(b.admin_url("/v1/namespaces/alpha/move"), "POST",
+                                       data=json.dumps({"to": "node-b"}).encode())
+        self.assertEqual((status, moved["from"], moved["to"]), (200, "node-a", "node-b"), moved)
+        count = len(acknowledged)
+        yield wait_for(lambda: len(acknowledged) >= count + 10, "pushes after the move", timeout=60)
+        stop.set()
+        retries = yield pushing
+        self.assertEqual((yield self.owners()), {"alpha": "node-b"})
+        # The replica from before the move pulls through node A (relayed to B).
+        yield run_replica(writer.pull)
+        rows = yield run_replica(writer.rows, "select k from t order by k")
+        self.assertEqual([row[0] for row in rows], acknowledged)
+        fresh = yield self.replica(b, "alpha")
+        rows = yield run_replica(fresh.rows, "select k from t order by k")
+        self.assertEqual([row[0] for row in rows], acknowledged)
+        status, on_a = yield get_json(a.admin_url("/v1/namespaces"))
+        self.assertEqual(on_a["namespaces"], [])
+        status, archived = yield get_json(a.admin_url("/v1/archive"))
+        self.assertEqual([e["reason"] for e in archived["entries"]], ["moved to cluster node node-b"])
+        status, on_b = yield get_json(b.admin_url("/v1/namespaces/alpha"))
+        self.assertEqual(status, 200)
+        self.assertLess(retries, 200)
+
+    @inlineCallbacks
+    def test_move_refusals_change_nothing(self) -> Any:
+        a, b = yield self.start_cluster(2)
+        yield deferToThread(post, a.data_port, "/alpha/v2/pipeline")
+        for body, code in (({"to": "node-z"}, "node_unavailable"), ({"to": "node-a"}, "invalid_target"),
+                           ({}, "invalid_target"), ({"to": 3}, "invalid_target")):
+            status, error = yield get_json(a.admin_url("/v1/namespaces/alpha/move"), "POST",
+                                           data=json.dumps(body).encode())
+            self.assertEqual(error["error"], code, (body, error))
+            self.assertIn(status, (400, 503))
+        status, error = yield get_json(b.admin_url("/v1/namespaces/nothing/move"), "POST",
+                                       data=json.dumps({"to": "node-a"}).encode())
+        self.assertEqual((status, error["error"]), (404, "namespace_not_found"))
+        self.assertEqual((yield self.owners()), {"alpha": "node-a"})

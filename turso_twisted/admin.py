@@ -49,6 +49,7 @@ from .errors import (
 from .files import remove_database_copy
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .moves import Moves
 from .namespaces import NamespaceManager
 from .state import NamespaceRecord
 from .stats import NamespaceStats
@@ -146,8 +147,9 @@ class AdminAPI:
     metrics_public: bool = False
     #: With data workers: fetch their latest figures and traffic first.
     gather: Callable[[], Deferred[None]] | None = None
-    #: This node's cluster (C{None}: a single node).
+    #: This node's cluster (C{None}: a single node), and its moves.
     cluster: Cluster | None = None
+    moves: Moves | None = None
     app: Klein = attrs.field(factory=Klein, init=False)
     _log = Logger()
 
@@ -179,6 +181,7 @@ class AdminAPI:
         route("/v1/archive", methods=["GET"])(self._admin(self.list_archive))
         route("/v1/archive/<entry>", methods=["DELETE"])(self._admin(self.delete_archive_entry))
         route("/v1/cluster", methods=["GET"])(self._admin(self.show_cluster))
+        route("/v1/namespaces/<name>/move", methods=["POST"])(self._admin(self.move))
 
         app.handle_errors(Refusal)(self._refusal)
         app.handle_errors(OwnedElsewhere)(self._owned_elsewhere)
@@ -238,10 +241,28 @@ class AdminAPI:
     # -- the cluster -----------------------------------------------------------
 
     def show_cluster(self, request: IRequest) -> bytes:
-        """The cluster's nodes, whether each is live, and how many names each owns."""
+        """
+        The cluster's nodes, whether each is live, and how many names each
+        owns (with C{?placements=true}, also which node owns each name).
+        """
         if self.cluster is None:
             raise NotFound("not_clustered", "this daemon is a single node (TURSO_CLUSTER_ETCD is not set)")
-        return _json(request, self.cluster.describe())
+        view = self.cluster.describe()
+        if request.args.get(b"placements", [b""])[0] in (b"1", b"true"):
+            view["placements"] = {name: placement.node
+                                  for name, placement in sorted(self.cluster.placements.items())}
+        return _json(request, view)
+
+    async def move(self, request: IRequest, name: str) -> bytes:
+        """Move a namespace to another node (C{{"to": "<node>"}}), from whichever node owns it."""
+        name = _valid(name)
+        body = _json_body(request)
+        if self.moves is None:
+            raise NotFound("not_clustered", "this daemon is a single node (TURSO_CLUSTER_ETCD is not set)")
+        to = body.get("to")
+        if not isinstance(to, str) or not to:
+            raise Invalid("invalid_target", 'body must be {"to": "<node name>"}')
+        return _json(request, await self.moves.move_anywhere(name, to))
 
     # -- probes --------------------------------------------------------------
 

@@ -12,7 +12,7 @@ interrupted); a child is stopped only once its leases are back.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -99,6 +99,87 @@ class Archival:
             return manifest
 
         return self.locks.run(name, work)
+
+    # -- moves between cluster nodes (see turso_twisted.moves) ---------------------------
+
+    def move_out(self, name: str, namespace_id: str, hand_over: Callable[[NamespaceRecord, list[str]],
+                                                                          Awaitable[str]],
+                 ) -> Deferred[dict[str, Any]]:
+        """
+        Move C{name} to another node: under its lock, with its child
+        stopped once nothing is in flight, C{hand_over} gets the record and
+        its files and fires with the node that owns the name now (the
+        copy there is complete and the cluster says so); this node's copy
+        then goes to the archive.  Its replicas stay good: they sync with
+        the copy there.  If C{hand_over} fails, nothing here changed.
+        """
+
+        async def work() -> dict[str, Any]:
+            record = self.state.records.get(name)
+            if record is None or record.id != namespace_id:
+                raise not_found(name)
+            await self.leases.drained(name)
+            await self.supervisor.stop(name)
+            files = [path for path in names.data_files(self.archiver.data_dir, name) if os.path.exists(path)]
+            node = await hand_over(record, files)
+            manifest = await self._move_to_archive(record, f"moved to cluster node {node}")
+            del self.state.records[name]
+            self.state.save()
+            return manifest
+
+        return self.locks.run(name, work)
+
+    def move_in(self, record: NamespaceRecord, build_dir: str) -> Deferred[None]:
+        """
+        Put a namespace moving here from another node in place, files and
+        record (marked L{NamespaceRecord.moving_in}: not served until the
+        cluster names this node its owner).  An earlier incoming copy of
+        the name that never became this node's is replaced; a live one is not.
+        """
+        name = record.name
+
+        async def work() -> None:
+            existing = self.state.records.get(name)
+            if existing is not None:
+                if not existing.moving_in:
+                    raise Conflict("namespace_exists", f"namespace {name!r} is live on this node")
+                await self._drop(existing, "an incoming move that did not complete")
+            record.moving_in = True
+            await self.archiver.run_in_thread(_move_files_in, build_dir, self.archiver.data_dir, name)
+            # Files first, then the record: a crash in between leaves files no
+            # record owns (quarantined at start-up), and the move was not
+            # acknowledged, so the source still owns the name.
+            self.state.records[name] = record
+            self.state.save()
+
+        return self.locks.run(name, work)
+
+    def drop_incoming(self, name: str, namespace_id: str, reason: str) -> Deferred[None]:
+        """Set aside an incoming copy of C{name} that is not to be served here (into the archive)."""
+
+        async def work() -> None:
+            record = self.state.records.get(name)
+            if record is not None and record.moving_in and record.id == namespace_id:
+                await self._drop(record, reason)
+
+        return self.locks.run(name, work)
+
+    def drop_moved_away(self, name: str, namespace_id: str, node: str) -> Deferred[None]:
+        """This node's copy of a namespace another node owns now (a move a crash interrupted): archived."""
+
+        async def work() -> None:
+            record = self.state.records.get(name)
+            if record is not None and not record.moving_in and record.id == namespace_id:
+                await self.leases.drained(name)
+                await self.supervisor.stop(name)
+                await self._drop(record, f"moved to cluster node {node}")
+
+        return self.locks.run(name, work)
+
+    async def _drop(self, record: NamespaceRecord, reason: str) -> None:
+        await self._move_to_archive(record, reason)
+        del self.state.records[record.name]
+        self.state.save()
 
     async def _move_to_archive(self, record: NamespaceRecord, reason: str) -> dict[str, Any]:
         """

@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from .channel import BackendResponse
 from .cluster import Cluster, OwnedElsewhere, owner_unavailable
 from .dataport import PEER_TOKEN_HEADER, DataRequest
-from .errors import Refusal, Unavailable
+from .errors import NotFound, Refusal, Unavailable
+from .moves import Moves
 from .proxy import HANDED_OVER_HEADERS_DROPPED, ChildLease, CreationProbe, Namespaces, end_to_end
 from .relay import Peers, relayed_bytes
 from .state import NamespaceRecord
@@ -72,20 +73,36 @@ class ClusterNamespaces:
 
     local: Namespaces
     cluster: Cluster
+    moves: Moves | None = None
     relayed: bool = False
 
     def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
               here: bool = False) -> Deferred[ChildLease]:
         try:
-            self.cluster.where(name)
+            self._check(name)
         except OwnedElsewhere as owner:
             return fail(self._not_here(name, owner))
         except Refusal as refusal:
             return fail(refusal)
         admitted = self.local.admit(name, access, writes, probe, here)
+        admitted.addErrback(self._moved_meanwhile, name)
         if self.relayed:
             admitted.addErrback(self._trap_elsewhere, name)
         return admitted
+
+    def _check(self, name: str) -> None:
+        if self.moves is not None:
+            if name in self.moves.outgoing:
+                raise Unavailable("namespace_moving", f"namespace {name!r} is moving to another node; retry "
+                                  "shortly", retry_after=1)
+            self.moves.settle(name)
+        self.cluster.where(name)
+
+    def _moved_meanwhile(self, failure: Failure, name: str) -> Any:
+        """A request that waited while its namespace moved away: it goes to the new owner."""
+        failure.trap(NotFound)
+        self.cluster.where(name)
+        return failure
 
     def _not_here(self, name: str, owner: OwnedElsewhere) -> Exception:
         if not self.relayed:

@@ -32,7 +32,7 @@ from .cluster import Cluster, OwnedElsewhere
 from .config import Address, Config, ConfigError
 from .confine import Confinement, ConfinementUnavailable, choose
 from .datadir import DataDirBusy, lock_data_dir, temp_dir
-from .dataport import DataPort
+from .dataport import DataPort, DataRequest
 from .errors import Refusal
 from .etcd import Etcd, EtcdError, EtcdUnavailable
 from .gc import GarbageCollector
@@ -40,6 +40,8 @@ from .hibernation import Hibernator
 from .leases import Leases
 from .locks import KeyedLocks
 from .metrics import DataFigures, Metrics, gather
+from .moves import PREFIX as MOVES_PREFIX
+from .moves import Moves
 from .namespaces import Admission, NamespaceManager
 from .ports import PortAllocator
 from .process import child_environment, child_wrappers
@@ -120,8 +122,9 @@ class TursoService(Service):
         self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
         scratch = temp_dir(config.data_dir)
 
-        #: In a cluster: this node's membership, and its internal listener.
+        #: In a cluster: this node's membership, its moves, and its internal listener.
         self.cluster: Cluster | None = None
+        self.moves: Moves | None = None
         self.cluster_port: DataPort | None = None
         if config.clustered:
             self.cluster = Cluster(reactor, Etcd(reactor, config.cluster_etcd), config.cluster_prefix,
@@ -141,7 +144,7 @@ class TursoService(Service):
         self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
                               self.backups, self.metrics, metrics_public=config.metrics_public,
                               gather=None if self.workers is None else self.workers.gather,
-                              cluster=self.cluster)
+                              cluster=self.cluster, moves=self.moves)
         self.admin_site = CappedSite(self.admin.resource(), config.max_restore_bytes, admin_token,
                                      limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)
         self.ports: dict[str, IListeningPort] = {}
@@ -169,14 +172,17 @@ class TursoService(Service):
         relay = None
         budget = AnswerBudget(config.max_held_bytes)
         if self.cluster is not None:
-            namespaces = ClusterNamespaces(local, self.cluster)
+            self.moves = Moves(reactor, self.cluster, self.archival, state, config.data_dir, scratch,
+                               config.cluster_token)
+            namespaces = ClusterNamespaces(local, self.cluster, self.moves)
             relay = Relay(reactor, config.node_name, config.cluster_token,
                           keep_idle=config.client_idle_timeout / 2)
             # Requests other nodes relay here: checked in full again, never sent on.
-            self.cluster_plane = DataPlane(reactor, ClusterNamespaces(local, self.cluster, relayed=True),
+            self.cluster_plane = DataPlane(reactor, ClusterNamespaces(local, self.cluster, self.moves,
+                                                                      relayed=True),
                                            self.stats, self.metrics, access_log=config.access_log,
                                            scratch_dir=scratch, budget=budget, auth=self.data_auth)
-            self.cluster_port = DataPort(reactor, self.cluster_plane.handle,
+            self.cluster_port = DataPort(reactor, self._internal,
                                          self.cluster_plane.refused_at_headers, self.data_auth,
                                          config.max_body_bytes, scratch_dir=scratch,
                                          idle_timeout=config.client_idle_timeout,
@@ -187,6 +193,14 @@ class TursoService(Service):
         self.data_port = DataPort(reactor, self.data_plane.handle, self.data_plane.refused_at_headers,
                                   self.data_auth, config.max_body_bytes, scratch_dir=scratch,
                                   idle_timeout=config.client_idle_timeout)
+
+    def _internal(self, request: DataRequest) -> None:
+        """The internal listener: the cluster's own endpoints, and requests other nodes relay."""
+        assert self.moves is not None
+        if request.target.startswith(MOVES_PREFIX):
+            self.moves.serve(request)
+        else:
+            self.cluster_plane.handle(request)
 
     def data_figures(self) -> DataFigures:
         """What the data plane counted (here, or in the data workers), for C{/metrics}."""
@@ -298,7 +312,11 @@ class TursoService(Service):
                 await deferLater(self.reactor, JOIN_RETRY, lambda: None)
         self._log.info("joined the cluster as node {node} ({url}); {nodes} node(s) live",
                        node=cluster.node, url=cluster.url, nodes=len(cluster.nodes))
+        assert self.moves is not None
+        await self.moves.reconcile()
         for record in list(self.state.records.values()):
+            if record.moving_in:
+                continue
             placement = cluster.owner(record.name)
             if placement is not None and placement.node == cluster.node and placement.id == record.id:
                 continue

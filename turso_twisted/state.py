@@ -72,6 +72,10 @@ class NamespaceRecord:
     #: start-up never meets files without a record (see
     #: L{turso_twisted.recovery}).
     installing: bool = False
+    #: Set on the node a namespace is moving to (cluster mode), from when
+    #: its files are in until the cluster names this node its owner: it is
+    #: not served before (see L{turso_twisted.moves}).
+    moving_in: bool = False
     #: The namespace's own settings (C{GET}/C{POST /v1/namespaces/:name/config}).
     config: NamespaceConfig = attrs.field(factory=NamespaceConfig)
 
@@ -100,6 +104,8 @@ class NamespaceRecord:
             "archiving": self.archiving,
             "installing": self.installing,
         }
+        if self.moving_in:
+            out["movingIn"] = True
         # Most namespaces keep the default config: 10,000 records would
         # otherwise carry 1.6 MB of nulls in every state write.
         if self.config != NamespaceConfig():
@@ -132,6 +138,7 @@ class NamespaceRecord:
             retired=_strings(data.get("retiredClients", []), "retiredClients"),
             archiving=_optional_string(data.get("archiving"), "archiving"),
             installing=_bool(data.get("installing", False), "installing"),
+            moving_in=_bool(data.get("movingIn", False), "movingIn"),
             config=_config(data.get("config", {})),
         )
 
@@ -293,7 +300,7 @@ class StateStore:
             # again (sets only grow, or come with a new history).
             key = (record.id, record.origin, record.locked, record.ttl, record.created_at,
                    record.last_access_at, record.history, len(record.clients), len(record.retired),
-                   record.archiving, record.installing, record.config)
+                   record.archiving, record.installing, record.moving_in, record.config)
             cached = cache.get(name)
             if cached is None or cached[0] != key:
                 cached = cache[name] = (key, f"{dumps(name)}: {dumps(record.to_json())}")
