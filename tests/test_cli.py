@@ -12,6 +12,9 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase
+
+from turso_twisted.cli import rebalance_plan
 
 from .daemon import Daemon, run_replica
 from .test_e2e import E2ETestCase
@@ -143,3 +146,29 @@ class TokenCLITests(E2ETestCase):
         out, err, code = yield self.cli(daemon, "--json", "revoke-tokens", "alpha")
         self.assertEqual(code, 0, err)
         self.assertIsNotNone(json.loads(out)["tokens_not_before"])
+
+
+class RebalancePlanTests(SynchronousTestCase):
+    def test_evens_out_to_within_one(self) -> None:
+        placements = {f"n{i}": "a" for i in range(6)} | {"x": "gone"}
+        plan = rebalance_plan(placements, ["a", "b", "c", "d"])
+        self.assertEqual(len(plan), 4)
+        after = dict(placements)
+        for name, source, target in plan:
+            self.assertEqual(after[name], source)
+            after[name] = target
+        counts = sorted(list(after.values()).count(node) for node in "abcd")
+        self.assertEqual(counts, [1, 1, 2, 2])
+        self.assertEqual(after["x"], "gone")  # a node that is not live keeps its names
+
+    def test_balanced_or_empty_plans_nothing(self) -> None:
+        self.assertEqual(rebalance_plan({"p": "a", "q": "b", "r": "a"}, ["a", "b"]), [])
+        self.assertEqual(rebalance_plan({}, ["a"]), [])
+        self.assertEqual(rebalance_plan({"p": "a"}, []), [])
+
+    def test_drain_moves_everything_off(self) -> None:
+        placements = {"p": "a", "q": "a", "r": "b", "s": "c"}
+        plan = rebalance_plan(placements, ["a", "b", "c"], drain=["a"])
+        self.assertEqual(sorted((name, source) for name, source, _ in plan), [("p", "a"), ("q", "a")])
+        self.assertEqual({target for _, _, target in plan}, {"b", "c"})
+

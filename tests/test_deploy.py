@@ -155,6 +155,44 @@ class ChartTests(SynchronousTestCase):
         pod = objects["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]
         self.assertEqual(pod["volumes"][0]["secret"]["secretName"], "mine")
 
+    def test_cluster(self) -> None:
+        values = {"replicaCount": 3, "auth": {"authToken": "x", "adminToken": "y"},
+                  "cluster": {"enabled": True, "token": "cluster-secret",
+                              "etcd": {"endpoints": ["http://etcd-0:2379", "http://etcd-1:2379"]}}}
+        objects = render(values)
+        sts = objects["StatefulSet/buntime-turso"]["spec"]
+        self.assertEqual((sts["replicas"], sts["serviceName"]), (3, "buntime-turso-internal"))
+        container = sts["template"]["spec"]["containers"][0]
+        env = {item["name"]: item.get("value") or item.get("valueFrom") for item in container["env"]}
+        self.assertEqual(env["TURSO_NODE_NAME"], {"fieldRef": {"fieldPath": "metadata.name"}})
+        self.assertEqual(env["TURSO_CLUSTER_ETCD"], "http://etcd-0:2379,http://etcd-1:2379")
+        self.assertEqual(env["TURSO_NODE_URL"],
+                         "http://$(TURSO_NODE_NAME).buntime-turso-internal.apps.svc:8082")
+        self.assertEqual(env["TURSO_CLUSTER_TOKEN_FILE"], "/run/secrets/turso/cluster-token")
+        self.assertNotIn("TURSO_CLUSTER_TOKEN", env)
+        self.assertEqual(objects["Secret/buntime-turso-tokens"]["stringData"]["cluster-token"],
+                         "cluster-secret")
+        headless = objects["Service/buntime-turso-internal"]["spec"]
+        self.assertEqual((headless["clusterIP"], headless["ports"][0]["port"]), ("None", 8082))
+        self.assertEqual(objects["PodDisruptionBudget/buntime-turso"]["spec"]["maxUnavailable"], 1)
+        internal = [rule for rule in objects["NetworkPolicy/buntime-turso"]["spec"]["ingress"]
+                    if rule["ports"][0]["port"] == 8082]
+        self.assertEqual(internal[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+                         "buntime")
+        # Without cluster mode: one pod, and no cluster objects.
+        single = render()
+        self.assertEqual(single["StatefulSet/buntime-turso"]["spec"]["replicas"], 1)
+        self.assertNotIn("PodDisruptionBudget/buntime-turso", single)
+
+    def test_cluster_values_refused(self) -> None:
+        for values, fragment in (({"replicaCount": 2}, "needs cluster.enabled"),
+                                 ({"cluster": {"enabled": True, "token": "t"}}, "cluster.etcd.endpoints"),
+                                 ({"cluster": {"enabled": True, "etcd": {"endpoints": ["http://e:2379"]}}},
+                                  "cluster.token is required")):
+            with self.assertRaises(Exception) as raised:
+                render(values)
+            self.assertIn(fragment, str(raised.exception))
+
     def test_checkov(self) -> None:
         checkov = os.environ.get("TURSO_CHECKOV") or shutil.which("checkov")
         if not checkov:
@@ -163,6 +201,10 @@ class ChartTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory)
         with open(os.path.join(directory, "rendered.yaml"), "w") as handle:
             yaml.safe_dump_all(render({"auth": {"authToken": "x", "adminToken": "y"}}).values(), handle)
+        with open(os.path.join(directory, "cluster.yaml"), "w") as handle:
+            yaml.safe_dump_all(render({"replicaCount": 3, "auth": {"authToken": "x", "adminToken": "y"},
+                                       "cluster": {"enabled": True, "token": "z", "etcd": {
+                                           "endpoints": ["http://etcd:2379"]}}}).values(), handle)
         result = subprocess.run(
             [checkov, "--quiet", "--compact", "--skip-download", "--framework", "kubernetes",
              "--directory", directory,

@@ -5,6 +5,7 @@ each with its own data dir, agreeing through etcd on who owns each name.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
+
+from turso_twisted import cli
 
 from .daemon import Daemon, run_replica, wait_for
 from .etcd import EtcdServer
@@ -55,6 +58,19 @@ def served(port: int, path: str, timeout: float = 30.0) -> Any:
             return document
         if reactor.seconds() > deadline:
             raise AssertionError(f"{path} still answered {status} {document} after {timeout}s")
+        yield deferLater(reactor, 0.2, lambda: None)
+
+
+@inlineCallbacks
+def served_json(url: str, document: dict[str, Any], timeout: float = 30.0) -> Any:
+    """POST C{document} until it is answered 200 (etcd coming back); fire with the answer."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        status, answer = yield get_json(url, "POST", data=json.dumps(document).encode())
+        if status == 200:
+            return answer
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{url} still answered {status} {answer} after {timeout}s")
         yield deferLater(reactor, 0.2, lambda: None)
 
 
@@ -320,3 +336,76 @@ class MoveTests(ClusterTestCase):
                                        data=json.dumps({"to": "node-a"}).encode())
         self.assertEqual((status, error["error"]), (404, "namespace_not_found"))
         self.assertEqual((yield self.owners()), {"alpha": "node-a"})
+
+    @inlineCallbacks
+    def test_a_new_node_joins_and_rebalance_evens_out(self) -> Any:
+        """
+        Six namespaces on node A; node D joins; `rebalance --dry-run` moves
+        nothing, `rebalance` evens the counts out.  Every namespace keeps
+        its rows, and each replica from before pushes and pulls after.
+        """
+        a, b, c = yield self.start_cluster()
+        names = [f"ns{i}" for i in range(6)]
+        replicas = {}
+        for name in names:
+            replica = yield self.replica(a, name)
+            yield run_replica(replica.run, "create table t (x text)", f"insert into t values ('{name}-1')")
+            yield run_replica(replica.push)
+            replicas[name] = replica
+        d = yield self.start_node("node-d")
+        yield wait_for(lambda: "node-d" in self.live(a), "node-d to join")
+        admin = ["--url", d.admin_url()]
+        out = io.StringIO()
+        code = yield deferToThread(cli.main, [*admin, "rebalance", "--dry-run"], out)
+        self.assertEqual(code, 0, out.getvalue())
+        self.assertIn("4 move(s) planned", out.getvalue())
+        self.assertEqual(set((yield self.owners()).values()), {"node-a"})
+        out = io.StringIO()
+        code = yield deferToThread(cli.main, [*admin, "rebalance"], out)
+        self.assertEqual(code, 0, out.getvalue())
+        owners = yield self.owners()
+        nodes = ("node-a", "node-b", "node-c", "node-d")
+        counts = sorted(list(owners.values()).count(node) for node in nodes)
+        self.assertEqual(counts, [1, 1, 2, 2], owners)
+        for name, replica in replicas.items():
+            yield run_replica(replica.run, f"insert into t values ('{name}-2')")
+            yield run_replica(replica.push)
+            yield run_replica(replica.pull)
+            rows = yield run_replica(replica.rows, "select x from t order by x")
+            self.assertEqual(rows, [(f"{name}-1",), (f"{name}-2",)])
+            through_d = yield self.replica(d, name)
+            rows = yield run_replica(through_d.rows, "select x from t order by x")
+            self.assertEqual(rows, [(f"{name}-1",), (f"{name}-2",)])
+        out = io.StringIO()
+        code = yield deferToThread(cli.main, [*admin, "rebalance"], out)
+        self.assertEqual((code, out.getvalue()), (0, "0 move(s) planned, 0 done, 0 failed\n"))
+
+    @inlineCallbacks
+    def test_a_move_that_cannot_switch_owners_moves_nothing(self) -> Any:
+        """
+        With etcd down at the switch, the move is called off: node A still
+        owns and serves the namespace with its rows, node B set its copy
+        aside; with etcd back, the same move succeeds.
+        """
+        a, b = yield self.start_cluster(2)
+        replica = yield self.replica(a, "alpha")
+        yield run_replica(replica.run, "create table t (x text)", "insert into t values ('kept')")
+        yield run_replica(replica.push)
+        yield wait_for(lambda: self.placements_seen(b) == 1, "node B to know the placement")
+        yield self.etcd.stop()
+        status, error = yield get_json(a.admin_url("/v1/namespaces/alpha/move"), "POST",
+                                       data=json.dumps({"to": "node-b"}).encode())
+        self.assertEqual((status, error["error"]), (503, "cluster_unavailable"), error)
+        yield run_replica(replica.run, "insert into t values ('after')")
+        yield run_replica(replica.push)
+        status, on_b = yield get_json(b.admin_url("/v1/namespaces"))
+        self.assertEqual(on_b["namespaces"], [])
+        status, archived = yield get_json(b.admin_url("/v1/archive"))
+        self.assertEqual([e["reason"] for e in archived["entries"]], ["a move that was called off"])
+        yield self.etcd.start()
+        moved = yield served_json(a.admin_url("/v1/namespaces/alpha/move"), {"to": "node-b"})
+        self.assertEqual(moved["to"], "node-b")
+        yield run_replica(replica.pull)
+        rows = yield run_replica(replica.rows, "select x from t order by x")
+        self.assertEqual(rows, [("after",), ("kept",)])
+        self.assertEqual((yield self.owners()), {"alpha": "node-b"})

@@ -10,12 +10,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from turso_twisted.cluster import Cluster, OwnedElsewhere
+from turso_twisted import names
+from turso_twisted.cluster import Cluster, OwnedElsewhere, Placement
 from turso_twisted.errors import Unavailable
 from turso_twisted.etcd import Etcd, EtcdUnavailable, created_at, get, prefix_end, put
+from turso_twisted.moves import Moves
+from turso_twisted.state import NamespaceRecord
 
 from .daemon import wait_for
 from .etcd import EtcdServer, free_port
+from .support import ManagerFixture
 
 
 class PrefixTests(SynchronousTestCase):
@@ -127,3 +131,66 @@ class ClusterViewTests(TestCase):
         # Unplacing another node's name does nothing.
         yield Deferred.fromCoroutine(b.unplace("alpha", "id-1"))
         self.assertEqual(b.owner("alpha").node, "a")
+
+
+class MoveRecoveryTests(TestCase):
+    """
+    What a node does on joining with a move a crash interrupted: the etcd
+    transaction decided who owns the name; the other copy is set aside.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.server = yield EtcdServer(self).start()
+        self.fx = ManagerFixture(self.mktemp())
+        self.cluster = Cluster(reactor, Etcd(reactor, [self.server.url]), "/t", "a", "http://a:1",
+                               lease_ttl=5)
+        yield Deferred.fromCoroutine(self.cluster.join())
+        self.addCleanup(lambda: Deferred.fromCoroutine(self.cluster.leave()))
+        self.moves = Moves(reactor, self.cluster, self.fx.archival, self.fx.state, self.fx.data_dir,
+                           self.fx.data_dir, "token")
+
+    @inlineCallbacks
+    def namespace(self, name: str, owner: str, moving_in: bool = False) -> Any:
+        record = NamespaceRecord.new(name, "explicit", 0)
+        record.moving_in = moving_in
+        for path in names.data_files(self.fx.data_dir, name)[:2]:
+            with open(path, "wb") as handle:
+                handle.write(b"data of " + name.encode())
+        self.fx.state.records[name] = record
+        self.fx.state.save()
+        value = Placement(owner, record.id).to_value()
+        yield Deferred.fromCoroutine(self.cluster.etcd.put(f"/t/ns/{name}".encode(), value))
+        yield wait_for(lambda: getattr(self.cluster.owner(name), "node", None) == owner, "the placement")
+        return record
+
+    def reasons(self) -> dict[str, str]:
+        return {entry.name: (entry.manifest or {}).get("reason", "")
+                for entry in self.fx.archival.archiver.entries()}
+
+    @inlineCallbacks
+    def test_each_copy_is_kept_or_set_aside_by_the_placement(self) -> Any:
+        yield self.namespace("moved-away", "b")  # the switch happened, the archive did not
+        yield self.namespace("arrived", "a", moving_in=True)  # the switch happened, the settle did not
+        yield self.namespace("never-switched", "b", moving_in=True)  # the source kept it
+        yield self.namespace("mine", "a")
+        yield self.moves.reconcile()
+        records = self.fx.state.records
+        self.assertEqual(sorted(records), ["arrived", "mine"])
+        self.assertFalse(records["arrived"].moving_in)
+        self.assertEqual(self.reasons(), {"moved-away": "moved to cluster node b",
+                                          "never-switched": "an incoming move that did not complete"})
+
+    @inlineCallbacks
+    def test_an_incoming_copy_is_served_only_once_it_is_this_nodes(self) -> Any:
+        yield self.namespace("incoming", "b", moving_in=True)
+        with self.assertRaises(Unavailable) as refused:
+            self.moves.settle("incoming")
+        self.assertEqual(refused.exception.code, "namespace_moving")
+        record = self.fx.state.records["incoming"]
+        yield Deferred.fromCoroutine(self.cluster.etcd.put(b"/t/ns/incoming",
+                                                           Placement("a", record.id, 2).to_value()))
+        # The watch sees the switch and the copy is served from then on.
+        yield wait_for(lambda: not self.fx.state.records["incoming"].moving_in, "the copy to settle")

@@ -359,6 +359,97 @@ def cmd_token(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     return {"token": token, "claims": claims}
 
 
+# -- the cluster ----------------------------------------------------------------
+
+
+def cmd_cluster(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    result = client.json("GET", "/v1/cluster")
+    if not args.json:
+        _table(result["nodes"], [("NODE", "name"), ("LIVE", "live"), ("NAMESPACES", "namespaces"),
+                                 ("URL", "url")], out)
+    return result
+
+
+def cmd_move(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    moved = client.json("POST", f"/v1/namespaces/{_quote(args.name)}/move", {"to": args.node})
+    if not args.json:
+        out.write(f"moved {moved['name']} from {moved['from']} to {moved['to']} ({moved['bytes']} bytes)\n")
+    return moved
+
+
+def rebalance_plan(placements: dict[str, str], live: Sequence[str],
+                   drain: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+    """
+    The moves that even out how many namespaces each live node owns (to
+    within one): (name, from, to).  The nodes in C{drain} give every name
+    away first and get none.  Names of nodes that are not live stay where
+    they are (they cannot be moved now).
+    """
+    owned: dict[str, list[str]] = {node: [] for node in live}
+    for name, node in sorted(placements.items()):
+        if node in owned:
+            owned[node].append(name)
+    plan = []
+    leaving = {node: owned.pop(node) for node in drain if node in owned}
+    for source, names_there in leaving.items():
+        for name in names_there:
+            if not owned:
+                break
+            target = min(sorted(owned), key=lambda node: len(owned[node]))
+            owned[target].append(name)
+            plan.append((name, source, target))
+    while owned:
+        most = max(sorted(owned), key=lambda node: len(owned[node]))
+        least = min(sorted(owned), key=lambda node: len(owned[node]))
+        if len(owned[most]) - len(owned[least]) <= 1:
+            break
+        name = owned[most].pop()
+        owned[least].append(name)
+        plan.append((name, most, least))
+    return plan
+
+
+def cmd_rebalance(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    view = client.json("GET", "/v1/cluster?placements=true")
+    live = [node["name"] for node in view["nodes"] if node["live"]]
+    unknown = [node for node in args.drain if node not in live]
+    if unknown:
+        raise CommandFailed(f"not a live node of the cluster: {', '.join(unknown)}", EXIT_USAGE)
+    if args.drain and len(set(args.drain)) >= len(live):
+        raise CommandFailed("draining every live node leaves nowhere to move to", EXIT_USAGE)
+    plan = rebalance_plan(view.get("placements", {}), live, args.drain)
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for name, source, target in plan:
+        if args.dry_run:
+            if not args.json:
+                out.write(f"would move {name} from {source} to {target}\n")
+            continue
+        try:
+            moved = client.json("POST", f"/v1/namespaces/{_quote(name)}/move", {"to": target})
+        except CommandFailed as error:
+            failed.append({"name": name, "from": source, "to": target, "error": str(error)})
+            if not args.json:
+                out.write(f"could not move {name} from {source} to {target}: {error}\n")
+            continue
+        done.append(moved)
+        if not args.json:
+            out.write(f"moved {name} from {source} to {target} ({moved['bytes']} bytes)\n")
+    if not args.json:
+        out.write(f"{len(plan)} move(s) planned" + ("" if args.dry_run else
+                  f", {len(done)} done, {len(failed)} failed") + "\n")
+    result = {"plan": [{"name": n, "from": f, "to": t} for n, f, t in plan], "moved": done, "failed": failed}
+    if failed:
+        raise _Partial(result)
+    return result
+
+
+class _Partial(CommandFailed):
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(f"{len(result['failed'])} of {len(result['plan'])} moves failed")
+        self.result = result
+
+
 # -- wiring ---------------------------------------------------------------------
 
 
@@ -428,6 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a namespace the token opens (repeat for more; none: every namespace)")
     token.add_argument("--read-only", action="store_true", help="reads only")
     token.add_argument("--expires", help='lifetime, e.g. "1h" or "30d" (default: no expiry)')
+    command("cluster", cmd_cluster, "list the nodes of the cluster", with_name=False)
+    move = command("move", cmd_move, "move a namespace to another node of the cluster")
+    move.add_argument("node", help="the node to move it to")
+    rebalance = command("rebalance", cmd_rebalance, "even out how many namespaces each live node owns",
+                        with_name=False)
+    rebalance.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    rebalance.add_argument("--drain", action="append", default=[], metavar="NODE",
+                           help="move every namespace off this node (repeat for more), to remove it")
     return parser
 
 
