@@ -139,12 +139,48 @@ class PlacementTests(ClusterTestCase):
         owners = yield self.owners()
         self.assertEqual(owners, {"alpha": "node-a"})
         for node, holds in ((a, True), (b, False), (c, False)):
-            status, listed = yield get_json(node.admin_url("/v1/namespaces"))
+            status, listed = yield get_json(node.admin_url("/v1/namespaces?local=true"))
             self.assertEqual([r["name"] for r in listed["namespaces"]], ["alpha"] if holds else [])
         status, view = yield get_json(b.admin_url("/v1/cluster"))
         self.assertEqual(status, 200)
         self.assertEqual({n["name"]: (n["live"], n["namespaces"]) for n in view["nodes"]},
                          {"node-a": (True, 1), "node-b": (True, 0), "node-c": (True, 0)})
+
+    @inlineCallbacks
+    def test_admin_calls_on_any_node(self) -> Any:
+        """
+        Any node's admin API lists every node's namespaces with their node,
+        and makes calls about another node's namespace on that node; a
+        backup of it is made on that node's own admin API.
+        """
+        a, b, c = yield self.start_cluster(TURSO_ADMIN_TOKEN="admin-secret")
+        admin = {"headers": {b"authorization": [b"Bearer admin-secret"]}}
+        for node, name in ((a, "alpha"), (b, "bravo")):
+            yield deferToThread(post, node.data_port, f"/{name}/v2/pipeline")
+        status, listed = yield get_json(c.admin_url("/v1/namespaces"), **admin)
+        self.assertEqual([(e["name"], e["node"]) for e in listed["namespaces"]],
+                         [("alpha", "node-a"), ("bravo", "node-b")])
+        status, shown = yield get_json(c.admin_url("/v1/namespaces/alpha"), **admin)
+        self.assertEqual((status, shown["name"], shown["running"]), (200, "alpha", True))
+        status, changed = yield get_json(c.admin_url("/v1/namespaces/alpha/ttl"), "POST",
+                                         data=json.dumps({"ttl": "30d"}).encode(), **admin)
+        self.assertEqual((status, changed["ttl"]), (200, "720h0m0s"))
+        status, record = yield get_json(a.admin_url("/v1/namespaces/alpha"), **admin)
+        self.assertEqual(record["ttl"], "720h0m0s")
+        # The owner checks the admin token.
+        status, error = yield get_json(c.admin_url("/v1/namespaces/alpha"),
+                                       headers={b"authorization": [b"Bearer wrong"]})
+        self.assertEqual((status, error["error"]), (401, "unauthorized"))
+        status, error = yield get_json(c.admin_url("/v1/namespaces/alpha/backup"), **admin)
+        self.assertEqual((status, error["error"]), (409, "namespace_elsewhere"))
+        self.assertIn("node-a", error["message"])
+        status, deleted = yield get_json(c.admin_url("/v1/namespaces/bravo"), "DELETE", **admin)
+        self.assertEqual(status, 200, deleted)
+        self.assertEqual((yield self.owners()), {"alpha": "node-a"})
+        b.signal("SIGKILL")
+        yield b.exited()
+        status, listed = yield get_json(c.admin_url("/v1/namespaces"), **admin)
+        self.assertEqual([(e["name"], e["node"]) for e in listed["namespaces"]], [("alpha", "node-a")])
 
     @inlineCallbacks
     def test_concurrent_first_requests_on_every_node_create_one_namespace(self) -> Any:
@@ -157,7 +193,7 @@ class PlacementTests(ClusterTestCase):
         self.assertEqual(list(owners), ["fresh"])
         holders = []
         for node in nodes:
-            status, listed = yield get_json(node.admin_url("/v1/namespaces"))
+            status, listed = yield get_json(node.admin_url("/v1/namespaces?local=true"))
             holders += [(node.env["TURSO_NODE_NAME"], r["name"]) for r in listed["namespaces"]]
         self.assertEqual(holders, [(owners["fresh"], "fresh")])
 
@@ -186,8 +222,10 @@ class PlacementTests(ClusterTestCase):
         owners = yield self.owners()
         self.assertEqual(owners, {"alpha": "node-a", "bravo": "node-b"})
         for node in (a, c):
-            status, listed = yield get_json(node.admin_url("/v1/namespaces"))
+            status, listed = yield get_json(node.admin_url("/v1/namespaces?local=true"))
             self.assertNotIn("bravo", [r["name"] for r in listed["namespaces"]])
+        status, listed = yield get_json(c.admin_url("/v1/namespaces"))
+        self.assertIn({"name": "bravo", "node": "node-b", "available": False}, listed["namespaces"])
         # B comes back on its own data dir: its names serve their data again.
         b2 = yield self.start_node("node-b", b.data_dir)
         yield served(c.data_port, "/bravo/v2/pipeline")
@@ -314,7 +352,7 @@ class MoveTests(ClusterTestCase):
         fresh = yield self.replica(b, "alpha")
         rows = yield run_replica(fresh.rows, "select k from t order by k")
         self.assertEqual([row[0] for row in rows], acknowledged)
-        status, on_a = yield get_json(a.admin_url("/v1/namespaces"))
+        status, on_a = yield get_json(a.admin_url("/v1/namespaces?local=true"))
         self.assertEqual(on_a["namespaces"], [])
         status, archived = yield get_json(a.admin_url("/v1/archive"))
         self.assertEqual([e["reason"] for e in archived["entries"]], ["moved to cluster node node-b"])
@@ -398,7 +436,7 @@ class MoveTests(ClusterTestCase):
         self.assertEqual((status, error["error"]), (503, "cluster_unavailable"), error)
         yield run_replica(replica.run, "insert into t values ('after')")
         yield run_replica(replica.push)
-        status, on_b = yield get_json(b.admin_url("/v1/namespaces"))
+        status, on_b = yield get_json(b.admin_url("/v1/namespaces?local=true"))
         self.assertEqual(on_b["namespaces"], [])
         status, archived = yield get_json(b.admin_url("/v1/archive"))
         self.assertEqual([e["reason"] for e in archived["entries"]], ["a move that was called off"])

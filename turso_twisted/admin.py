@@ -42,6 +42,7 @@ from .errors import (
     NotFound,
     Refusal,
     TooLarge,
+    Unauthorized,
     from_os_error,
     not_found,
     render,
@@ -49,7 +50,7 @@ from .errors import (
 from .files import remove_database_copy
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .moves import Moves
+from .moves import RELAYED_BY_HEADER, Moves
 from .namespaces import NamespaceManager
 from .state import NamespaceRecord
 from .stats import NamespaceStats
@@ -111,6 +112,21 @@ def _json_body(request: IRequest) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Invalid("bad_json", "request body must be a JSON object")
     return body
+
+
+def _json_body_bytes(request: IRequest) -> bytes:
+    """The body of an admin call to relay (JSON calls only: at most 64 KiB)."""
+    raw = request.content.read(_MAX_ADMIN_JSON + 1) if request.content else b""
+    if len(raw) > _MAX_ADMIN_JSON:
+        raise TooLarge("body_too_large", "admin request bodies are limited to 64 KiB")
+    return bytes(raw)
+
+
+#: Calls made on the node asked, whoever owns the name (a move finds the owner itself).
+_HERE_ONLY = frozenset({"move"})
+#: Calls about another node's name that are not relayed (a database file
+#: both ways): made on the owner's own admin port.
+_NOT_RELAYED = frozenset({"backup", "restore"})
 
 
 class _RawPath(Resource):
@@ -198,11 +214,38 @@ class AdminAPI:
     def _admin(self, handler: Callable[..., _R]) -> Callable[..., _R]:
         def guarded(request: IRequest, **kwargs: str) -> _R:
             self.token.check(request)
+            owner = self._owner_elsewhere(request, kwargs.get("name"), handler.__name__)
+            if owner is not None:
+                return cast(_R, Deferred.fromCoroutine(self._relay(request, owner)))
             return handler(request, **kwargs)
 
         guarded.__name__ = handler.__name__
         guarded.__doc__ = handler.__doc__
         return guarded
+
+    def _owner_elsewhere(self, request: IRequest, name: str | None, handler: str) -> str | None:
+        """
+        In a cluster, the node a call about C{name} must be made on, when
+        that is another node (a relayed call is never relayed again).
+        """
+        if self.cluster is None or self.moves is None or name is None or handler in _HERE_ONLY:
+            return None
+        placement = self.cluster.owner(name)
+        if placement is None or placement.node == self.cluster.node:
+            return None
+        if handler in _NOT_RELAYED or request.getHeader(RELAYED_BY_HEADER) is not None:
+            raise OwnedElsewhere(placement.node, "")
+        return placement.node
+
+    async def _relay(self, request: IRequest, owner: str) -> bytes:
+        assert self.moves is not None
+        body = _json_body_bytes(request)
+        headers = {key.lower(): values[0] for key, values in request.requestHeaders.getAllRawHeaders()}
+        code, kept, answer = await self.moves.relay_admin(owner, request.method, request.uri, headers, body)
+        request.setResponseCode(code)
+        for key, value in kept.items():
+            request.setHeader(key, value)
+        return answer
 
     def _refusal(self, request: IRequest, failure: Failure) -> bytes:
         # handle_errors(Refusal) sends only Refusals here.
@@ -211,8 +254,8 @@ class AdminAPI:
     def _owned_elsewhere(self, request: IRequest, failure: Failure) -> bytes:
         owner = cast(OwnedElsewhere, failure.value)
         return render(request, Conflict("namespace_elsewhere",
-                                        f"that name belongs to cluster node {owner.node!r}; ask its admin "
-                                        "API"), "admin")
+                                        f"that name belongs to cluster node {owner.node!r}; a backup or a "
+                                        "restore is made on that node's own admin API"), "admin")
 
     def _route_not_found(self, request: IRequest, failure: Failure) -> bytes:
         return render(request, NotFound("not_found", "no such admin route"), "admin")
@@ -296,10 +339,38 @@ class AdminAPI:
 
     # -- namespaces ------------------------------------------------------------
 
-    def list_namespaces(self, request: IRequest) -> bytes:
-        """Every live namespace."""
+    async def list_namespaces(self, request: IRequest) -> bytes:
+        """
+        Every live namespace; in a cluster, those of every node, each with
+        its node (C{?local=true}: this node's only).  A node that is down
+        lists its names as C{"available": false}.
+        """
         records = sorted(self.manager, key=lambda record: record.name)
-        return _json(request, {"namespaces": [self._describe(record) for record in records]})
+        listed = [self._describe(record) for record in records if not record.moving_in]
+        cluster = self.cluster
+        if cluster is None or self.moves is None:
+            return _json(request, {"namespaces": listed})
+        for entry in listed:
+            entry["node"] = cluster.node
+        if request.args.get(b"local", [b""])[0] not in (b"1", b"true"):
+            headers = {key.lower(): values[0] for key, values in request.requestHeaders.getAllRawHeaders()}
+            answered = {cluster.node}
+            for node in sorted(set(cluster.nodes) - {cluster.node}):
+                try:
+                    code, _, body = await self.moves.relay_admin(node, b"GET", b"/v1/namespaces?local=true",
+                                                                 headers, b"")
+                except Refusal:
+                    continue
+                if code == 401:
+                    raise Unauthorized("unauthorized", "the other nodes refuse this admin token")
+                if code == 200:
+                    listed += json.loads(body)["namespaces"]
+                    answered.add(node)
+            known = {entry["name"] for entry in listed}
+            listed += [{"name": name, "node": placement.node, "available": False}
+                       for name, placement in cluster.placements.items()
+                       if name not in known and placement.node not in answered]
+        return _json(request, {"namespaces": sorted(listed, key=lambda entry: entry["name"])})
 
     def stats(self, request: IRequest, name: str) -> Deferred[bytes]:
         """Files, traffic since start, and the child of one namespace."""

@@ -122,7 +122,10 @@ Command = Callable[[Client, argparse.Namespace, IO[str]], Any]
 def cmd_list(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     result = client.json("GET", "/v1/namespaces")
     if not args.json:
-        _table(result["namespaces"], NAMESPACE_COLUMNS, out)
+        rows = result["namespaces"]
+        # A cluster's nodes list every node's namespaces, each with its node.
+        columns = NAMESPACE_COLUMNS + ([("NODE", "node")] if any("node" in row for row in rows) else [])
+        _table(rows, columns, out)
     return result
 
 

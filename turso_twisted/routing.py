@@ -22,14 +22,11 @@ from .channel import BackendResponse
 from .cluster import Cluster, OwnedElsewhere, owner_unavailable
 from .dataport import PEER_TOKEN_HEADER, DataRequest
 from .errors import NotFound, Refusal, Unavailable
-from .moves import Moves
+from .moves import RELAYED_BY_HEADER, Moves
 from .proxy import HANDED_OVER_HEADERS_DROPPED, ChildLease, CreationProbe, Namespaces, end_to_end
 from .relay import Peers, relayed_bytes
 from .state import NamespaceRecord
 from .tokens import Access
-
-#: Tells the owner which node relayed a request (for its log).
-RELAYED_BY_HEADER = b"x-turso-relayed-by"
 
 
 @attrs.define(eq=False)

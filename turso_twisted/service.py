@@ -240,6 +240,10 @@ class TursoService(Service):
                 raise SystemExit(1) from None
         if self.cluster is not None:
             self.cluster.url = self._node_url()
+            assert self.moves is not None
+            admin = cast("IPv4Address | IPv6Address", self.ports["admin"].getHost())
+            host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
+            self.moves.admin_url = f"http://{f'[{host}]' if ':' in host else host}:{admin.port}"
         self._bound = True
         super().privilegedStartService()
 
