@@ -447,3 +447,86 @@ class MoveTests(ClusterTestCase):
         rows = yield run_replica(replica.rows, "select x from t order by x")
         self.assertEqual(rows, [("after",), ("kept",)])
         self.assertEqual((yield self.owners()), {"alpha": "node-b"})
+
+
+class InterruptedMoveTests(ClusterTestCase):
+    """
+    A move stopped by a crash at each step (a failpoint kills the node
+    there as SIGKILL would) leaves exactly one owner serving every row.
+    """
+
+    @inlineCallbacks
+    def two_nodes(self, failing: str, failpoint: str) -> Any:
+        self.etcd = yield EtcdServer(self).start()
+        a = yield self.start_node("node-a", **({"TURSO_FAILPOINTS": failpoint} if failing == "a" else {}))
+        b = yield self.start_node("node-b", **({"TURSO_FAILPOINTS": failpoint} if failing == "b" else {}))
+        yield wait_for(lambda: len(self.live(a)) == 2 and len(self.live(b)) == 2, "both nodes")
+        replica = yield self.replica(a, "alpha")
+        yield run_replica(replica.run, "create table t (x text)", "insert into t values ('before')")
+        yield run_replica(replica.push)
+        yield wait_for(lambda: self.placements_seen(b) == 1, "node B to know the placement")
+        moving = get_json(a.admin_url("/v1/namespaces/alpha/move"), "POST",
+                          data=json.dumps({"to": "node-b"}).encode())
+        moving.addErrback(lambda failure: (None, {"error": failure.getErrorMessage()}))
+        crashed = a if failing == "a" else b
+        yield crashed.exited()
+        status, answer = yield moving
+        return a, b, replica, status, answer
+
+    @inlineCallbacks
+    def rows_through(self, node: Daemon, replica: Any = None) -> Any:
+        reader = replica or (yield self.replica(node, "alpha"))
+
+        def read() -> Any:
+            reader.pull()
+            return reader.rows("select x from t order by x")
+
+        rows = yield run_replica(read)
+        return rows
+
+    @inlineCallbacks
+    def test_target_dies_before_it_answers(self) -> Any:
+        a, b, replica, status, answer = yield self.two_nodes("b", "move.target.after_install")
+        self.assertEqual(status, 503, answer)
+        self.assertEqual((yield self.owners()), {"alpha": "node-a"})
+        yield run_replica(replica.run, "insert into t values ('during')")
+        yield run_replica(replica.push)
+        b2 = yield self.start_node("node-b", b.data_dir)
+        status, on_b = yield get_json(b2.admin_url("/v1/namespaces?local=true"))
+        self.assertEqual(on_b["namespaces"], [])
+        status, archived = yield get_json(b2.admin_url("/v1/archive"))
+        self.assertEqual([e["reason"] for e in archived["entries"]],
+                         ["an incoming move that did not complete"])
+        self.assertEqual((yield self.rows_through(b2)), [("before",), ("during",)])
+        moved = yield served_json(a.admin_url("/v1/namespaces/alpha/move"), {"to": "node-b"})
+        self.assertEqual(moved["to"], "node-b")
+        self.assertEqual((yield self.rows_through(a, replica)), [("before",), ("during",)])
+
+    @inlineCallbacks
+    def test_source_dies_after_the_switch(self) -> Any:
+        a, b, replica, status, answer = yield self.two_nodes("a", "move.source.after_switch")
+        self.assertEqual((yield self.owners()), {"alpha": "node-b"})
+        # Node B serves it (it saw the switch), to the replica from before the move too.
+        yield served(b.data_port, "/alpha/v2/pipeline")
+        reader = yield self.replica(b, "alpha")
+        self.assertEqual((yield self.rows_through(b, reader)), [("before",)])
+        yield run_replica(reader.run, "insert into t values ('after')")
+        yield run_replica(reader.push)
+        a2 = yield self.start_node("node-a", a.data_dir)
+        status, on_a = yield get_json(a2.admin_url("/v1/namespaces?local=true"))
+        self.assertEqual(on_a["namespaces"], [])
+        status, archived = yield get_json(a2.admin_url("/v1/archive"))
+        self.assertEqual([e["reason"] for e in archived["entries"]], ["moved to cluster node node-b"])
+        self.assertEqual((yield self.rows_through(a2)), [("after",), ("before",)])
+
+    @inlineCallbacks
+    def test_source_dies_before_the_switch(self) -> Any:
+        a, b, replica, status, answer = yield self.two_nodes("a", "move.source.before_switch")
+        self.assertEqual((yield self.owners()), {"alpha": "node-a"})
+        # Node A is down: node B does not serve its copy, it says the owner is down.
+        status, error = yield deferToThread(post, b.data_port, "/alpha/v2/pipeline")
+        self.assertEqual((status, error["error"]), (503, "owner_unavailable"))
+        a2 = yield self.start_node("node-a", a.data_dir)
+        self.assertEqual((yield self.rows_through(a2)), [("before",)])
+        status, on_a = yield get_json(a2.admin_url("/v1/namespaces?local=true"))
+        self.assertEqual([r["name"] for r in on_a["namespaces"]], ["alpha"])

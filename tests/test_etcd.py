@@ -176,12 +176,18 @@ class MoveRecoveryTests(TestCase):
         yield self.namespace("arrived", "a", moving_in=True)  # the switch happened, the settle did not
         yield self.namespace("never-switched", "b", moving_in=True)  # the source kept it
         yield self.namespace("mine", "a")
+        stale = yield self.namespace("stale", "b", moving_in=True)  # the name was deleted since
+        yield Deferred.fromCoroutine(self.cluster.etcd.delete(b"/t/ns/stale"))
+        yield wait_for(lambda: self.cluster.owner("stale") is None or "stale" not in self.fx.state.records,
+                       "the name to go")
         yield self.moves.reconcile()
         records = self.fx.state.records
         self.assertEqual(sorted(records), ["arrived", "mine"])
         self.assertFalse(records["arrived"].moving_in)
         self.assertEqual(self.reasons(), {"moved-away": "moved to cluster node b",
-                                          "never-switched": "an incoming move that did not complete"})
+                                          "never-switched": "an incoming move that did not complete",
+                                          "stale": "an incoming move that did not complete"})
+        self.assertTrue(stale.id)
 
     @inlineCallbacks
     def test_an_incoming_copy_is_served_only_once_it_is_this_nodes(self) -> Any:

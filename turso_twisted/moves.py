@@ -47,6 +47,7 @@ from .cluster import Cluster, Placement, owner_unavailable
 from .dataport import PEER_TOKEN_HEADER, DataRequest
 from .errors import Conflict, Invalid, NotFound, Refusal, Unavailable, Unprocessable, refusal_from_json
 from .etcd import EtcdUnavailable, modified_at, put
+from .failpoints import failpoint
 from .files import fsync_directory, sha256_and_size
 from .state import NamespaceRecord, StateStore
 
@@ -137,7 +138,9 @@ class Moves:
                 outgoing.files.update((os.path.basename(p), p) for p in paths)
                 await self._call(target.url, f"incoming/{quote(name)}",
                                  {"source": self.cluster.url, "record": record.to_json(), "files": files})
+                failpoint("move.source.before_switch")
                 await self._switch(name, placement, to)
+                failpoint("move.source.after_switch")
                 moved.update(bytes=sum(size for _, size in sums), files=len(files))
                 return to
 
@@ -229,7 +232,9 @@ class Moves:
                 await self._fetch(source, name, file, os.path.join(staging, file), str(entry["sha256"]),
                                   int(entry["size"]))
             fsync_directory(staging)
+            failpoint("move.target.before_install")
             await self.archival.move_in(record, staging)
+            failpoint("move.target.after_install")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._log.info("namespace {name} copied in from {source}; served once the cluster names this node",
@@ -270,27 +275,34 @@ class Moves:
         if record is None or not record.moving_in:
             return
         placement = self.cluster.owner(name)
-        if placement is None or placement.node != self.cluster.node or placement.id != record.id:
-            raise Unavailable("namespace_moving", f"namespace {name!r} is moving between nodes; retry "
-                              "shortly", retry_after=1)
-        record.moving_in = False
-        self.state.save()
-        self._log.info("namespace {name} moved in: served by this node", name=name)
+        if placement is not None and placement.node == self.cluster.node and placement.id == record.id:
+            record.moving_in = False
+            self.state.save()
+            self._log.info("namespace {name} moved in: served by this node", name=name)
+            return
+        if placement is None or placement.id != record.id:
+            self._drop_stale(record)
+        raise Unavailable("namespace_moving", f"namespace {name!r} is moving between nodes; retry shortly",
+                          retry_after=1)
+
+    def _drop_stale(self, record: NamespaceRecord) -> None:
+        """An incoming copy whose move is over and whose name went on (deleted, or made anew): set aside."""
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("could not set aside the stale incoming copy of {name}", failure,
+                              name=record.name)
+
+        self.archival.drop_incoming(record.name, record.id, "an incoming move that did not complete",
+                                    ).addErrback(failed)
 
     def _placement_changed(self, name: str) -> None:
         record = self.state.records.get(name)
-        if record is None:
+        if record is None or not record.moving_in:
             return
-        placement = self.cluster.owner(name)
-        if placement is None or placement.id != record.id:
-            return
-        if record.moving_in and placement.node == self.cluster.node:
-            try:
-                self.settle(name)
-            except Refusal:
-                pass
-        elif record.moving_in:
-            pass  # still the source's: dropped when this node next starts or takes the name again
+        try:
+            self.settle(name)
+        except Refusal:
+            pass  # not this node's (yet): set aside if stale, else left to the owner's word
 
     def reconcile(self) -> Deferred[None]:
         """
@@ -303,6 +315,10 @@ class Moves:
             for record in list(self.state.records.values()):
                 placement = self.cluster.owner(record.name)
                 if placement is None or placement.id != record.id:
+                    if record.moving_in:
+                        # Its move is over and the name went on without it.
+                        await self.archival.drop_incoming(record.name, record.id,
+                                                          "an incoming move that did not complete")
                     continue
                 mine = placement.node == self.cluster.node
                 if record.moving_in and mine:

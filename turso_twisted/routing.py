@@ -88,12 +88,13 @@ class ClusterNamespaces:
         return admitted
 
     def _check(self, name: str) -> None:
+        # The owner first: a copy here that the cluster does not name is never served.
+        self.cluster.where(name)
         if self.moves is not None:
             if name in self.moves.outgoing:
                 raise Unavailable("namespace_moving", f"namespace {name!r} is moving to another node; retry "
                                   "shortly", retry_after=1)
             self.moves.settle(name)
-        self.cluster.where(name)
 
     def _moved_meanwhile(self, failure: Failure, name: str) -> Any:
         """A request that waited while its namespace moved away: it goes to the new owner."""
