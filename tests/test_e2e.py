@@ -8,8 +8,11 @@ import json
 import os
 import shutil
 import signal
+import threading
+import time
 from typing import Any
 
+import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
@@ -74,6 +77,37 @@ class Replica:
 
     def close(self) -> None:
         self.conn.close()
+
+
+@attrs.define
+class PushLedger:
+    """
+    Rows inserted and pushed one by one from a thread, each pushed again
+    until it is acknowledged; C{acknowledged} is the write ledger.
+    """
+
+    writer: Replica
+    acknowledged: list[int] = attrs.field(factory=list)
+    stop: threading.Event = attrs.field(factory=threading.Event)
+    failures: int = 0
+
+    def run(self, keys: int, max_failures: int, backoff: float = 0.0) -> int:
+        for key in range(keys):
+            if self.stop.is_set():
+                break
+            self.writer.run(f"insert into t values ({key})")
+            while True:
+                try:
+                    self.writer.push()
+                    break
+                except Exception:
+                    self.failures += 1
+                    if self.failures > max_failures:
+                        raise
+                    if backoff:
+                        time.sleep(backoff)  # the client's retry policy
+            self.acknowledged.append(key)
+        return self.failures
 
 
 class E2ETestCase(TestCase):

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import threading
 from typing import Any
 from urllib.request import urlopen
 
@@ -17,7 +16,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
 from .daemon import Daemon, data_workers, run_replica, wait_for
-from .test_e2e import SELECT_1, E2ETestCase
+from .test_e2e import SELECT_1, E2ETestCase, PushLedger
 
 
 class DataWorkerTests(E2ETestCase):
@@ -33,32 +32,14 @@ class DataWorkerTests(E2ETestCase):
         writer = yield self.replica(daemon, "alpha")
         yield run_replica(writer.run, "create table t (k integer primary key)")
         yield run_replica(writer.push)
-        acknowledged: list[int] = []
-        stop = threading.Event()
-
-        def push_rows() -> int:
-            failures = 0
-            for key in range(200):
-                if stop.is_set():
-                    break
-                writer.run(f"insert into t values ({key})")
-                while True:
-                    try:
-                        writer.push()
-                        break
-                    except Exception:
-                        failures += 1
-                        if failures > 50:
-                            raise
-                acknowledged.append(key)
-            return failures
-
-        pushing = run_replica(push_rows)
+        ledger = PushLedger(writer)
+        acknowledged = ledger.acknowledged
+        pushing = run_replica(ledger.run, 200, 50)
         yield wait_for(lambda: len(acknowledged) >= 20, "pushes under way")
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         yield wait_for(lambda: len(acknowledged) >= 60, "pushes after the workers died", timeout=60)
-        stop.set()
+        ledger.stop.set()
         yield pushing
         restarted = yield wait_for(lambda: len(data_workers(daemon)) == 2 and data_workers(daemon),
                                    "the workers to be started again")
