@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import socket
-import threading
-import time
 from typing import Any
 from urllib.request import urlopen
 
@@ -26,7 +24,7 @@ from turso_twisted import cli
 
 from .daemon import Daemon, run_replica, wait_for
 from .etcd import EtcdServer
-from .test_e2e import SELECT_1, E2ETestCase, get_json
+from .test_e2e import SELECT_1, E2ETestCase, PushLedger, get_json
 
 CLUSTER_TOKEN = "cluster-secret-for-tests"
 PREFIX = "/turso-test"
@@ -313,28 +311,9 @@ class MoveTests(ClusterTestCase):
         writer = yield self.replica(a, "alpha")
         yield run_replica(writer.run, "create table t (k integer primary key)")
         yield run_replica(writer.push)
-        acknowledged: list[int] = []
-        stop = threading.Event()
-
-        def push_rows() -> int:
-            retries = 0
-            for key in range(10_000):
-                if stop.is_set():
-                    break
-                writer.run(f"insert into t values ({key})")
-                while True:
-                    try:
-                        writer.push()
-                        break
-                    except Exception:
-                        retries += 1
-                        if retries > 200:
-                            raise
-                        time.sleep(0.05)
-                acknowledged.append(key)
-            return retries
-
-        pushing = run_replica(push_rows)
+        ledger = PushLedger(writer)
+        acknowledged = ledger.acknowledged
+        pushing = run_replica(ledger.run, 10_000, 200, 0.05)
         yield wait_for(lambda: len(acknowledged) >= 10, "pushes under way")
         # Asked of node B, which does not own it: node A moves it.
         status, moved = yield get_json(b.admin_url("/v1/namespaces/alpha/move"), "POST",
@@ -342,7 +321,7 @@ class MoveTests(ClusterTestCase):
         self.assertEqual((status, moved["from"], moved["to"]), (200, "node-a", "node-b"), moved)
         count = len(acknowledged)
         yield wait_for(lambda: len(acknowledged) >= count + 10, "pushes after the move", timeout=60)
-        stop.set()
+        ledger.stop.set()
         retries = yield pushing
         self.assertEqual((yield self.owners()), {"alpha": "node-b"})
         # The replica from before the move pulls through node A (relayed to B).
@@ -419,11 +398,12 @@ class MoveTests(ClusterTestCase):
         self.assertEqual((code, out.getvalue()), (0, "0 move(s) planned, 0 done, 0 failed\n"))
 
     @inlineCallbacks
-    def test_a_move_that_cannot_switch_owners_moves_nothing(self) -> Any:
+    def test_a_move_whose_switch_gets_no_answer_is_fenced_until_etcd_says(self) -> Any:
         """
-        With etcd down at the switch, the move is called off: node A still
-        owns and serves the namespace with its rows, node B set its copy
-        aside; with etcd back, the same move succeeds.
+        With etcd down at the switch, whether the move happened is unknown:
+        node A does not serve the namespace until etcd answers (then it
+        finds the switch did not happen and serves it again); node B never
+        serves its copy; the same move succeeds once etcd is back.
         """
         a, b = yield self.start_cluster(2)
         replica = yield self.replica(a, "alpha")
@@ -434,19 +414,23 @@ class MoveTests(ClusterTestCase):
         status, error = yield get_json(a.admin_url("/v1/namespaces/alpha/move"), "POST",
                                        data=json.dumps({"to": "node-b"}).encode())
         self.assertEqual((status, error["error"]), (503, "cluster_unavailable"), error)
+        for node in (a, b):
+            status, error = yield deferToThread(post, node.data_port, "/alpha/v2/pipeline")
+            self.assertEqual((status, error["error"]), (503, "namespace_moving"), error)
+        yield self.etcd.start()
+        yield served(a.data_port, "/alpha/v2/pipeline")
         yield run_replica(replica.run, "insert into t values ('after')")
         yield run_replica(replica.push)
-        status, on_b = yield get_json(b.admin_url("/v1/namespaces?local=true"))
-        self.assertEqual(on_b["namespaces"], [])
-        status, archived = yield get_json(b.admin_url("/v1/archive"))
-        self.assertEqual([e["reason"] for e in archived["entries"]], ["a move that was called off"])
-        yield self.etcd.start()
+        self.assertEqual((yield self.owners()), {"alpha": "node-a"})
         moved = yield served_json(a.admin_url("/v1/namespaces/alpha/move"), {"to": "node-b"})
         self.assertEqual(moved["to"], "node-b")
         yield run_replica(replica.pull)
         rows = yield run_replica(replica.rows, "select x from t order by x")
         self.assertEqual(rows, [("after",), ("kept",)])
         self.assertEqual((yield self.owners()), {"alpha": "node-b"})
+        status, archived = yield get_json(b.admin_url("/v1/archive"))
+        self.assertEqual([e["reason"] for e in archived["entries"]],
+                         ["an incoming move that did not complete"])
 
 
 class InterruptedMoveTests(ClusterTestCase):

@@ -7,14 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from turso_twisted import names
 from turso_twisted.cluster import Cluster, OwnedElsewhere, Placement
 from turso_twisted.errors import Unavailable
-from turso_twisted.etcd import Etcd, EtcdUnavailable, created_at, get, prefix_end, put
+from turso_twisted.etcd import Etcd, EtcdUnavailable, created_at, get, modified_at, prefix_end, put
 from turso_twisted.moves import Moves
+from turso_twisted.routing import ClusterPlacer
 from turso_twisted.state import NamespaceRecord
 
 from .daemon import wait_for
@@ -200,3 +201,68 @@ class MoveRecoveryTests(TestCase):
                                                            Placement("a", record.id, 2).to_value()))
         # The watch sees the switch and the copy is served from then on.
         yield wait_for(lambda: not self.fx.state.records["incoming"].moving_in, "the copy to settle")
+
+
+class LostAnswers(Etcd):
+    """An etcd whose transactions commit but whose answers are lost (a timeout, a dropped connection)."""
+
+    async def txn(self, *args: Any, **kwargs: Any) -> Any:
+        await super().txn(*args, **kwargs)
+        raise EtcdUnavailable("the answer was lost")
+
+
+class SwitchAndClaimTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.server = yield EtcdServer(self).start()
+        self.fx = ManagerFixture(self.mktemp())
+
+    @inlineCallbacks
+    def member(self, etcd: Etcd) -> Any:
+        cluster = Cluster(reactor, etcd, "/t", "a", "http://a:1", lease_ttl=5)
+        yield Deferred.fromCoroutine(cluster.join())
+        self.addCleanup(lambda: Deferred.fromCoroutine(cluster.leave()))
+        return cluster
+
+    @inlineCallbacks
+    def test_a_switch_whose_answer_is_lost_is_read_back(self) -> Any:
+        """A committed switch reported as failed would make both copies go: it is read back instead."""
+        cluster = yield self.member(Etcd(reactor, [self.server.url]))
+        placed = yield Deferred.fromCoroutine(cluster.place("alpha", "id-1"))
+        self.addCleanup(cluster.etcd.close)
+        cluster.etcd = LostAnswers(reactor, [self.server.url])
+        moves = Moves(reactor, cluster, self.fx.archival, self.fx.state, self.fx.data_dir, self.fx.data_dir,
+                      "t")
+        switched = yield Deferred.fromCoroutine(moves._switch("alpha", placed, "b"))
+        self.assertIs(switched, True)
+        kvs, _ = yield Deferred.fromCoroutine(cluster.etcd.range(b"/t/ns/alpha"))
+        self.assertEqual((Placement.from_kv(kvs[0]).node, Placement.from_kv(kvs[0]).epoch), ("b", 2))
+
+    @inlineCallbacks
+    def test_a_fence_fails_a_switch_prepared_before_it(self) -> Any:
+        cluster = yield self.member(Etcd(reactor, [self.server.url]))
+        placed = yield Deferred.fromCoroutine(cluster.place("alpha", "id-1"))
+        self.assertTrue((yield Deferred.fromCoroutine(cluster.fence("alpha", placed))))
+        result = yield Deferred.fromCoroutine(cluster.etcd.txn(
+            [modified_at(b"/t/ns/alpha", placed.revision)], [put(b"/t/ns/alpha", b"{}")], []))
+        self.assertFalse(result.succeeded)
+
+    @inlineCallbacks
+    def test_another_incarnation_is_replaced_only_if_archived_here(self) -> Any:
+        """
+        The cluster places id-1 of a name on this node, which does not have
+        it: a new incarnation must not take its place (its data is missing),
+        unless this node archived id-1 (a delete etcd was not told of).
+        """
+        cluster = yield self.member(Etcd(reactor, [self.server.url]))
+        yield Deferred.fromCoroutine(cluster.place("alpha", "id-1"))
+        archived: set[str] = set()
+        placer = ClusterPlacer(cluster, lambda name: succeed(archived))
+        failure = yield self.assertFailure(placer.claim("alpha", "id-2"), Unavailable)
+        self.assertEqual(failure.code, "namespace_data_missing")
+        self.assertEqual(cluster.owner("alpha").id, "id-1")
+        archived.add("id-1")
+        yield placer.claim("alpha", "id-2")
+        self.assertEqual(cluster.owner("alpha").id, "id-2")

@@ -135,7 +135,9 @@ def record_from_manifest(manifest: dict[str, Any], locked: bool, now: float) -> 
     # Entries from before histories were kept get a new one.
     return NamespaceRecord.from_json(manifest.get("name", ""), {
         **manifest, "history": manifest.get("history") or new_history(),
-        "locked": locked, "lastAccessAt": to_rfc3339(now), "archiving": None, "installing": False})
+        "locked": locked, "lastAccessAt": to_rfc3339(now), "archiving": None, "installing": False,
+        # A copy archived in the middle of a move comes back as a namespace of its own.
+        "movingIn": False, "movingTo": None})
 
 
 def verify_entry(directory: str, entry: str, name: str) -> dict[str, Any]:

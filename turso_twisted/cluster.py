@@ -45,6 +45,10 @@ from .etcd import (
 )
 
 
+class NodeNameTaken(EtcdError):
+    """Another live lease holds this node's name."""
+
+
 class OwnedElsewhere(Exception):
     """Another node owns the namespace: a request for it goes there."""
 
@@ -110,6 +114,9 @@ class Cluster:
     nodes: dict[str, Node] = attrs.field(factory=dict)
     #: Whether the view follows etcd now (the watch runs).
     following: bool = False
+    #: Set once the node has joined and settled what it holds: no data is
+    #: served before (its copies may be stale, or belong to another node now).
+    ready: bool = False
     #: Called with each name whose placement changed or went (the data workers learn it).
     on_change: list[Callable[[str], None]] = attrs.field(factory=list)
     _lease: int = 0
@@ -168,8 +175,24 @@ class Cluster:
         await self.etcd.close()
 
     async def _register(self) -> None:
-        self._lease = await self.etcd.grant(self.lease_ttl)
-        await self.etcd.put(self._node_key(self.node), json.dumps({"url": self.url}).encode(), self._lease)
+        """
+        Take this node's key under a new lease, only if no live process
+        holds it: two processes with one node name would both think they
+        own its namespaces.
+
+        @raise NodeNameTaken: while another lease holds the key (another
+            process, or this node's previous life, until its lease ends).
+        """
+        lease = await self.etcd.grant(self.lease_ttl)
+        key = self._node_key(self.node)
+        result = await self.etcd.txn([created_at(key, 0)],
+                                     [put(key, json.dumps({"url": self.url}).encode(), lease)], [])
+        if not result.succeeded:
+            await self.etcd.revoke(lease)
+            raise NodeNameTaken(f"node name {self.node!r} is held in etcd by another lease (another process "
+                                f"with TURSO_NODE_NAME={self.node}, or this node's previous run until its "
+                                f"lease of {self.lease_ttl} s ends)")
+        self._lease = lease
         self.nodes[self.node] = Node(self.node, self.url)
 
     async def _load(self) -> None:
@@ -194,6 +217,9 @@ class Cluster:
                 await self._register()
             except (EtcdUnavailable, EtcdError) as error:
                 self._log.warn("cannot renew this node's cluster lease: {error}", error=str(error))
+            except Exception:
+                # The renewal must go on whatever happened this time.
+                self._log.failure("renewing this node's cluster lease failed")
 
         return Deferred.fromCoroutine(renew())
 
@@ -201,7 +227,11 @@ class Cluster:
 
     def _changed(self, events: list[Event], revision: int) -> None:
         for event in events:
-            self._apply(event.kv, event.deleted)
+            try:
+                self._apply(event.kv, event.deleted)
+            except Exception:
+                # One change that breaks a listener must not keep the others out of the view.
+                self._log.failure("applying a cluster change to {key} failed", key=event.kv.key.decode())
 
     def _apply(self, kv: KeyValue, deleted: bool) -> None:
         if kv.key.startswith(self._ns_prefix):
@@ -220,8 +250,9 @@ class Cluster:
             node = kv.key[len(self._node_prefix):].decode()
             if deleted:
                 if node == self.node:
-                    # Our lease ended while etcd could not be reached: register again.
-                    Deferred.fromCoroutine(self._register()).addErrback(lambda _: None)
+                    # Our lease ended while etcd could not be reached: the next
+                    # renewal registers again (one place does, so one lease is used).
+                    self._lease = 0
                     return
                 self.nodes.pop(node, None)
                 self._log.warn("cluster node {node} left", node=node)
@@ -290,7 +321,7 @@ class Cluster:
         mine = Placement(self.node, namespace_id)
         try:
             result = await self.etcd.txn([created_at(key, 0)], [put(key, mine.to_value())], [get(key)])
-        except EtcdUnavailable as error:
+        except (EtcdUnavailable, EtcdError) as error:
             raise cluster_unavailable(name, str(error)) from None
         if result.succeeded:
             placement = attrs.evolve(mine, created=result.revision, revision=result.revision)
@@ -317,7 +348,7 @@ class Cluster:
         try:
             result = await self.etcd.txn([modified_at(key, placement.revision)], [put(key, mine.to_value())],
                                          [])
-        except EtcdUnavailable as error:
+        except (EtcdUnavailable, EtcdError) as error:
             raise cluster_unavailable(name, str(error)) from None
         if not result.succeeded:
             raise Unavailable("namespace_moving", f"namespace {name!r} changed owner meanwhile; retry",
@@ -325,6 +356,19 @@ class Cluster:
         adopted = attrs.evolve(mine, created=placement.created, revision=result.revision)
         self.placements[name] = adopted
         return adopted
+
+    async def fence(self, name: str, placement: Placement) -> bool:
+        """
+        Put C{placement} again as it is, if etcd still holds it: any change
+        prepared against it (a move's switch in flight) fails from then on.
+        Whether it held.
+        """
+        key = self._ns_key(name)
+        result = await self.etcd.txn([modified_at(key, placement.revision)],
+                                     [put(key, placement.to_value())], [])
+        if result.succeeded:
+            self.placements[name] = attrs.evolve(placement, revision=result.revision)
+        return result.succeeded
 
     async def unplace(self, name: str, namespace_id: str) -> None:
         """Remove this node's placement of C{name} (that incarnation only), after a delete."""

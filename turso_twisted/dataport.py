@@ -62,6 +62,10 @@ PIPELINE_DEPTH = 8
 #: The header a node relaying a request to another sends the cluster's token in.
 PEER_TOKEN_HEADER = b"x-turso-cluster-token"
 
+#: On the internal listener, paths that only the cluster's token opens (no
+#: namespace name starts with "_"): the nodes' own endpoints.
+PEER_ONLY_PREFIX = b"/_cluster/"
+
 
 class Gatekeeper(Protocol):
     """A port's credentials check, made once a request's headers are in."""
@@ -362,7 +366,11 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
                                              "serves the cluster's nodes only (TURSO_CLUSTER_TOKEN)"),
                                 method, target)
         try:
-            access = port.gatekeeper.admit(authorization, target)
+            if port.peer_token is not None and target.startswith(PEER_ONLY_PREFIX):
+                # The cluster's own endpoints: the peer token is the credential.
+                access = _NOTHING
+            else:
+                access = port.gatekeeper.admit(authorization, target)
         except Refusal as error:
             port.unauthorized += 1
             return self._refuse(error, method, target)

@@ -340,8 +340,9 @@ class Watch:
                   for event in result.get("events", [])]
         revision = int(result.get("header", {}).get("revision", 0))
         if events:
-            self.next_revision = max(self.next_revision, max(e.kv.mod_revision for e in events) + 1)
+            # Taken first, then counted as seen: a batch that breaks is seen again.
             self.on_events(events, revision)
+            self.next_revision = max(self.next_revision, max(e.kv.mod_revision for e in events) + 1)
 
     def _broken(self, failure: Failure) -> None:
         if self._stopped:

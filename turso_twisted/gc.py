@@ -64,8 +64,8 @@ class GarbageCollector:
         """
         Why C{record} should be archived at C{now}, or C{None}.
         """
-        if record.locked:
-            return None
+        if record.locked or record.moving_in or record.moving_to is not None:
+            return None  # a copy in the middle of a move between cluster nodes is the move's
         if record.ttl is not None and record.created_at + record.ttl < now:
             return f"ttl {format_duration(record.ttl)} expired"
         if (record.origin == "auto" and now - record.last_access_at > self.auto_idle

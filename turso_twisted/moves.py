@@ -36,6 +36,7 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
@@ -44,19 +45,29 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from . import names
 from .archival import Archival
 from .cluster import Cluster, Placement, owner_unavailable
-from .dataport import PEER_TOKEN_HEADER, DataRequest
+from .dataport import PEER_ONLY_PREFIX, PEER_TOKEN_HEADER, DataRequest
 from .errors import Conflict, Invalid, NotFound, Refusal, Unavailable, Unprocessable, refusal_from_json
-from .etcd import EtcdUnavailable, modified_at, put
+from .etcd import EtcdError, EtcdUnavailable, modified_at, put
 from .failpoints import failpoint
 from .files import fsync_directory, sha256_and_size
 from .state import NamespaceRecord, StateStore
 
-#: Where the cluster's own endpoints live on the internal listener (a
-#: namespace name never starts with "_").
-PREFIX = b"/_cluster/v1/"
+#: Where the cluster's own endpoints live on the internal listener.
+PREFIX = PEER_ONLY_PREFIX + b"v1/"
 
 #: How long a target may take to pull a namespace's files.
 TRANSFER_TIMEOUT = 3600.0
+
+#: The refusal another node's status stands for.
+_KINDS = {400: "Invalid", 401: "Unauthorized", 404: "NotFound", 409: "Conflict", 413: "TooLarge",
+          422: "Unprocessable", 504: "TimedOut"}
+
+#: How long a relayed admin call may take (a delete waits for requests in flight).
+ADMIN_TIMEOUT = 120.0
+
+#: How many times (a second apart) a move whose switch got no answer reads
+#: the placement back before leaving the name fenced for later.
+OUTCOME_READS = 10
 
 #: Names the node that relayed a request or an admin call (one that is
 #: relayed is never relayed again).
@@ -119,6 +130,9 @@ class Moves:
             if record is None or placement is None or placement.node != self.cluster.node \
                     or record.moving_in:
                 raise NotFound("namespace_not_found", f"namespace {name!r} is not on this node")
+            if record.moving_to is not None:
+                raise Conflict("namespace_moving", f"a move of {name!r} to {record.moving_to!r} has not "
+                               "ended yet (etcd did not say how)")
             if to == self.cluster.node:
                 raise Invalid("invalid_target", f"namespace {name!r} is on node {to!r} already")
             target = self.cluster.nodes.get(to)
@@ -138,8 +152,23 @@ class Moves:
                 outgoing.files.update((os.path.basename(p), p) for p in paths)
                 await self._call(target.url, f"incoming/{quote(name)}",
                                  {"source": self.cluster.url, "record": record.to_json(), "files": files})
+                # Fenced before the switch, durably: should this node die at
+                # any point from here, it does not serve this copy again until
+                # etcd says how the move ended.
+                record.moving_to = to
+                self.state.save()
                 failpoint("move.source.before_switch")
-                await self._switch(name, placement, to)
+                switched = await self._switch(name, placement, to)
+                if switched is None:
+                    self._resolve_later(name)
+                    raise Unavailable("cluster_unavailable", f"etcd did not say whether {name!r} moved; it "
+                                      "is not served until it does", retry_after=5)
+                if not switched:
+                    record.moving_to = None
+                    self.state.save()
+                    await self._abort(to, name, placement.id)
+                    raise Conflict("namespace_moving", f"the placement of {name!r} changed meanwhile; "
+                                   "nothing was moved")
                 failpoint("move.source.after_switch")
                 moved.update(bytes=sum(size for _, size in sums), files=len(files))
                 return to
@@ -170,23 +199,64 @@ class Moves:
             return fail(owner_unavailable(name, placement.node))
         return Deferred.fromCoroutine(self._call(owner.url, f"move/{quote(name)}", {"to": to}))
 
-    async def _switch(self, name: str, placement: Placement, to: str) -> None:
-        """Make C{to} the owner of C{name}, if the placement is still the one read; else tell the target."""
+    async def _switch(self, name: str, placement: Placement, to: str) -> bool | None:
+        """
+        Make C{to} the owner of C{name} if the placement is still the one
+        read: C{True} if it is now, C{False} if not, C{None} if etcd could
+        not say (a transaction whose answer was lost may have committed:
+        the key is read back before anything is concluded).
+        """
         key = self.cluster._ns_key(name)
         theirs = Placement(to, placement.id, placement.epoch + 1)
         try:
             result = await self.cluster.etcd.txn([modified_at(key, placement.revision)],
                                                  [put(key, theirs.to_value())], [])
-        except EtcdUnavailable as error:
-            await self._abort(to, name, placement.id)
-            raise Unavailable("cluster_unavailable", f"cannot switch the owner of {name!r}: {error}; "
-                              "nothing was moved", retry_after=5) from None
-        if not result.succeeded:
-            await self._abort(to, name, placement.id)
-            raise Conflict("namespace_moving", f"the placement of {name!r} changed meanwhile; nothing was "
-                           "moved")
-        self.cluster.placements[name] = attrs.evolve(theirs, created=placement.created,
-                                                     revision=result.revision)
+            if result.succeeded:
+                self.cluster.placements[name] = attrs.evolve(theirs, created=placement.created,
+                                                             revision=result.revision)
+                return True
+        except (EtcdUnavailable, EtcdError) as error:
+            self._log.warn("switching the owner of {name} to {to}: {error}; reading back what etcd holds",
+                           name=name, to=to, error=str(error))
+        for _ in range(OUTCOME_READS):
+            try:
+                current = await self._placement_in_etcd(name)
+            except (EtcdUnavailable, EtcdError):
+                await deferLater(self.reactor, 1.0, lambda: None)
+                continue
+            return current is not None and current.node == to and current.id == placement.id
+        return None
+
+    async def _placement_in_etcd(self, name: str) -> Placement | None:
+        """What etcd holds for C{name} now (a linearizable read, not the cached view)."""
+        kvs, _ = await self.cluster.etcd.range(self.cluster._ns_key(name))
+        return Placement.from_kv(kvs[0]) if kvs else None
+
+    def _resolve_later(self, name: str) -> None:
+        def again(failure: Failure) -> None:
+            self._log.warn("how the move of {name} ended is not known yet ({error}); asking etcd again",
+                           name=name, error=failure.getErrorMessage())
+            self._resolve_later(name)
+
+        self.reactor.callLater(5.0, lambda: Deferred.fromCoroutine(self.resolve(name)).addErrback(again))
+
+    async def resolve(self, name: str) -> None:
+        """
+        Settle a move this node made whose end it did not see (etcd did not
+        answer, or the node died): keep serving the copy if the name is
+        still this node's, else set it aside.
+        """
+        record = self.state.records.get(name)
+        if record is None or record.moving_to is None:
+            return
+        current = await self._placement_in_etcd(name)
+        if current is not None and current.node == self.cluster.node and current.id == record.id:
+            self._log.info("the move of {name} to {to} did not happen; serving it here", name=name,
+                           to=record.moving_to)
+            record.moving_to = None
+            self.state.save()
+            return
+        await self.archival.drop_moved_away(name, record.id, record.moving_to)
 
     async def _abort(self, to: str, name: str, namespace_id: str) -> None:
         node = self.cluster.nodes.get(to)
@@ -213,8 +283,8 @@ class Moves:
         except ValueError:
             raise Unavailable("node_unavailable", f"{url} answered {response.code} without JSON") from None
         if response.code != 200:
-            raise refusal_from_json({"kind": "Unavailable" if response.code >= 500 else "Conflict",
-                                     "code": answer.get("error", "move_failed"),
+            kind = _KINDS.get(response.code, "Unavailable" if response.code >= 500 else "Conflict")
+            raise refusal_from_json({"kind": kind, "code": answer.get("error", "move_failed"),
                                      "message": answer.get("message", ""), "retry_after": None})
         return dict(answer)
 
@@ -259,7 +329,7 @@ class Moves:
 
             await treq.collect(response, take)
             handle.flush()
-            os.fsync(handle.fileno())
+            await self.archival.archiver.run_in_thread(os.fsync, handle.fileno())
         if got != size or digest.hexdigest() != sha256:
             raise Unprocessable("move_corrupted", f"{file} of {name!r} arrived with {got} bytes, sha256 "
                                 f"{digest.hexdigest()}; expected {size} bytes, sha256 {sha256}")
@@ -313,6 +383,12 @@ class Moves:
 
         async def reconcile() -> None:
             for record in list(self.state.records.values()):
+                if record.moving_to is not None:
+                    try:
+                        await self.resolve(record.name)
+                    except (EtcdUnavailable, EtcdError):
+                        self._resolve_later(record.name)
+                    continue
                 placement = self.cluster.owner(record.name)
                 if placement is None or placement.id != record.id:
                     if record.moving_in:
@@ -324,8 +400,11 @@ class Moves:
                 if record.moving_in and mine:
                     self.settle(record.name)
                 elif record.moving_in:
-                    await self.archival.drop_incoming(record.name, record.id,
-                                                      "an incoming move that did not complete")
+                    # The source still owns it; fenced first, so that a switch
+                    # of the source's still in flight cannot commit after this.
+                    if await self.cluster.fence(record.name, placement):
+                        await self.archival.drop_incoming(record.name, record.id,
+                                                          "an incoming move that did not complete")
                 elif not mine:
                     self._log.warn("namespace {name} moved to node {node}; archiving this node's copy",
                                    name=record.name, node=placement.node)
@@ -341,6 +420,9 @@ class Moves:
 
     async def _serve(self, request: DataRequest) -> None:
         parts = request.target[len(PREFIX):].split(b"?")[0].split(b"/")
+        if parts[0] in (b"incoming", b"move") and not self.cluster.ready:
+            raise Unavailable("node_starting", "this node is joining its cluster; retry shortly",
+                              retry_after=1)
         if request.method == b"GET" and len(parts) == 3 and parts[0] == b"files":
             return await self._send_file(request, parts[1].decode(), parts[2].decode())
         if request.method == b"POST" and parts[0] == b"incoming" and len(parts) in (2, 3):
@@ -382,7 +464,7 @@ class Moves:
                 **{key: value for key, value in headers.items() if key in _ADMIN_HEADERS}}
         try:
             response = await self.http.request(method.decode(), f"{node.url}/_cluster/v1/admin{uri.decode()}",
-                                               headers=sent, data=body or None, timeout=TRANSFER_TIMEOUT)
+                                               headers=sent, data=body or None, timeout=ADMIN_TIMEOUT)
             answer = await response.content()
         except Exception as error:
             raise Unavailable("owner_unavailable", f"node {owner!r} did not answer: "
@@ -400,7 +482,7 @@ class Moves:
                    if key.lower() in _ADMIN_HEADERS | {RELAYED_BY_HEADER}}
         response = await self.http.request(request.method.decode(), self.admin_url + uri.decode(),
                                            headers=headers, data=request.body or None,
-                                           timeout=TRANSFER_TIMEOUT)
+                                           timeout=ADMIN_TIMEOUT)
         answer = await response.content()
         kept = [(key.lower(), value[0]) for key, value in response.headers.getAllRawHeaders()
                 if key.lower() in (b"content-type", b"retry-after", b"www-authenticate")]

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, Protocol
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
@@ -445,6 +446,9 @@ class DataPlane:
             raise owner_unavailable(name, owner.node) from None
         except ResponseIncomplete as error:
             raise self._upstream_error(name, request, error) from None
+        except defer.TimeoutError:
+            raise TimedOut("owner_timeout", f"namespace {name!r}: node {owner.node!r}, which serves it, did "
+                           "not answer in time") from None
         except CancelledError:
             return  # the client went away
         info.upstream_seconds = self.reactor.seconds() - began

@@ -9,6 +9,7 @@ transaction (L{ClusterPlacer}), before any file of it exists.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,9 +24,10 @@ from .cluster import Cluster, OwnedElsewhere, owner_unavailable
 from .dataport import PEER_TOKEN_HEADER, DataRequest
 from .errors import NotFound, Refusal, Unavailable
 from .moves import RELAYED_BY_HEADER, Moves
+from .namespaces import Placer
 from .proxy import HANDED_OVER_HEADERS_DROPPED, ChildLease, CreationProbe, Namespaces, end_to_end
 from .relay import Peers, relayed_bytes
-from .state import NamespaceRecord
+from .state import NamespaceRecord, StateStore
 from .tokens import Access
 
 
@@ -34,6 +36,8 @@ class ClusterPlacer:
     """Names are placed through the cluster's etcd (see L{turso_twisted.namespaces.Placer})."""
 
     cluster: Cluster
+    #: The ids of C{name}'s incarnations archived on this node.
+    archived_ids: Callable[[str], Deferred[set[str]]]
     _log = Logger()
 
     def claim(self, name: str, namespace_id: str) -> Deferred[None]:
@@ -46,7 +50,17 @@ class ClusterPlacer:
                     raise owner_unavailable(name, placement.node)
                 raise OwnedElsewhere(node.name, node.url)
             if placement.id != namespace_id:
-                # Ours, from an incarnation whose placement could not be removed.
+                # The cluster says this node holds another incarnation of the name.
+                # Only one this node archived (deleted, while etcd could not be
+                # told) may be replaced; else its data is missing here, and an
+                # empty namespace must not take its place.
+                if placement.id not in await self.archived_ids(name):
+                    self._log.error("the cluster says this node holds namespace {name} (id {expected}), "
+                                    "but its data is not here; refusing to make a new one in its place",
+                                    name=name, expected=placement.id)
+                    raise Unavailable("namespace_data_missing",
+                                      f"namespace {name!r}: the cluster places it on this node, whose data "
+                                      "dir does not have it; restore it, or delete the namespace")
                 await cluster.adopt(name, placement, namespace_id)
 
         return Deferred.fromCoroutine(claim())
@@ -70,24 +84,40 @@ class ClusterNamespaces:
 
     local: Namespaces
     cluster: Cluster
+    state: StateStore
+    placer: Placer
     moves: Moves | None = None
     relayed: bool = False
+    _log = Logger()
 
     def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
               here: bool = False) -> Deferred[ChildLease]:
         try:
-            self._check(name)
+            unplaced = self._check(name)
         except OwnedElsewhere as owner:
             return fail(self._not_here(name, owner))
         except Refusal as refusal:
             return fail(refusal)
-        admitted = self.local.admit(name, access, writes, probe, here)
+        if unplaced is not None:
+            # Held here with no placement (etcd was out of reach when it was
+            # made or joined): claimed first, so that no other node makes it.
+            admitted = self.placer.claim(name, unplaced.id).addCallback(
+                lambda _: self.local.admit(name, access, writes, probe, here))
+        else:
+            admitted = self.local.admit(name, access, writes, probe, here)
         admitted.addErrback(self._moved_meanwhile, name)
         if self.relayed:
             admitted.addErrback(self._trap_elsewhere, name)
         return admitted
 
-    def _check(self, name: str) -> None:
+    def _check(self, name: str) -> NamespaceRecord | None:
+        """
+        Whether this node may serve C{name} now; the local record to claim
+        first if it has no placement.
+        """
+        if not self.cluster.ready:
+            raise Unavailable("node_starting", "this node is joining its cluster; retry shortly",
+                              retry_after=1)
         # The owner first: a copy here that the cluster does not name is never served.
         self.cluster.where(name)
         if self.moves is not None:
@@ -95,6 +125,21 @@ class ClusterNamespaces:
                 raise Unavailable("namespace_moving", f"namespace {name!r} is moving to another node; retry "
                                   "shortly", retry_after=1)
             self.moves.settle(name)
+        record = self.state.records.get(name)
+        if record is None or record.moving_in:
+            return None
+        if record.moving_to is not None:
+            raise Unavailable("namespace_moving", f"namespace {name!r} is moving to node "
+                              f"{record.moving_to!r}; retry shortly", retry_after=1)
+        placement = self.cluster.owner(name)
+        if placement is None:
+            return record
+        if placement.id != record.id:
+            self._log.error("namespace {name} here is id {id}, the cluster places id {placed} on this node; "
+                            "not serving it", name=name, id=record.id, placed=placement.id)
+            raise Unavailable("namespace_conflict", f"namespace {name!r}: this node's copy is not the one "
+                              "the cluster places here; see the server log")
+        return None
 
     def _moved_meanwhile(self, failure: Failure, name: str) -> Any:
         """A request that waited while its namespace moved away: it goes to the new owner."""
@@ -144,6 +189,8 @@ class Relay:
     node: str
     token: str = attrs.field(repr=False)
     keep_idle: float = 60.0
+    #: How long the owner may take to answer (0: no limit).
+    timeout: float = 0.0
     peers: Peers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -153,7 +200,10 @@ class Relay:
     def __call__(self, owner: OwnedElsewhere, request: DataRequest) -> Deferred[BackendResponse]:
         headers = end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED | {RELAYED_BY_HEADER})
         headers += [(PEER_TOKEN_HEADER, self.token.encode()), (RELAYED_BY_HEADER, self.node.encode())]
-        return self.peers.send(owner.url, relayed_bytes(request, headers))
+        sent = self.peers.send(owner.url, relayed_bytes(request, headers))
+        if self.timeout:
+            sent.addTimeout(self.timeout, self.reactor)
+        return sent
 
 
 

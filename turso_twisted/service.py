@@ -20,6 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import jsonlog, names
 from .admin import AdminAPI, Readiness
@@ -129,7 +130,7 @@ class TursoService(Service):
         if config.clustered:
             self.cluster = Cluster(reactor, Etcd(reactor, config.cluster_etcd), config.cluster_prefix,
                                    config.node_name, config.node_url)
-            self.admission.placer = ClusterPlacer(self.cluster)
+            self.admission.placer = ClusterPlacer(self.cluster, self._archived_ids)
         #: The data port: served here (one process), or by data workers.
         self.data_port: DataPort | None = None
         self.workers: WorkerPool | None = None
@@ -174,11 +175,15 @@ class TursoService(Service):
         if self.cluster is not None:
             self.moves = Moves(reactor, self.cluster, self.archival, state, config.data_dir, scratch,
                                config.cluster_token)
-            namespaces = ClusterNamespaces(local, self.cluster, self.moves)
+            namespaces = ClusterNamespaces(local, self.cluster, state, self.admission.placer, self.moves)
             relay = Relay(reactor, config.node_name, config.cluster_token,
-                          keep_idle=config.client_idle_timeout / 2)
+                          keep_idle=config.client_idle_timeout / 2,
+                          # What the owner may take itself: its queue, then its child.
+                          timeout=(config.queue_timeout + config.backend_timeout + 5
+                                   if config.backend_timeout else 0.0))
             # Requests other nodes relay here: checked in full again, never sent on.
-            self.cluster_plane = DataPlane(reactor, ClusterNamespaces(local, self.cluster, self.moves,
+            self.cluster_plane = DataPlane(reactor, ClusterNamespaces(local, self.cluster, state,
+                                                                      self.admission.placer, self.moves,
                                                                       relayed=True),
                                            self.stats, self.metrics, access_log=config.access_log,
                                            scratch_dir=scratch, budget=budget, auth=self.data_auth)
@@ -193,6 +198,12 @@ class TursoService(Service):
         self.data_port = DataPort(reactor, self.data_plane.handle, self.data_plane.refused_at_headers,
                                   self.data_auth, config.max_body_bytes, scratch_dir=scratch,
                                   idle_timeout=config.client_idle_timeout)
+
+    def _archived_ids(self, name: str) -> Deferred[set[str]]:
+        """The ids of C{name}'s incarnations in this node's archive."""
+        listed = self.archival.entries(name)
+        return listed.addCallback(lambda entries: {str(entry.manifest.get("id")) for entry in entries
+                                                   if entry.manifest is not None})
 
     def _internal(self, request: DataRequest) -> None:
         """The internal listener: the cluster's own endpoints, and requests other nodes relay."""
@@ -295,12 +306,19 @@ class TursoService(Service):
         self.gc.start()
         self.hibernator.start()
         if self.cluster is not None:
-            ensureDeferred(self._join(self.cluster)).addCallback(lambda _: self._ready())
+            self._join_cluster(self.cluster)
             return
         if self.workers is None:
             self._ready()
             return
         self.workers.start().addCallback(lambda _: self._ready())
+
+    def _join_cluster(self, cluster: Cluster) -> None:
+        def failed(failure: Failure) -> None:
+            self._log.failure("joining the cluster failed; trying again", failure)
+            self.reactor.callLater(JOIN_RETRY, self._join_cluster, cluster)
+
+        ensureDeferred(self._join(cluster)).addCallbacks(lambda _: self._ready(), failed)
 
     async def _join(self, cluster: Cluster) -> None:
         """
@@ -334,8 +352,10 @@ class TursoService(Service):
                 self._log.error("namespace {name} is here, but node {owner} owns that name in the cluster; "
                                 "this copy is not served", name=record.name, owner=owner.node)
             except Refusal as refusal:
+                # Claimed at its first request instead.
                 self._log.warn("could not claim namespace {name} in the cluster: {error}", name=record.name,
                                error=str(refusal))
+        cluster.ready = True
 
     def _ready(self) -> None:
         self.readiness.listening = True

@@ -76,6 +76,9 @@ class NamespaceRecord:
     #: its files are in until the cluster names this node its owner: it is
     #: not served before (see L{turso_twisted.moves}).
     moving_in: bool = False
+    #: Set on the node a namespace is moving from, before the cluster is
+    #: told its new owner: not served until etcd says how the move ended.
+    moving_to: str | None = None
     #: The namespace's own settings (C{GET}/C{POST /v1/namespaces/:name/config}).
     config: NamespaceConfig = attrs.field(factory=NamespaceConfig)
 
@@ -106,6 +109,8 @@ class NamespaceRecord:
         }
         if self.moving_in:
             out["movingIn"] = True
+        if self.moving_to is not None:
+            out["movingTo"] = self.moving_to
         # Most namespaces keep the default config: 10,000 records would
         # otherwise carry 1.6 MB of nulls in every state write.
         if self.config != NamespaceConfig():
@@ -139,6 +144,7 @@ class NamespaceRecord:
             archiving=_optional_string(data.get("archiving"), "archiving"),
             installing=_bool(data.get("installing", False), "installing"),
             moving_in=_bool(data.get("movingIn", False), "movingIn"),
+            moving_to=_optional_string(data.get("movingTo"), "movingTo"),
             config=_config(data.get("config", {})),
         )
 
@@ -300,7 +306,7 @@ class StateStore:
             # again (sets only grow, or come with a new history).
             key = (record.id, record.origin, record.locked, record.ttl, record.created_at,
                    record.last_access_at, record.history, len(record.clients), len(record.retired),
-                   record.archiving, record.installing, record.moving_in, record.config)
+                   record.archiving, record.installing, record.moving_in, record.moving_to, record.config)
             cached = cache.get(name)
             if cached is None or cached[0] != key:
                 cached = cache[name] = (key, f"{dumps(name)}: {dumps(record.to_json())}")
