@@ -37,25 +37,6 @@ class LeaseTests(SynchronousTestCase):
         record = self.fx.state.records["alpha"]
         self.assertEqual((record.origin, record.locked), ("auto", False))
 
-    def test_new_record_is_durable_before_the_child_serves(self) -> None:
-        """
-        The state write of a new name overlaps its child's start-up: it
-        comes after the spawn and before the first request is let through.
-        """
-        on_disk: list[tuple[int, bool]] = []
-        def saved() -> None:
-            with open(self.fx.state.path) as handle:
-                on_disk.append((len(self.fx.reactor.spawned), "alpha" in handle.read()))
-
-        self.fx.state.on_save.append(saved)
-        leased = self.manager.lease("alpha")
-        self.assertEqual(on_disk, [(1, True)])
-        self.assertNoResult(leased)
-        self.fx.reactor.advance(0.01)
-        self.fx.serving.add(self.fx.children("alpha")[0].pid)
-        self.fx.settle()
-        self.successResultOf(leased)
-
     def test_auto_provision_off_gives_404_and_creates_nothing(self) -> None:
         fx = ManagerFixture(self.mktemp(), allow_auto_provision=False)
         failure = self.failureResultOf(fx.manager.lease("alpha"), Refusal)

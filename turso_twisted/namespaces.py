@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -208,12 +207,9 @@ class NamespaceManager:
         has run before must still have its data file: one that vanished is
         refused, never started empty over.
 
-        A C{new} namespace's record is written while its child starts, not
-        before: it is durable before the child serves anything, and a crash
-        in between leaves only empty files no record owns, which start-up
-        quarantines.  A new namespace that cannot start is not recorded (or
-        is removed again), nor are the empty files its child made kept, so
-        that a failure leaves nothing behind.
+        A C{new} namespace is placed (in a cluster) and recorded before its
+        child starts; one that cannot start is removed again, with the
+        empty files its child made, so that a failure leaves nothing behind.
         """
         child = self.supervisor.running(name)
         if child is not None:
@@ -251,8 +247,9 @@ class NamespaceManager:
             if new is not None:
                 await self.admission.placer.claim(name, new.id)
                 claimed = True
+                record(new)
             await self.hibernator.make_room(name)
-            return await self.supervisor.start(name, None if new is None else partial(record, new))
+            return await self.supervisor.start(name)
         except BaseException:
             if new is not None:
                 if recorded:

@@ -151,20 +151,15 @@ class Supervisor:
 
     # -- starting --------------------------------------------------------------
 
-    async def start(self, name: str, spawned: Callable[[], None] | None = None) -> Child:
+    async def start(self, name: str) -> Child:
         """
-        Start C{name}'s child and return it once it serves.  C{spawned} is
-        called once the process is on its way and before it is waited for,
-        so that work of the caller's (a state write) overlaps its start-up;
-        if it raises, the child is killed and the error raised here.
+        Start C{name}'s child and return it once it serves.
 
         @raise Unavailable: if it cannot be started now.
         """
         names.validate(name)
         existing = self.running(name)
         if existing is not None:
-            if spawned is not None:
-                spawned()
             return existing
         backoff = self._backoff.get(name)
         now = self.reactor.seconds()
@@ -173,8 +168,7 @@ class Supervisor:
                 name, f"its tursodb child failed {backoff.failures} times in a row; "
                 "retrying after a backoff (see the server log)", backoff.retry_at - now)
         try:
-            child, startup = await self._spawn(name, names.db_path(self.data_dir, name), register=True,
-                                               spawned=spawned)
+            child, startup = await self._spawn(name, names.db_path(self.data_dir, name), register=True)
         except Unavailable:
             self.spawn_failures += 1
             self._note_failure(name)
@@ -203,13 +197,11 @@ class Supervisor:
         child.phase = "stopping"
         return self._terminate(child)
 
-    async def _spawn(self, label: str, db_path: str, register: bool,
-                     spawned: Callable[[], None] | None = None) -> tuple[Child, float]:
+    async def _spawn(self, label: str, db_path: str, register: bool) -> tuple[Child, float]:
         """
         Start a child on C{db_path} and wait until it serves, moving to
         another port if its port turns out to be taken.  With C{register},
         the child counts as C{label}'s (starting) from its spawn on.
-        C{spawned} is called once, after the first spawn.
         """
         for _ in range(PORT_ATTEMPTS):
             try:
@@ -236,13 +228,6 @@ class Supervisor:
             if register:
                 self._children[label] = child
             self.spawns += 1
-            if spawned is not None:
-                try:
-                    spawned()
-                except BaseException:
-                    await self._abandon(child, register)
-                    raise
-                spawned = None
             why = await self._wait_serving(process)
             if why is None:
                 return child, self.reactor.seconds() - began
@@ -259,15 +244,6 @@ class Supervisor:
         self._log.error("namespace {name} failed to start: {reason}", name=label, reason=why,
                         stderr=process.stderr_summary())
         raise spawn_failed(label, why)
-
-    async def _abandon(self, child: Child, register: bool) -> None:
-        """Kill a child just spawned that is not to serve, and free its port."""
-        if register and self._children.get(child.name) is child:
-            del self._children[child.name]
-        if not child.process.has_ended:
-            child.process.signal("KILL")
-            await child.process.whenEnded()
-        self.ports.release(child.port)
 
     def _scratch_dirs(self, name: str, port: int) -> tuple[str, str, str]:
         """
