@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest
 
 from turso_twisted import cli
 
-from .daemon import Daemon, run_replica, wait_for
+from .daemon import Daemon, run_replica, wait_for, with_data_workers
 from .etcd import EtcdServer
 from .test_e2e import SELECT_1, E2ETestCase, PushLedger, get_json
 
@@ -514,3 +514,7 @@ class InterruptedMoveTests(ClusterTestCase):
         self.assertEqual((yield self.rows_through(a2)), [("before",)])
         status, on_a = yield get_json(a2.admin_url("/v1/namespaces?local=true"))
         self.assertEqual([r["name"] for r in on_a["namespaces"]], ["alpha"])
+
+
+# Every cluster suite again with each node's data port served by two data workers.
+globals().update(with_data_workers(PlacementTests, MoveTests, InterruptedMoveTests))

@@ -10,11 +10,11 @@ transaction (L{ClusterPlacer}), before any file of it exists.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +25,14 @@ from .dataport import PEER_TOKEN_HEADER, DataRequest
 from .errors import NotFound, Refusal, Unavailable
 from .moves import RELAYED_BY_HEADER, Moves
 from .namespaces import Placer
-from .proxy import HANDED_OVER_HEADERS_DROPPED, ChildLease, CreationProbe, Namespaces, end_to_end
+from .proxy import (
+    HANDED_OVER_HEADERS_DROPPED,
+    ChildLease,
+    CreationProbe,
+    HeldElsewhere,
+    Namespaces,
+    end_to_end,
+)
 from .relay import Peers, relayed_bytes
 from .state import NamespaceRecord, StateStore
 from .tokens import Access
@@ -74,43 +81,38 @@ class ClusterPlacer:
 
 
 @attrs.define(eq=False)
-class ClusterNamespaces:
+class ClusterGate:
     """
-    The namespaces of a cluster node, on top of its own (C{local}).  On
-    the internal listener (C{relayed}) a request came from another node
-    and goes no further: if this node does not own its name (any more),
-    it is refused with a 503 the client retries.
+    Whether this node may serve a name now, as the cluster places it: the
+    check every data request passes before this node's own namespaces see
+    it (in the main process, also for the data workers' requests).
     """
 
-    local: Namespaces
     cluster: Cluster
     state: StateStore
     placer: Placer
     moves: Moves | None = None
-    relayed: bool = False
     _log = Logger()
 
-    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
-              here: bool = False) -> Deferred[ChildLease]:
+    def admit(self, name: str) -> Deferred[None]:
+        """
+        Fire once C{name} may be served here (claiming it first if this
+        node holds it with no placement).
+
+        @raise OwnedElsewhere: another live node owns it.
+        @raise Refusal: it may not be served now.
+        """
         try:
-            unplaced = self._check(name)
-        except OwnedElsewhere as owner:
-            return fail(self._not_here(name, owner))
-        except Refusal as refusal:
-            return fail(refusal)
+            unplaced = self.check(name)
+        except (OwnedElsewhere, Refusal) as error:
+            return fail(error)
         if unplaced is not None:
             # Held here with no placement (etcd was out of reach when it was
             # made or joined): claimed first, so that no other node makes it.
-            admitted = self.placer.claim(name, unplaced.id).addCallback(
-                lambda _: self.local.admit(name, access, writes, probe, here))
-        else:
-            admitted = self.local.admit(name, access, writes, probe, here)
-        admitted.addErrback(self._moved_meanwhile, name)
-        if self.relayed:
-            admitted.addErrback(self._trap_elsewhere, name)
-        return admitted
+            return self.placer.claim(name, unplaced.id)
+        return succeed(None)
 
-    def _check(self, name: str) -> NamespaceRecord | None:
+    def check(self, name: str) -> NamespaceRecord | None:
         """
         Whether this node may serve C{name} now; the local record to claim
         first if it has no placement.
@@ -141,23 +143,47 @@ class ClusterNamespaces:
                               "the cluster places here; see the server log")
         return None
 
+
+def not_here(name: str, owner: OwnedElsewhere) -> Unavailable:
+    """What a request relayed from another node gets when this node is not the owner either."""
+    return Unavailable("namespace_moving", f"namespace {name!r} is served by node {owner.node!r} now; retry",
+                       retry_after=1)
+
+
+@attrs.define(eq=False)
+class ClusterNamespaces:
+    """
+    The namespaces of a cluster node, on top of its own (C{local}).  On
+    the internal listener (C{relayed}) a request came from another node
+    and goes no further: if this node does not own its name (any more),
+    it is refused with a 503 the client retries.
+    """
+
+    local: Namespaces
+    cluster: Cluster
+    gate: ClusterGate
+    relayed: bool = False
+
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
+              here: bool = False) -> Deferred[ChildLease]:
+        admitted: Deferred[Any] = self.gate.admit(name)
+        admitted.addCallback(lambda _: self.local.admit(name, access, writes, probe, here))
+        admitted.addErrback(self._moved_meanwhile, name)
+        if self.relayed:
+            admitted.addErrback(self._trap_elsewhere, name)
+        return admitted
+
     def _moved_meanwhile(self, failure: Failure, name: str) -> Any:
         """A request that waited while its namespace moved away: it goes to the new owner."""
         failure.trap(NotFound)
         self.cluster.where(name)
         return failure
 
-    def _not_here(self, name: str, owner: OwnedElsewhere) -> Exception:
-        if not self.relayed:
-            return owner
-        return Unavailable("namespace_moving", f"namespace {name!r} is served by node {owner.node!r} now; "
-                           "retry", retry_after=1)
-
     def _trap_elsewhere(self, failure: Failure, name: str) -> Any:
         failure.trap(OwnedElsewhere)
         owner = failure.value
         assert isinstance(owner, OwnedElsewhere)
-        raise self._not_here(name, owner)
+        raise not_here(name, owner)
 
     def record(self, lease: ChildLease) -> NamespaceRecord:
         return self.local.record(lease)
@@ -171,6 +197,52 @@ class ClusterNamespaces:
 
     def moved(self, name: str) -> None:
         self.local.moved(name)
+
+
+class Holders(Protocol):
+    """Which data worker holds (or is to take) a namespace."""
+
+    def holder(self, name: str) -> int: ...
+
+
+@attrs.define(eq=False)
+class WorkersBehind:
+    """
+    A node's namespaces as its internal listener sees them when data
+    workers serve them: checked against the cluster here, then handed to
+    the worker that holds each (or takes it), which checks the request in
+    full again.
+    """
+
+    workers: Holders
+    gate: ClusterGate
+
+    def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
+              here: bool = False) -> Deferred[ChildLease]:
+        def hand_over(_: object) -> ChildLease:
+            raise HeldElsewhere(self.workers.holder(name))
+
+        def not_sent_on(failure: Failure) -> Any:
+            failure.trap(OwnedElsewhere)
+            owner = failure.value
+            assert isinstance(owner, OwnedElsewhere)
+            raise not_here(name, owner)
+
+        admitted: Deferred[Any] = self.gate.admit(name)
+        return admitted.addCallback(hand_over).addErrback(not_sent_on)
+
+    def record(self, lease: ChildLease) -> NamespaceRecord:
+        raise AssertionError("the main process leases no child to its internal listener")
+
+    def inbound(self, lease: ChildLease, method: bytes, path: bytes, body: bytes,
+                pipeline: Any) -> Deferred[bytes]:
+        raise AssertionError("the main process leases no child to its internal listener")
+
+    def ended(self, lease: ChildLease) -> Deferred[None]:
+        raise AssertionError("the main process leases no child to its internal listener")
+
+    def moved(self, name: str) -> None:
+        pass
 
 
 def _connect_tcp(reactor: Any) -> Any:

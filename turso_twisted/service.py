@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -28,7 +28,7 @@ from .archival import Archival
 from .archive import Archiver
 from .auth import BearerToken
 from .backup import Backups
-from .channel import BackendChannel
+from .channel import BackendChannel, BackendResponse
 from .cluster import Cluster, OwnedElsewhere
 from .config import Address, Config, ConfigError
 from .confine import Confinement, ConfinementUnavailable, choose
@@ -48,7 +48,7 @@ from .ports import PortAllocator
 from .process import child_environment, child_wrappers
 from .proxy import AnswerBudget, DataPlane, LocalNamespaces, Namespaces
 from .recovery import recover
-from .routing import ClusterNamespaces, ClusterPlacer, Relay
+from .routing import ClusterGate, ClusterNamespaces, ClusterPlacer, Relay, WorkersBehind
 from .sites import CappedSite
 from .state import StateError, StateStore
 from .stats import NamespaceStats
@@ -123,21 +123,32 @@ class TursoService(Service):
         self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
         scratch = temp_dir(config.data_dir)
 
-        #: In a cluster: this node's membership, its moves, and its internal listener.
+        #: In a cluster: this node's membership, its moves, its check of
+        #: every data request, and its internal listener.
         self.cluster: Cluster | None = None
         self.moves: Moves | None = None
+        self.gate: ClusterGate | None = None
         self.cluster_port: DataPort | None = None
+        self.data_auth = self._data_auth()
         if config.clustered:
             self.cluster = Cluster(reactor, Etcd(reactor, config.cluster_etcd), config.cluster_prefix,
                                    config.node_name, config.node_url)
             self.admission.placer = ClusterPlacer(self.cluster, self._archived_ids)
+            self.moves = Moves(reactor, self.cluster, self.archival, state, config.data_dir, scratch,
+                               config.cluster_token)
+            self.gate = ClusterGate(self.cluster, state, self.admission.placer, self.moves)
         #: The data port: served here (one process), or by data workers.
         self.data_port: DataPort | None = None
         self.workers: WorkerPool | None = None
-        if config.data_workers > 1 and self.cluster is None:
+        if config.data_workers > 1:
             self.workers = WorkerPool(reactor, config, options or {}, config.data_workers, self.manager,
                                       self.guard, self.supervisor, state, self.stats, self.leases,
-                                      self.hibernator)
+                                      self.hibernator, gate=self.gate)
+            if self.gate is not None:
+                # Requests other nodes relay here go to the data worker that holds
+                # their namespace (or takes it), checked in full again there.
+                self._serve_internal(WorkersBehind(self.workers, self.gate), self.workers.hand_over,
+                                     scratch, AnswerBudget(config.max_held_bytes))
         else:
             self._serve_data_here(scratch)
         self.backups = Backups(reactor, self.manager, self.archival, self.supervisor, scratch)
@@ -156,48 +167,58 @@ class TursoService(Service):
         self.lock_fd: int | None = None
         self._bound = False
 
-    def _serve_data_here(self, scratch: str) -> None:
-        """The data port in this process (C{TURSO_DATA_WORKERS=1})."""
-        config, reactor, state = self.config, self.reactor, self.state
+    def _data_auth(self) -> DataAuth:
+        """The data port's credentials check (also the internal listener's, for relayed requests)."""
+        config, state = self.config, self.state
 
         def namespace_keys(name: str) -> KeySet | None:
             record = state.records.get(name)
             return None if record is None else record.config.keys
 
-        self.data_auth = DataAuth(config.auth_token, load_keys(config.jwt_key) if config.jwt_key else None,
-                                  TokenVerifier(reactor, leeway=config.jwt_leeway),
-                                  namespace_keys=namespace_keys, namespace_not_before=state.tokens_not_before,
-                                  namespace_of=names.of_target)
+        return DataAuth(config.auth_token, load_keys(config.jwt_key) if config.jwt_key else None,
+                        TokenVerifier(self.reactor, leeway=config.jwt_leeway),
+                        namespace_keys=namespace_keys, namespace_not_before=state.tokens_not_before,
+                        namespace_of=names.of_target)
+
+    def _serve_data_here(self, scratch: str) -> None:
+        """The data port in this process (C{TURSO_DATA_WORKERS=1})."""
+        config, reactor = self.config, self.reactor
         local = LocalNamespaces(reactor, self.manager, self.guard, config.data_dir)
         namespaces: Namespaces = local
         relay = None
         budget = AnswerBudget(config.max_held_bytes)
         if self.cluster is not None:
-            self.moves = Moves(reactor, self.cluster, self.archival, state, config.data_dir, scratch,
-                               config.cluster_token)
-            namespaces = ClusterNamespaces(local, self.cluster, state, self.admission.placer, self.moves)
-            relay = Relay(reactor, config.node_name, config.cluster_token,
-                          keep_idle=config.client_idle_timeout / 2,
-                          # What the owner may take itself: its queue, then its child.
-                          timeout=(config.queue_timeout + config.backend_timeout + 5
-                                   if config.backend_timeout else 0.0))
-            # Requests other nodes relay here: checked in full again, never sent on.
-            self.cluster_plane = DataPlane(reactor, ClusterNamespaces(local, self.cluster, state,
-                                                                      self.admission.placer, self.moves,
-                                                                      relayed=True),
-                                           self.stats, self.metrics, access_log=config.access_log,
-                                           scratch_dir=scratch, budget=budget, auth=self.data_auth)
-            self.cluster_port = DataPort(reactor, self._internal,
-                                         self.cluster_plane.refused_at_headers, self.data_auth,
-                                         config.max_body_bytes, scratch_dir=scratch,
-                                         idle_timeout=config.client_idle_timeout,
-                                         peer_token=config.cluster_token.encode())
+            assert self.gate is not None
+            namespaces = ClusterNamespaces(local, self.cluster, self.gate)
+            relay = self._relay()
+            self._serve_internal(ClusterNamespaces(local, self.cluster, self.gate, relayed=True), None,
+                                 scratch, budget)
         self.data_plane = DataPlane(reactor, namespaces, self.stats, self.metrics,
                                     access_log=config.access_log, scratch_dir=scratch,
                                     budget=budget, auth=self.data_auth, relay=relay)
         self.data_port = DataPort(reactor, self.data_plane.handle, self.data_plane.refused_at_headers,
                                   self.data_auth, config.max_body_bytes, scratch_dir=scratch,
                                   idle_timeout=config.client_idle_timeout)
+
+    def _relay(self) -> Relay:
+        config = self.config
+        # What the owner may take itself: its queue, then its child.
+        timeout = config.queue_timeout + config.backend_timeout + 5 if config.backend_timeout else 0.0
+        return Relay(self.reactor, config.node_name, config.cluster_token,
+                     keep_idle=config.client_idle_timeout / 2, timeout=timeout)
+
+    def _serve_internal(self, namespaces: Namespaces,
+                        forward: Callable[[int, DataRequest], Deferred[BackendResponse]] | None,
+                        scratch: str, budget: AnswerBudget) -> None:
+        """The internal listener: requests other nodes relay here (checked in full again, never sent on)."""
+        config, reactor = self.config, self.reactor
+        self.cluster_plane = DataPlane(reactor, namespaces, self.stats, self.metrics,
+                                       access_log=config.access_log, scratch_dir=scratch, budget=budget,
+                                       auth=self.data_auth, forward=forward)
+        self.cluster_port = DataPort(reactor, self._internal, self.cluster_plane.refused_at_headers,
+                                     self.data_auth, config.max_body_bytes, scratch_dir=scratch,
+                                     idle_timeout=config.client_idle_timeout,
+                                     peer_token=config.cluster_token.encode())
 
     def _archived_ids(self, name: str) -> Deferred[set[str]]:
         """The ids of C{name}'s incarnations in this node's archive."""
@@ -306,8 +327,12 @@ class TursoService(Service):
         self.gc.start()
         self.hibernator.start()
         if self.cluster is not None:
+            # Joined first: nothing is served before (the data workers included).
             self._join_cluster(self.cluster)
             return
+        self._serve()
+
+    def _serve(self) -> None:
         if self.workers is None:
             self._ready()
             return
@@ -318,7 +343,7 @@ class TursoService(Service):
             self._log.failure("joining the cluster failed; trying again", failure)
             self.reactor.callLater(JOIN_RETRY, self._join_cluster, cluster)
 
-        ensureDeferred(self._join(cluster)).addCallbacks(lambda _: self._ready(), failed)
+        ensureDeferred(self._join(cluster)).addCallbacks(lambda _: self._serve(), failed)
 
     async def _join(self, cluster: Cluster) -> None:
         """
@@ -355,9 +380,11 @@ class TursoService(Service):
                 # Claimed at its first request instead.
                 self._log.warn("could not claim namespace {name} in the cluster: {error}", name=record.name,
                                error=str(refusal))
-        cluster.ready = True
 
     def _ready(self) -> None:
+        if self.cluster is not None:
+            # Joined, settled, and the data workers (if any) serve: from now on data is served.
+            self.cluster.ready = True
         self.readiness.listening = True
         workers = self.config.data_workers if self.workers is not None else 1
         self._log.info("turso-server ready: {namespaces} namespaces in {data_dir}, {workers} data "

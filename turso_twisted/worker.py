@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from . import control, names
 from .channel import BackendChannel, BackendResponse
+from .cluster import OwnedElsewhere
 from .config import Config
 from .datadir import temp_dir
 from .dataport import DataConnection, DataPort, DataRequest
@@ -58,6 +59,7 @@ from .proxy import (
     end_to_end,
 )
 from .relay import Peers, relayed_bytes, request_bytes
+from .routing import Relay
 from .state import NamespaceRecord
 from .syncproto import CreationFacts, inbound_body
 from .tokens import Access, DataAuth, KeySet, TokenVerifier, load_keys
@@ -204,6 +206,9 @@ class WorkerNamespaces:
             outcome = answer["outcome"]
             if "refusal" in outcome:
                 raise refusal_from_json(outcome["refusal"])
+            if "node" in outcome:
+                # Another cluster node owns it: the request is relayed there.
+                raise OwnedElsewhere(str(outcome["node"]), str(outcome["url"]))
             if "owner" in outcome:
                 if len(self.elsewhere) > 100_000:
                     self.elsewhere.clear()
@@ -568,7 +573,8 @@ class DataWorker:
         self.plane = DataPlane(reactor, self.namespaces, self.namespaces, self.metrics,
                                access_log=config.access_log, scratch_dir=scratch,
                                budget=budget, auth=self.auth,
-                               forward=self._hand_over, migrate=self.migrations.migrate)
+                               forward=self._hand_over, migrate=self.migrations.migrate,
+                               relay=self._relay(config))
         self.port = DataPort(reactor, self.plane.handle, self.plane.refused_at_headers, self.auth,
                              config.max_body_bytes, scratch_dir=scratch,
                              idle_timeout=config.client_idle_timeout)
@@ -615,6 +621,14 @@ class DataWorker:
         else:
             self._log.failure("data worker {index} could not start", failure, index=self.index)
         self._stop_reactor()
+
+    def _relay(self, config: Config) -> Relay | None:
+        """In a cluster, how requests for other nodes' namespaces go there."""
+        if not config.clustered:
+            return None
+        timeout = config.queue_timeout + config.backend_timeout + 5 if config.backend_timeout else 0.0
+        return Relay(self.reactor, config.node_name, config.cluster_token,
+                     keep_idle=config.client_idle_timeout / 2, timeout=timeout)
 
     def _hand_over(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
         """Hand C{request} to data worker C{index}, with its credentials (checked there again)."""

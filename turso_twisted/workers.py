@@ -16,7 +16,7 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -28,18 +28,25 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from . import control
+from .channel import BackendResponse
+from .cluster import OwnedElsewhere
 from .config import Config
+from .dataport import DataRequest
 from .errors import INTERNAL, Refusal, Unavailable, from_os_error, not_found, refusal_to_json
 from .hibernation import Hibernator
 from .leases import Lease, Leases
 from .metrics import DataFigures
 from .namespaces import NamespaceManager
 from .policy import authorize
+from .proxy import HANDED_OVER_HEADERS_DROPPED, end_to_end
+from .relay import Peers, relayed_bytes
+from .routing import ClusterGate, not_here
 from .state import StateStore
 from .stats import NamespaceStats
 from .supervisor import Reactor, Supervisor
 from .syncproto import CreationFacts, HistoryGuard
 from .tokens import Access
+from .worker import forward_address
 
 #: How long a worker that is told to stop may take beyond the shutdown timeout.
 STOP_MARGIN = 5.0
@@ -134,8 +141,16 @@ class WorkerPool:
 
     def __init__(self, reactor: Reactor, config: Config, options: Mapping[str, str | None], count: int,
                  manager: NamespaceManager, guard: HistoryGuard, supervisor: Supervisor, state: StateStore,
-                 stats: NamespaceStats, leases: Leases, hibernator: Hibernator) -> None:
+                 stats: NamespaceStats, leases: Leases, hibernator: Hibernator,
+                 gate: ClusterGate | None = None) -> None:
         self.reactor, self.config, self.count = reactor, config, count
+        #: In a cluster, the check every data request passes here first.
+        self.gate = gate
+        #: Connections to the workers, for requests the internal listener takes.
+        self.handovers = Peers(
+            reactor, lambda index, to: cast(Any, reactor).connectUNIX(forward_address(self.run, index), to,
+                                                                      timeout=5),
+            lambda index: f"data worker {index}", keep_idle=config.client_idle_timeout / 2)
         self.options = {key: value for key, value in options.items() if isinstance(value, str)}
         self.manager, self.guard, self.supervisor = manager, guard, supervisor
         self.state, self.stats, self.leases = state, stats, leases
@@ -260,66 +275,94 @@ class WorkerPool:
 
     # -- holding namespaces ------------------------------------------------------------
 
+    def holder(self, name: str) -> int:
+        """The worker that holds C{name}, else the one to take it (the fewest held)."""
+        holder = self.holders.get(name)
+        if holder is not None and holder in self.workers:
+            return holder
+        counts = {index: 0 for index, worker in self.workers.items() if worker.ready}
+        for index in self.holders.values():
+            if index in counts:
+                counts[index] += 1
+        return min(counts, key=lambda index: (counts[index], index), default=0)
+
+    def hand_over(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
+        """Hand a request the internal listener took to data worker C{index} (it checks it again)."""
+        return self.handovers.send(index, relayed_bytes(
+            request, end_to_end(request.headers, HANDED_OVER_HEADERS_DROPPED)))
+
     async def _lease(self, worker: _Worker, name: str, access_json: dict[str, Any], writes: bool,
                      facts_json: dict[str, Any], dead_port: int | None, here: bool = False) -> dict[str, Any]:
         try:
-            access = Access.from_json(access_json)
-            while True:
-                holder = self.holders.get(name)
-                if holder == MAIN:
-                    # The main process uses the child (a backup): wait, as a queue would.
-                    waiting: Deferred[Any] = _chained(self._main_done[name])
-                    try:
-                        await waiting.addTimeout(self.config.queue_timeout, self.reactor)
-                    except defer.TimeoutError:
-                        raise Unavailable("namespace_busy", f"namespace {name!r} is busy (a backup or a "
-                                          "fork); retry shortly", retry_after=1) from None
-                    continue
-                record = self.manager.get(name)
-                authorize(access, name, record, writes, self.config.data_dir)
-                if record is None:
-                    self.guard.check_creation(name, CreationFacts(bool(facts_json.get("has_revision")),
-                                                                  frozenset(facts_json.get("clients", ()))))
-                if holder is None:
-                    chosen = worker if here else self._least_busy(worker)
-                    if chosen is not worker:
-                        # It goes to the worker holding fewest: this one hands the request over.
-                        self.holders[name] = chosen.index
-                        return {"owner": chosen.index}
-                    break
-                if holder != worker.index:
-                    return {"owner": holder}
-                if name in worker.revoking:
-                    await worker.revoking[name]
-                    continue
-                if name in worker.held:
-                    # It asks again: it gave the namespace back (a failed child).
-                    self._let_go(worker, name)
-                    continue
-                break  # given to it: it comes for the lease
-            if dead_port is not None:
-                child = self.supervisor.running(name)
-                if child is not None and child.port == dead_port:
-                    ended: Deferred[Any] = child.process.whenEnded()
-                    await ended.addTimeout(2.0, self.reactor, onTimeoutCancel=lambda *_: None)
-            lease = await self.manager.lease(name)
-            holder = self.holders.get(name)
-            if holder not in (None, worker.index) or self.workers.get(worker.index) is not worker:
-                lease.release()
-                if holder is not None and holder != MAIN:
-                    return {"owner": holder}
-                raise Unavailable("namespace_moving", f"namespace {name!r} is changing hands; retry shortly",
-                                  retry_after=1)
-            self.holders[name] = worker.index
-            worker.held[name] = lease
-            self._grants += 1
-            worker.grants[name] = self._grants
-            record = self.manager.get(name)
-            assert record is not None
-            worker.sent[name] = _digest(record.to_json())
-            return {"port": lease.child.port, "record": record.to_json(), "grant": self._grants}
+            if self.gate is not None:
+                await self.gate.admit(name)
+            return await self._lease_here(worker, name, access_json, writes, facts_json, dead_port, here)
+        except OwnedElsewhere as owner:
+            if here:
+                # Relayed or handed here already: it goes no further.
+                return {"refusal": refusal_to_json(not_here(name, owner))}
+            return {"node": owner.node, "url": owner.url}
         except Exception as error:
             return {"refusal": refusal_to_json(self._refusal(error, "taking namespace " + repr(name)))}
+
+    async def _lease_here(self, worker: _Worker, name: str, access_json: dict[str, Any], writes: bool,
+                          facts_json: dict[str, Any], dead_port: int | None, here: bool = False,
+                          ) -> dict[str, Any]:
+        access = Access.from_json(access_json)
+        while True:
+            holder = self.holders.get(name)
+            if holder == MAIN:
+                # The main process uses the child (a backup): wait, as a queue would.
+                waiting: Deferred[Any] = _chained(self._main_done[name])
+                try:
+                    await waiting.addTimeout(self.config.queue_timeout, self.reactor)
+                except defer.TimeoutError:
+                    raise Unavailable("namespace_busy", f"namespace {name!r} is busy (a backup or a "
+                                      "fork); retry shortly", retry_after=1) from None
+                continue
+            record = self.manager.get(name)
+            authorize(access, name, record, writes, self.config.data_dir)
+            if record is None:
+                self.guard.check_creation(name, CreationFacts(bool(facts_json.get("has_revision")),
+                                                              frozenset(facts_json.get("clients", ()))))
+            if holder is None:
+                chosen = worker if here else self._least_busy(worker)
+                if chosen is not worker:
+                    # It goes to the worker holding fewest: this one hands the request over.
+                    self.holders[name] = chosen.index
+                    return {"owner": chosen.index}
+                break
+            if holder != worker.index:
+                return {"owner": holder}
+            if name in worker.revoking:
+                await worker.revoking[name]
+                continue
+            if name in worker.held:
+                # It asks again: it gave the namespace back (a failed child).
+                self._let_go(worker, name)
+                continue
+            break  # given to it: it comes for the lease
+        if dead_port is not None:
+            child = self.supervisor.running(name)
+            if child is not None and child.port == dead_port:
+                ended: Deferred[Any] = child.process.whenEnded()
+                await ended.addTimeout(2.0, self.reactor, onTimeoutCancel=lambda *_: None)
+        lease = await self.manager.lease(name)
+        holder = self.holders.get(name)
+        if holder not in (None, worker.index) or self.workers.get(worker.index) is not worker:
+            lease.release()
+            if holder is not None and holder != MAIN:
+                return {"owner": holder}
+            raise Unavailable("namespace_moving", f"namespace {name!r} is changing hands; retry shortly",
+                              retry_after=1)
+        self.holders[name] = worker.index
+        worker.held[name] = lease
+        self._grants += 1
+        worker.grants[name] = self._grants
+        record = self.manager.get(name)
+        assert record is not None
+        worker.sent[name] = _digest(record.to_json())
+        return {"port": lease.child.port, "record": record.to_json(), "grant": self._grants}
 
     def _refusal(self, error: Exception, doing: str) -> Refusal:
         """
