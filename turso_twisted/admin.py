@@ -100,11 +100,9 @@ def _valid(name: str) -> str:
 
 
 def _json_body(request: IRequest) -> dict[str, Any]:
-    raw = request.content.read(_MAX_ADMIN_JSON + 1) if request.content else b""
+    raw = _json_body_bytes(request)
     if not raw.strip():
         return {}
-    if len(raw) > _MAX_ADMIN_JSON:
-        raise TooLarge("body_too_large", "admin request bodies are limited to 64 KiB")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -115,7 +113,7 @@ def _json_body(request: IRequest) -> dict[str, Any]:
 
 
 def _json_body_bytes(request: IRequest) -> bytes:
-    """The body of an admin call to relay (JSON calls only: at most 64 KiB)."""
+    """The body of an admin JSON call, as sent (at most 64 KiB)."""
     raw = request.content.read(_MAX_ADMIN_JSON + 1) if request.content else b""
     if len(raw) > _MAX_ADMIN_JSON:
         raise TooLarge("body_too_large", "admin request bodies are limited to 64 KiB")

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from .channel import BackendResponse
 from .cluster import Cluster, OwnedElsewhere, owner_unavailable
+from .config import Config
 from .dataport import PEER_TOKEN_HEADER, DataRequest
 from .errors import NotFound, Refusal, Unavailable
 from .moves import RELAYED_BY_HEADER, Moves
@@ -264,6 +265,13 @@ class Relay:
     #: How long the owner may take to answer (0: no limit).
     timeout: float = 0.0
     peers: Peers = attrs.field(init=False)
+
+    @classmethod
+    def for_config(cls, reactor: Any, config: Config) -> Relay:
+        """The relay of a node configured with C{config}: the owner may take its queue, then its child."""
+        timeout = config.queue_timeout + config.backend_timeout + 5 if config.backend_timeout else 0.0
+        return cls(reactor, config.node_name, config.cluster_token, keep_idle=config.client_idle_timeout / 2,
+                   timeout=timeout)
 
     def __attrs_post_init__(self) -> None:
         self.peers = Peers(self.reactor, _connect_tcp(self.reactor), lambda url: f"cluster node at {url}",

@@ -190,7 +190,7 @@ class TursoService(Service):
         if self.cluster is not None:
             assert self.gate is not None
             namespaces = ClusterNamespaces(local, self.cluster, self.gate)
-            relay = self._relay()
+            relay = Relay.for_config(reactor, config)
             self._serve_internal(ClusterNamespaces(local, self.cluster, self.gate, relayed=True), None,
                                  scratch, budget)
         self.data_plane = DataPlane(reactor, namespaces, self.stats, self.metrics,
@@ -199,13 +199,6 @@ class TursoService(Service):
         self.data_port = DataPort(reactor, self.data_plane.handle, self.data_plane.refused_at_headers,
                                   self.data_auth, config.max_body_bytes, scratch_dir=scratch,
                                   idle_timeout=config.client_idle_timeout)
-
-    def _relay(self) -> Relay:
-        config = self.config
-        # What the owner may take itself: its queue, then its child.
-        timeout = config.queue_timeout + config.backend_timeout + 5 if config.backend_timeout else 0.0
-        return Relay(self.reactor, config.node_name, config.cluster_token,
-                     keep_idle=config.client_idle_timeout / 2, timeout=timeout)
 
     def _serve_internal(self, namespaces: Namespaces,
                         forward: Callable[[int, DataRequest], Deferred[BackendResponse]] | None,

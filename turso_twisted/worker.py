@@ -80,6 +80,12 @@ def forward_address(run: str, index: int) -> str:
     return f"\0turso-server-{run}-data-worker-{index}"
 
 
+def worker_peers(reactor: Any, run: str, keep_idle: float) -> Peers:
+    """Kept-alive connections to the data workers of C{run}, to hand them requests."""
+    return Peers(reactor, lambda index, to: reactor.connectUNIX(forward_address(run, index), to, timeout=5),
+                 lambda index: f"data worker {index}", keep_idle=keep_idle)
+
+
 def connections_address(run: str, index: int) -> str:
     """Where worker C{index} takes client connections moved to it (see L{forward_address})."""
     return f"\0turso-server-{run}-data-worker-{index}-connections"
@@ -564,9 +570,7 @@ class DataWorker:
 
         # TURSO_MAX_HELD_BYTES is the daemon's: each worker keeps its share.
         budget = AnswerBudget(config.max_held_bytes // max(1, config.data_workers))
-        self.handovers = Peers(
-            reactor, lambda index, to: reactor.connectUNIX(forward_address(run, index), to, timeout=5),
-            lambda index: f"data worker {index}", keep_idle=config.client_idle_timeout / 2)
+        self.handovers = worker_peers(reactor, run, config.client_idle_timeout / 2)
         self.migrations = Migrations(reactor, run)
         # Clients' requests: logged, counted, handed over when another worker holds the namespace.
         self.auth = auth()
@@ -574,7 +578,7 @@ class DataWorker:
                                access_log=config.access_log, scratch_dir=scratch,
                                budget=budget, auth=self.auth,
                                forward=self._hand_over, migrate=self.migrations.migrate,
-                               relay=self._relay(config))
+                               relay=Relay.for_config(reactor, config) if config.clustered else None)
         self.port = DataPort(reactor, self.plane.handle, self.plane.refused_at_headers, self.auth,
                              config.max_body_bytes, scratch_dir=scratch,
                              idle_timeout=config.client_idle_timeout)
@@ -621,14 +625,6 @@ class DataWorker:
         else:
             self._log.failure("data worker {index} could not start", failure, index=self.index)
         self._stop_reactor()
-
-    def _relay(self, config: Config) -> Relay | None:
-        """In a cluster, how requests for other nodes' namespaces go there."""
-        if not config.clustered:
-            return None
-        timeout = config.queue_timeout + config.backend_timeout + 5 if config.backend_timeout else 0.0
-        return Relay(self.reactor, config.node_name, config.cluster_token,
-                     keep_idle=config.client_idle_timeout / 2, timeout=timeout)
 
     def _hand_over(self, index: int, request: DataRequest) -> Deferred[BackendResponse]:
         """Hand C{request} to data worker C{index}, with its credentials (checked there again)."""

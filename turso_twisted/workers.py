@@ -16,7 +16,7 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -39,14 +39,14 @@ from .metrics import DataFigures
 from .namespaces import NamespaceManager
 from .policy import authorize
 from .proxy import HANDED_OVER_HEADERS_DROPPED, end_to_end
-from .relay import Peers, relayed_bytes
+from .relay import relayed_bytes
 from .routing import ClusterGate, not_here
 from .state import StateStore
 from .stats import NamespaceStats
 from .supervisor import Reactor, Supervisor
 from .syncproto import CreationFacts, HistoryGuard
 from .tokens import Access
-from .worker import forward_address
+from .worker import worker_peers
 
 #: How long a worker that is told to stop may take beyond the shutdown timeout.
 STOP_MARGIN = 5.0
@@ -147,10 +147,7 @@ class WorkerPool:
         #: In a cluster, the check every data request passes here first.
         self.gate = gate
         #: Connections to the workers, for requests the internal listener takes.
-        self.handovers = Peers(
-            reactor, lambda index, to: cast(Any, reactor).connectUNIX(forward_address(self.run, index), to,
-                                                                      timeout=5),
-            lambda index: f"data worker {index}", keep_idle=config.client_idle_timeout / 2)
+
         self.options = {key: value for key, value in options.items() if isinstance(value, str)}
         self.manager, self.guard, self.supervisor = manager, guard, supervisor
         self.state, self.stats, self.leases = state, stats, leases
@@ -167,6 +164,8 @@ class WorkerPool:
         self._auth_sent: dict[str, Any] = {}
         #: Names the workers' sockets: this process's pid and a part nobody can guess.
         self.run = f"{os.getpid()}-{secrets.token_hex(8)}"
+        #: Connections to the workers, for requests the internal listener takes.
+        self.handovers = worker_peers(reactor, self.run, config.client_idle_timeout / 2)
         #: Numbers each namespace given to a worker (see L{_let_go}).
         self._grants = 0
         self._syncs: list[Deferred[Any]] = []
