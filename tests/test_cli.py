@@ -166,6 +166,27 @@ class RebalancePlanTests(SynchronousTestCase):
         self.assertEqual(rebalance_plan({}, ["a"]), [])
         self.assertEqual(rebalance_plan({"p": "a"}, []), [])
 
+    def test_by_bytes_moves_what_narrows_the_gap(self) -> None:
+        sizes = {"big": 900, "mid": 300, "s1": 100, "s2": 100, "t": 50}
+        placements = {"big": "a", "mid": "a", "s1": "a", "s2": "a", "t": "b"}
+        plan = rebalance_plan(placements, ["a", "b"], sizes=sizes)
+        load = {"a": 1400, "b": 50}
+        for name, source, target in plan:
+            load[source] -= sizes[name]
+            load[target] += sizes[name]
+        # 900 comes closest to halving the gap of 1350; then 50 back narrows 450 to 350.
+        self.assertEqual(plan, [("big", "a", "b"), ("t", "b", "a")])
+        self.assertEqual(load, {"a": 550, "b": 900})
+
+    def test_by_bytes_never_moves_a_name_bigger_than_the_gap(self) -> None:
+        self.assertEqual(rebalance_plan({"huge": "a"}, ["a", "b"], sizes={"huge": 10}), [])
+        self.assertEqual(rebalance_plan({"p": "a", "q": "b"}, ["a", "b"], sizes={"p": 5, "q": 4}), [])
+
+    def test_drain_by_bytes_sends_the_largest_first_to_the_emptiest(self) -> None:
+        plan = rebalance_plan({"p": "a", "q": "a", "r": "b", "s": "c"}, ["a", "b", "c"], drain=["a"],
+                              sizes={"p": 10, "q": 100, "r": 50, "s": 60})
+        self.assertEqual(plan[:2], [("q", "a", "b"), ("p", "a", "c")])
+
     def test_drain_moves_everything_off(self) -> None:
         placements = {"p": "a", "q": "a", "r": "b", "s": "c"}
         plan = rebalance_plan(placements, ["a", "b", "c"], drain=["a"])

@@ -208,6 +208,8 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.cluster_etcd, ("http://etcd-0:2379", "http://etcd-1:2379"))
         self.assertEqual((config.node_name, config.cluster_prefix), ("turso-1", "/prod/turso"))
         self.assertNotIn("cluster-secret", repr(config))
+        self.assertEqual(config.cluster_placement, "local")
+        self.assertEqual(self.load(TURSO_CLUSTER_PLACEMENT=" Least-Bytes").cluster_placement, "least-bytes")
 
     def test_cluster_settings_refused(self) -> None:
         self.assertFails("TURSO_CLUSTER_TOKEN is not", TURSO_CLUSTER_ETCD="http://etcd:2379")
@@ -216,4 +218,5 @@ class LoadTests(SynchronousTestCase):
                                    TURSO_CLUSTER_TOKEN="same", TURSO_AUTH_TOKEN="same")
         self.assertNotIn("same", message)
         self.assertFails("TURSO_NODE_NAME='-bad'", TURSO_NODE_NAME="-bad")
+        self.assertFails("expected local, least-namespaces or least-bytes", TURSO_CLUSTER_PLACEMENT="random")
         self.assertFails("TURSO_NODE_URL='node:8082'", TURSO_NODE_URL="node:8082")

@@ -166,6 +166,7 @@ class ChartTests(SynchronousTestCase):
         env = {item["name"]: item.get("value") or item.get("valueFrom") for item in container["env"]}
         self.assertEqual(env["TURSO_NODE_NAME"], {"fieldRef": {"fieldPath": "metadata.name"}})
         self.assertEqual(env["TURSO_CLUSTER_ETCD"], "http://etcd-0:2379,http://etcd-1:2379")
+        self.assertEqual(env["TURSO_CLUSTER_PLACEMENT"], "local")
         self.assertEqual(env["TURSO_NODE_URL"],
                          "http://$(TURSO_NODE_NAME).buntime-turso-internal.apps.svc:8082")
         self.assertEqual(env["TURSO_CLUSTER_TOKEN_FILE"], "/run/secrets/turso/cluster-token")

@@ -5,6 +5,7 @@ each with its own data dir, agreeing through etcd on who owns each name.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 from typing import Any
 from urllib.request import urlopen
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.task import deferLater
@@ -169,9 +171,28 @@ class PlacementTests(ClusterTestCase):
         status, error = yield get_json(c.admin_url("/v1/namespaces/alpha"),
                                        headers={b"authorization": [b"Bearer wrong"]})
         self.assertEqual((status, error["error"]), (401, "unauthorized"))
-        status, error = yield get_json(c.admin_url("/v1/namespaces/alpha/backup"), **admin)
-        self.assertEqual((status, error["error"]), (409, "namespace_elsewhere"))
-        self.assertIn("node-a", error["message"])
+        # A backup and a restore stream through the node asked (this one is
+        # larger than what a body keeps in memory).
+        writer = yield self.replica(a, "alpha")
+        yield run_replica(writer.run, "create table t (x text)",
+                          *[f"insert into t values ('{i:04d}{'x' * 1000}')" for i in range(400)])
+        yield run_replica(writer.push)
+        response = yield treq.get(c.admin_url("/v1/namespaces/alpha/backup"), persistent=False, **admin)
+        backup = yield response.content()
+        self.assertEqual(response.code, 200, backup[:200])
+        self.assertGreater(len(backup), 400_000)
+        self.assertEqual(response.headers.getRawHeaders(b"x-backup-sha256"),
+                         [hashlib.sha256(backup).hexdigest().encode()])
+        self.assertEqual(response.headers.getRawHeaders(b"x-backup-namespace-id"), [shown["id"].encode()])
+        yield run_replica(writer.run, "delete from t")
+        yield run_replica(writer.push)
+        status, restored = yield get_json(c.admin_url("/v1/namespaces/alpha/restore"), "POST", data=backup,
+                                          **admin)
+        self.assertEqual(status, 200, restored)
+        self.assertEqual((restored["name"], restored["id"]), ("alpha", shown["id"]))
+        reader = yield self.replica(b, "alpha")
+        self.assertEqual((yield run_replica(reader.rows, "select count(*) from t")), [(400,)])
+        self.assertEqual((yield self.owners()), {"alpha": "node-a", "bravo": "node-b"})
         status, deleted = yield get_json(c.admin_url("/v1/namespaces/bravo"), "DELETE", **admin)
         self.assertEqual(status, 200, deleted)
         self.assertEqual((yield self.owners()), {"alpha": "node-a"})
@@ -179,6 +200,37 @@ class PlacementTests(ClusterTestCase):
         yield b.exited()
         status, listed = yield get_json(c.admin_url("/v1/namespaces"), **admin)
         self.assertEqual([(e["name"], e["node"]) for e in listed["namespaces"]], [("alpha", "node-a")])
+
+    @inlineCallbacks
+    def test_new_names_go_to_the_node_that_owns_the_fewest(self) -> Any:
+        """
+        With TURSO_CLUSTER_PLACEMENT=least-namespaces, new names made
+        through one node (first requests, and create calls) spread over
+        every node; each node reports the bytes it holds.
+        """
+        a, b, c = yield self.start_cluster(TURSO_CLUSTER_PLACEMENT="least-namespaces")
+        for index in range(6):
+            if index % 2:
+                status, created = yield get_json(a.admin_url(f"/v1/namespaces/new{index}/create"), "POST")
+                self.assertEqual(status, 201, created)
+            else:
+                status, answer = yield deferToThread(post, a.data_port, f"/new{index}/v2/pipeline")
+                self.assertEqual(status, 200, answer)
+            yield wait_for(lambda placed=index + 1: self.placements_seen(a) == placed, "a to see it placed")
+        owners = yield self.owners()
+        self.assertEqual(sorted(list(owners.values()).count(node) for node in ("node-a", "node-b", "node-c")),
+                         [2, 2, 2], owners)
+        for node in (a, b, c):
+            status, listed = yield get_json(node.admin_url("/v1/namespaces?local=true"))
+            self.assertEqual(sorted(entry["name"] for entry in listed["namespaces"]),
+                             sorted(name for name, owner in owners.items()
+                                    if owner == node.env["TURSO_NODE_NAME"]))
+        status, view = yield get_json(b.admin_url("/v1/cluster"))
+        self.assertEqual(view["placement"], "least-namespaces")
+        self.assertTrue(all(isinstance(entry["bytes"], int) for entry in view["nodes"]), view)
+        status, listed = yield get_json(c.admin_url("/v1/namespaces?bytes=true"))
+        self.assertEqual(len(listed["namespaces"]), 6)
+        self.assertTrue(all(isinstance(entry["bytesOnDisk"], int) for entry in listed["namespaces"]), listed)
 
     @inlineCallbacks
     def test_concurrent_first_requests_on_every_node_create_one_namespace(self) -> Any:
@@ -376,6 +428,13 @@ class MoveTests(ClusterTestCase):
         code = yield deferToThread(cli.main, [*admin, "rebalance", "--dry-run"], out)
         self.assertEqual(code, 0, out.getvalue())
         self.assertIn("4 move(s) planned", out.getvalue())
+        out = io.StringIO()
+        by_bytes = [*admin, "--json", "rebalance", "--by", "bytes", "--dry-run"]
+        code = yield deferToThread(cli.main, by_bytes, out)
+        self.assertEqual(code, 0, out.getvalue())
+        planned = json.loads(out.getvalue())
+        self.assertTrue(planned["plan"] and all(move["from"] == "node-a" for move in planned["plan"]),
+                        planned)
         self.assertEqual(set((yield self.owners()).values()), {"node-a"})
         out = io.StringIO()
         code = yield deferToThread(cli.main, [*admin, "rebalance"], out)

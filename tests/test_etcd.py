@@ -103,12 +103,39 @@ class ClusterViewTests(TestCase):
         self.server = yield EtcdServer(self).start()
 
     @inlineCallbacks
-    def member(self, node: str) -> Any:
+    def member(self, node: str, **options: Any) -> Any:
         cluster = Cluster(reactor, Etcd(reactor, [self.server.url]), "/t", node, f"http://{node}:1",
-                          lease_ttl=5)
+                          lease_ttl=5, **options)
         yield Deferred.fromCoroutine(cluster.join())
         self.addCleanup(lambda: Deferred.fromCoroutine(cluster.leave()))
         return cluster
+
+    @inlineCallbacks
+    def test_nodes_report_their_bytes_and_new_names_go_where_the_policy_says(self) -> Any:
+        held = {"a": 5000, "b": 200, "c": 900}
+
+        def measure(node: str) -> Any:
+            return lambda: succeed(held[node])
+
+        a = yield self.member("a", placement="least-bytes", measure=measure("a"))
+        b = yield self.member("b", placement="least-namespaces", measure=measure("b"))
+        c = yield self.member("c", measure=measure("c"))
+        yield wait_for(lambda: all(node.bytes_held is not None for node in a.nodes.values())
+                       and len(a.nodes) == 3, "a to see every node's bytes")
+        self.assertEqual({name: node.bytes_held for name, node in a.nodes.items()}, held)
+        self.assertEqual([(n["name"], n["bytes"]) for n in a.describe()["nodes"]],
+                         [("a", 5000), ("b", 200), ("c", 900)])
+        self.assertEqual((a.choose(), c.choose()), ("b", "c"))  # least bytes; local
+        yield wait_for(lambda: len(b.nodes) == 3, "b to see every node")
+        yield Deferred.fromCoroutine(b.place("one", "id-1"))
+        yield Deferred.fromCoroutine(c.place("two", "id-2"))
+        yield wait_for(lambda: len(b.placements) == 2, "b to see both placements")
+        self.assertEqual(b.choose(), "a")  # owns none; b and c own one each
+        # A node's own report changes only its own key, and only under its lease.
+        held["c"] = 100
+        yield c._report()
+        yield wait_for(lambda: a.nodes["c"].bytes_held == 100, "a to see c's new bytes")
+        self.assertEqual(a.choose(), "c")
 
     @inlineCallbacks
     def test_one_owner_and_every_view_agrees(self) -> Any:

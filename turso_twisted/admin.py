@@ -17,10 +17,13 @@ from typing import Any, TypeVar, cast
 import attrs
 from klein import Klein
 from klein.resource import KleinResource
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import UNKNOWN_LENGTH, IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from twisted.web.static import File
@@ -28,6 +31,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as NoRoute
 
 from . import names
+from .adminrelay import RELAYED_BY_HEADER, AdminRelay, answer_headers, pipe
 from .archival import Archival
 from .archive import parse_entry_name
 from .auth import BearerToken
@@ -50,7 +54,7 @@ from .errors import (
 from .files import remove_database_copy
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .moves import RELAYED_BY_HEADER, Moves
+from .moves import Moves
 from .namespaces import NamespaceManager
 from .state import NamespaceRecord
 from .stats import NamespaceStats
@@ -120,11 +124,43 @@ def _json_body_bytes(request: IRequest) -> bytes:
     return bytes(raw)
 
 
+@attrs.frozen
+class _WhileConnected:
+    """A request as a piped body's consumer: once its client has left, what comes is dropped."""
+
+    request: Request
+
+    @property
+    def _gone(self) -> bool:
+        return bool(getattr(self.request, "_disconnected", False))
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        if self._gone:
+            producer.stopProducing()
+        else:
+            self.request.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if not self._gone:
+            self.request.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if not self._gone:
+            self.request.write(data)
+
+
+def _flag(request: IRequest, name: bytes) -> bool:
+    """Whether the query turns C{name} on (C{1} or C{true})."""
+    return request.args.get(name, [b""])[0] in (b"1", b"true")
+
+
+def _unanswered(failure: Failure) -> None:
+    """A node that could not be asked (it is listed as unavailable)."""
+    failure.trap(Refusal)
+
+
 #: Calls made on the node asked, whoever owns the name (a move finds the owner itself).
 _HERE_ONLY = frozenset({"move"})
-#: Calls about another node's name that are not relayed (a database file
-#: both ways): made on the owner's own admin port.
-_NOT_RELAYED = frozenset({"backup", "restore"})
 
 
 class _RawPath(Resource):
@@ -161,9 +197,11 @@ class AdminAPI:
     metrics_public: bool = False
     #: With data workers: fetch their latest figures and traffic first.
     gather: Callable[[], Deferred[None]] | None = None
-    #: This node's cluster (C{None}: a single node), and its moves.
+    #: This node's cluster (C{None}: a single node), its moves, and its
+    #: way to make admin calls on the other nodes.
     cluster: Cluster | None = None
     moves: Moves | None = None
+    relay: AdminRelay | None = None
     app: Klein = attrs.field(factory=Klein, init=False)
     _log = Logger()
 
@@ -226,24 +264,48 @@ class AdminAPI:
         In a cluster, the node a call about C{name} must be made on, when
         that is another node (a relayed call is never relayed again).
         """
-        if self.cluster is None or self.moves is None or name is None or handler in _HERE_ONLY:
+        if self.cluster is None or self.relay is None or name is None or handler in _HERE_ONLY:
             return None
         placement = self.cluster.owner(name)
+        relayed = request.getHeader(RELAYED_BY_HEADER) is not None
+        if placement is None and handler == "create" and not relayed:
+            # A new name goes where the cluster's placement policy says.
+            target = self.cluster.choose()
+            return None if target == self.cluster.node else target
         if placement is None or placement.node == self.cluster.node:
             return None
-        if handler in _NOT_RELAYED or request.getHeader(RELAYED_BY_HEADER) is not None:
+        if relayed:
             raise OwnedElsewhere(placement.node, "")
         return placement.node
 
-    async def _relay(self, request: IRequest, owner: str) -> bytes:
-        assert self.moves is not None
-        body = _json_body_bytes(request)
+    async def _relay(self, request: IRequest, owner: str) -> None:
+        """
+        Make the call on node C{owner} and answer with what it answered;
+        bodies stream (a backup or a restore may be gigabytes).
+        """
+        assert self.relay is not None
         headers = {key.lower(): values[0] for key, values in request.requestHeaders.getAllRawHeaders()}
-        code, kept, answer = await self.moves.relay_admin(owner, request.method, request.uri, headers, body)
-        request.setResponseCode(code)
-        for key, value in kept.items():
+        body = request.content
+        if body is not None:
+            body.seek(0)
+        response = await self.relay.send(owner, request.method, request.uri, headers, body)
+        if getattr(request, "_disconnected", False):
+            response.deliverBody(Protocol())  # the client left: drop the answer
+            return
+        request.setResponseCode(response.code)
+        for key, value in answer_headers(response):
             request.setHeader(key, value)
-        return answer
+        if response.length is not UNKNOWN_LENGTH:
+            request.setHeader(b"content-length", b"%d" % response.length)
+        try:
+            await pipe(response, _WhileConnected(cast(Request, request)))
+        except Exception as error:
+            # The head is sent: the client can only be told by a cut-off answer.
+            self._log.warn("node {node} broke off a relayed admin answer: {error}", node=owner,
+                           error=error.__class__.__name__)
+            transport = getattr(request, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
 
     def _refusal(self, request: IRequest, failure: Failure) -> bytes:
         # handle_errors(Refusal) sends only Refusals here.
@@ -252,8 +314,8 @@ class AdminAPI:
     def _owned_elsewhere(self, request: IRequest, failure: Failure) -> bytes:
         owner = cast(OwnedElsewhere, failure.value)
         return render(request, Conflict("namespace_elsewhere",
-                                        f"that name belongs to cluster node {owner.node!r}; a backup or a "
-                                        "restore is made on that node's own admin API"), "admin")
+                                        f"that name belongs to cluster node {owner.node!r} now (it changed "
+                                        "owner while this call was relayed); retry"), "admin")
 
     def _route_not_found(self, request: IRequest, failure: Failure) -> bytes:
         return render(request, NotFound("not_found", "no such admin route"), "admin")
@@ -289,7 +351,7 @@ class AdminAPI:
         if self.cluster is None:
             raise NotFound("not_clustered", "this daemon is a single node (TURSO_CLUSTER_ETCD is not set)")
         view = self.cluster.describe()
-        if request.args.get(b"placements", [b""])[0] in (b"1", b"true"):
+        if _flag(request, b"placements"):
             view["placements"] = {name: placement.node
                                   for name, placement in sorted(self.cluster.placements.items())}
         return _json(request, view)
@@ -341,24 +403,36 @@ class AdminAPI:
         """
         Every live namespace; in a cluster, those of every node, each with
         its node (C{?local=true}: this node's only).  A node that is down
-        lists its names as C{"available": false}.
+        lists its names as C{"available": false}.  C{?bytes=true} adds the
+        bytes of each one's files (C{bytesOnDisk}).
         """
         records = sorted(self.manager, key=lambda record: record.name)
         listed = [self._describe(record) for record in records if not record.moving_in]
+        with_bytes = _flag(request, b"bytes")
+        if with_bytes:
+            data_dir = self.stats_view.data_dir
+            sizes = await deferToThread(lambda: [sum(names.data_file_sizes(data_dir, entry["name"]).values())
+                                                 for entry in listed])
+            for entry, size in zip(listed, sizes, strict=True):
+                entry["bytesOnDisk"] = size
         cluster = self.cluster
         if cluster is None or self.moves is None:
             return _json(request, {"namespaces": listed})
         for entry in listed:
             entry["node"] = cluster.node
-        if request.args.get(b"local", [b""])[0] not in (b"1", b"true"):
+        if not _flag(request, b"local") and self.relay is not None:
             headers = {key.lower(): values[0] for key, values in request.requestHeaders.getAllRawHeaders()}
+            others = sorted(set(cluster.nodes) - {cluster.node})
+            uri = b"/v1/namespaces?local=true" + (b"&bytes=true" if with_bytes else b"")
+            # Asked all at once: a slow node costs its own time, not the sum.
+            answers = await gatherResults([
+                Deferred.fromCoroutine(self.relay.call(node, b"GET", uri, headers)).addErrback(_unanswered)
+                for node in others])
             answered = {cluster.node}
-            for node in sorted(set(cluster.nodes) - {cluster.node}):
-                try:
-                    code, _, body = await self.moves.relay_admin(node, b"GET", b"/v1/namespaces?local=true",
-                                                                 headers, b"")
-                except Refusal:
+            for node, answer in zip(others, answers, strict=True):
+                if answer is None:
                     continue
+                code, body = answer
                 if code == 401:
                     raise Unauthorized("unauthorized", "the other nodes refuse this admin token")
                 if code == 200:

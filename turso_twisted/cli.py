@@ -369,7 +369,7 @@ def cmd_cluster(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     result = client.json("GET", "/v1/cluster")
     if not args.json:
         _table(result["nodes"], [("NODE", "name"), ("LIVE", "live"), ("NAMESPACES", "namespaces"),
-                                 ("URL", "url")], out)
+                                 ("BYTES", "bytes"), ("URL", "url")], out)
     return result
 
 
@@ -380,34 +380,51 @@ def cmd_move(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     return moved
 
 
-def rebalance_plan(placements: dict[str, str], live: Sequence[str],
-                   drain: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+def rebalance_plan(placements: dict[str, str], live: Sequence[str], drain: Sequence[str] = (),
+                   sizes: dict[str, int] | None = None) -> list[tuple[str, str, str]]:
     """
-    The moves that even out how many namespaces each live node owns (to
-    within one): (name, from, to).  The nodes in C{drain} give every name
-    away first and get none.  Names of nodes that are not live stay where
-    they are (they cannot be moved now).
+    The moves that even out the live nodes: (name, from, to).  Without
+    C{sizes}, by how many namespaces each owns (to within one); with them,
+    by bytes: each move goes from the fullest node to the emptiest, with
+    the name whose size comes closest to halving their difference, while
+    that narrows it.  The nodes in C{drain} give every name away first
+    and get none.  Names of nodes that are not live stay where they are
+    (they cannot be moved now).
     """
+
+    def weight(name: str) -> int:
+        return 1 if sizes is None else sizes.get(name, 0)
+
     owned: dict[str, list[str]] = {node: [] for node in live}
     for name, node in sorted(placements.items()):
         if node in owned:
             owned[node].append(name)
+    load = {node: sum(weight(name) for name in names_there) for node, names_there in owned.items()}
     plan = []
     leaving = {node: owned.pop(node) for node in drain if node in owned}
     for source, names_there in leaving.items():
-        for name in names_there:
+        for name in sorted(names_there, key=weight, reverse=True):
             if not owned:
                 break
-            target = min(sorted(owned), key=lambda node: len(owned[node]))
+            target = min(sorted(owned), key=lambda node: load[node])
             owned[target].append(name)
+            load[target] += weight(name)
             plan.append((name, source, target))
-    while owned:
-        most = max(sorted(owned), key=lambda node: len(owned[node]))
-        least = min(sorted(owned), key=lambda node: len(owned[node]))
-        if len(owned[most]) - len(owned[least]) <= 1:
+    for _ in range(len(placements)):
+        if not owned:
             break
-        name = owned[most].pop()
+        most = max(sorted(owned), key=lambda node: load[node])
+        least = min(sorted(owned), key=lambda node: load[node])
+        gap = load[most] - load[least]
+        # A move of w leaves the two |gap - 2w| apart: only 0 < w < gap narrows it.
+        fitting = [name for name in owned[most] if 0 < weight(name) < gap]
+        if not fitting:
+            break
+        name = min(reversed(fitting), key=lambda name: abs(gap - 2 * weight(name)))
+        owned[most].remove(name)
         owned[least].append(name)
+        load[most] -= weight(name)
+        load[least] += weight(name)
         plan.append((name, most, least))
     return plan
 
@@ -420,7 +437,11 @@ def cmd_rebalance(client: Client, args: argparse.Namespace, out: IO[str]) -> Any
         raise CommandFailed(f"not a live node of the cluster: {', '.join(unknown)}", EXIT_USAGE)
     if args.drain and len(set(args.drain)) >= len(live):
         raise CommandFailed("draining every live node leaves nowhere to move to", EXIT_USAGE)
-    plan = rebalance_plan(view.get("placements", {}), live, args.drain)
+    sizes = None
+    if args.by == "bytes":
+        sizes = {entry["name"]: entry.get("bytesOnDisk", 0)
+                 for entry in client.json("GET", "/v1/namespaces?bytes=true")["namespaces"]}
+    plan = rebalance_plan(view.get("placements", {}), live, args.drain, sizes)
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     for name, source, target in plan:
@@ -441,7 +462,8 @@ def cmd_rebalance(client: Client, args: argparse.Namespace, out: IO[str]) -> Any
     if not args.json:
         out.write(f"{len(plan)} move(s) planned" + ("" if args.dry_run else
                   f", {len(done)} done, {len(failed)} failed") + "\n")
-    result = {"plan": [{"name": n, "from": f, "to": t} for n, f, t in plan], "moved": done, "failed": failed}
+    result = {"by": args.by, "plan": [{"name": n, "from": f, "to": t} for n, f, t in plan], "moved": done,
+              "failed": failed}
     if failed:
         raise _Partial(result)
     return result
@@ -525,8 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("cluster", cmd_cluster, "list the nodes of the cluster", with_name=False)
     move = command("move", cmd_move, "move a namespace to another node of the cluster")
     move.add_argument("node", help="the node to move it to")
-    rebalance = command("rebalance", cmd_rebalance, "even out how many namespaces each live node owns",
+    rebalance = command("rebalance", cmd_rebalance, "even out the live nodes, by namespaces or by bytes",
                         with_name=False)
+    rebalance.add_argument("--by", choices=("count", "bytes"), default="count",
+                           help="even out how many namespaces each node owns (count, the default) or the "
+                                "bytes each holds")
     rebalance.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     rebalance.add_argument("--drain", action="append", default=[], metavar="NODE",
                            help="move every namespace off this node (repeat for more), to remove it")

@@ -40,6 +40,7 @@ from .etcd import (
     created_at,
     delete,
     get,
+    leased_by,
     modified_at,
     put,
 )
@@ -94,10 +95,17 @@ class Placement:
 
 @attrs.frozen
 class Node:
-    """A live node and where its peers reach it."""
+    """A live node, where its peers reach it, and the bytes it holds (as it last reported them)."""
 
     name: str
     url: str
+    bytes_held: int | None = None
+
+    def to_value(self) -> bytes:
+        report: dict[str, Any] = {"url": self.url}
+        if self.bytes_held is not None:
+            report["bytes"] = self.bytes_held
+        return json.dumps(report, separators=(",", ":")).encode()
 
 
 @attrs.define(eq=False)
@@ -110,6 +118,12 @@ class Cluster:
     node: str
     url: str
     lease_ttl: int = 10
+    #: Which node a new name is placed on (see L{choose}).
+    placement: str = "local"
+    #: Measures the bytes this node holds, reported every C{report_interval}
+    #: seconds (for C{least-bytes} placement, rebalancing and C{/v1/cluster}).
+    measure: Callable[[], Deferred[int]] | None = None
+    report_interval: float = 30.0
     placements: dict[str, Placement] = attrs.field(factory=dict)
     nodes: dict[str, Node] = attrs.field(factory=dict)
     #: Whether the view follows etcd now (the watch runs).
@@ -122,6 +136,8 @@ class Cluster:
     _lease: int = 0
     _watch: Watch | None = None
     _renewal: LoopingCall | None = None
+    _reporting: LoopingCall | None = None
+    _bytes: int | None = None
     _log = Logger()
 
     # -- keys --------------------------------------------------------------------
@@ -158,11 +174,16 @@ class Cluster:
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = self.reactor
         self._renewal.start(max(1.0, self.lease_ttl / 3), now=False)
+        if self.measure is not None:
+            self._reporting = LoopingCall(self._report)
+            self._reporting.clock = self.reactor
+            self._reporting.start(self.report_interval, now=True)
 
     async def leave(self) -> None:
         """Stop following, and drop this node's key (its names become unavailable at once)."""
-        if self._renewal is not None and self._renewal.running:
-            self._renewal.stop()
+        for looping in (self._renewal, self._reporting):
+            if looping is not None and looping.running:
+                looping.stop()
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
@@ -185,20 +206,20 @@ class Cluster:
         """
         lease = await self.etcd.grant(self.lease_ttl)
         key = self._node_key(self.node)
-        result = await self.etcd.txn([created_at(key, 0)],
-                                     [put(key, json.dumps({"url": self.url}).encode(), lease)], [])
+        me = Node(self.node, self.url, self._bytes)
+        result = await self.etcd.txn([created_at(key, 0)], [put(key, me.to_value(), lease)], [])
         if not result.succeeded:
             await self.etcd.revoke(lease)
             raise NodeNameTaken(f"node name {self.node!r} is held in etcd by another lease (another process "
                                 f"with TURSO_NODE_NAME={self.node}, or this node's previous run until its "
                                 f"lease of {self.lease_ttl} s ends)")
         self._lease = lease
-        self.nodes[self.node] = Node(self.node, self.url)
+        self.nodes[self.node] = me
 
     async def _load(self) -> None:
         kvs, revision = await self.etcd.range(self._root, prefix=True)
         self.placements.clear()
-        self.nodes = {self.node: Node(self.node, self.url)}
+        self.nodes = {self.node: Node(self.node, self.url, self._bytes)}
         for kv in kvs:
             self._apply(kv, deleted=False)
         if self._watch is not None:
@@ -222,6 +243,31 @@ class Cluster:
                 self._log.failure("renewing this node's cluster lease failed")
 
         return Deferred.fromCoroutine(renew())
+
+    def _report(self) -> Deferred[None]:
+        """Measure the bytes this node holds, and put them in its key if they changed."""
+
+        async def report() -> None:
+            assert self.measure is not None
+            try:
+                held = await self.measure()
+                if held == self._bytes or not self._lease:
+                    return
+                key = self._node_key(self.node)
+                me = Node(self.node, self.url, held)
+                # Only into this node's own key, under its own lease.
+                result = await self.etcd.txn([leased_by(key, self._lease)],
+                                             [put(key, me.to_value(), self._lease)], [])
+                if result.succeeded:
+                    self._bytes = held
+                    self.nodes[self.node] = me
+            except (EtcdUnavailable, EtcdError) as error:
+                self._log.warn("cannot report this node's bytes to the cluster: {error}", error=str(error))
+            except Exception:
+                # The reports must go on whatever happened this time.
+                self._log.failure("reporting this node's bytes to the cluster failed")
+
+        return Deferred.fromCoroutine(report())
 
     # -- following changes -------------------------------------------------------
 
@@ -258,13 +304,16 @@ class Cluster:
                 self._log.warn("cluster node {node} left", node=node)
                 return
             try:
-                url = str(json.loads(kv.value)["url"])
-            except (ValueError, KeyError, TypeError):
+                report = json.loads(kv.value)
+                url = str(report["url"])
+                held = report.get("bytes")
+                held = None if held is None else int(held)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 self._log.error("unreadable node entry {node} in etcd; ignored", node=node)
                 return
             if node not in self.nodes:
                 self._log.info("cluster node {node} joined at {url}", node=node, url=url)
-            self.nodes[node] = Node(node, url)
+            self.nodes[node] = Node(node, url, held)
 
     def _lost(self, error: Exception) -> None:
         if self.following:
@@ -309,6 +358,30 @@ class Cluster:
         if node is None:
             raise owner_unavailable(name, placement.node)
         raise OwnedElsewhere(node.name, node.url)
+
+    def counts(self) -> dict[str, int]:
+        """How many names each node owns (live or not)."""
+        counts: dict[str, int] = {}
+        for placement in self.placements.values():
+            counts[placement.node] = counts.get(placement.node, 0) + 1
+        return counts
+
+    def choose(self) -> str:
+        """
+        The node a new name goes to, by this cluster's placement policy:
+        this one (C{local}), or the live node that owns the fewest names
+        (C{least-namespaces}) or holds the fewest bytes (C{least-bytes}).
+        Every node reads the same etcd, so nodes asked for one new name at
+        once mostly choose alike; where not, one placement still wins.
+        """
+        if self.placement == "local" or len(self.nodes) < 2:
+            return self.node
+        if self.placement == "least-bytes":
+            weight = {name: node.bytes_held or 0 for name, node in self.nodes.items()}
+        else:
+            counts = self.counts()
+            weight = {name: counts.get(name, 0) for name in self.nodes}
+        return min(sorted(weight), key=lambda name: weight[name])
 
     async def place(self, name: str, namespace_id: str) -> Placement:
         """
@@ -386,15 +459,15 @@ class Cluster:
             del self.placements[name]
 
     def describe(self) -> dict[str, Any]:
-        """The per-node view: nodes, and how many names each owns."""
-        counts: dict[str, int] = {}
-        for placement in self.placements.values():
-            counts[placement.node] = counts.get(placement.node, 0) + 1
+        """The per-node view: nodes, whether each is live, how many names each owns, its bytes."""
+        counts = self.counts()
         nodes = set(self.nodes) | set(counts)
         return {
             "node": self.node,
             "following": self.following,
+            "placement": self.placement,
             "nodes": [{"name": node, "url": self.nodes[node].url if node in self.nodes else None,
-                       "live": node in self.nodes, "namespaces": counts.get(node, 0)}
+                       "live": node in self.nodes, "namespaces": counts.get(node, 0),
+                       "bytes": self.nodes[node].bytes_held if node in self.nodes else None}
                       for node in sorted(nodes)],
         }

@@ -155,6 +155,17 @@ def _confine_mode(text: str) -> str:
     return mode
 
 
+#: Where a new name is placed in a cluster (see L{turso_twisted.cluster.Cluster.choose}).
+PLACEMENTS = ("local", "least-namespaces", "least-bytes")
+
+
+def _placement(text: str) -> str:
+    policy = text.strip().lower()
+    if policy not in PLACEMENTS:
+        raise ValueError("expected " + ", ".join(PLACEMENTS[:-1]) + " or " + PLACEMENTS[-1])
+    return policy
+
+
 def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -256,6 +267,10 @@ SETTINGS: tuple[Setting, ...] = (
             "one node, no cluster)"),
     Setting("TURSO_CLUSTER_PREFIX", "cluster-prefix", "/turso-server", _prefix,
             "The etcd key prefix of this cluster (several clusters can share one etcd)"),
+    Setting("TURSO_CLUSTER_PLACEMENT", "cluster-placement", "local", _placement,
+            "Which node a new name is placed on: local (the node its first request or create call "
+            "reached), least-namespaces or least-bytes (the live node that owns the fewest, or holds "
+            "the fewest bytes)"),
     Setting("TURSO_NODE_NAME", "node-name", "", _node_name,
             "This node's name in the cluster, unique and stable (empty: the host name; in Kubernetes "
             "the pod name)"),
@@ -315,6 +330,7 @@ class Config:
     shutdown_timeout: float
     cluster_etcd: tuple[str, ...]
     cluster_prefix: str
+    cluster_placement: str
     node_name: str
     cluster_addr: Address
     node_url: str

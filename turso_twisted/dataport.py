@@ -22,6 +22,7 @@ L{PIPELINE_DEPTH} of them wait.
 from __future__ import annotations
 
 import hmac
+import io
 import os
 import tempfile
 from collections import deque
@@ -145,6 +146,13 @@ class DataRequest:
             return b"".join(self._chunks)
         self._spool.seek(0)
         return self._spool.read()
+
+    def body_file(self) -> BinaryIO:
+        """The body as a file from its start, to stream on (a large one stays on disk)."""
+        if self._spool is None:
+            return io.BytesIO(b"".join(self._chunks))
+        self._spool.seek(0)
+        return self._spool
 
     # -- the answer ----------------------------------------------------------------
 

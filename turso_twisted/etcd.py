@@ -105,6 +105,11 @@ def modified_at(key: bytes, revision: int) -> dict[str, Any]:
     return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
 
 
+def leased_by(key: bytes, lease: int) -> dict[str, Any]:
+    """A transaction comparison: C{key} exists under C{lease}."""
+    return {"key": _b64(key), "target": "LEASE", "result": "EQUAL", "lease": str(lease)}
+
+
 def put(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
     """A transaction operation: put C{value} at C{key}."""
     request: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}

@@ -62,19 +62,9 @@ TRANSFER_TIMEOUT = 3600.0
 _KINDS = {400: "Invalid", 401: "Unauthorized", 404: "NotFound", 409: "Conflict", 413: "TooLarge",
           422: "Unprocessable", 504: "TimedOut"}
 
-#: How long a relayed admin call may take (a delete waits for requests in flight).
-ADMIN_TIMEOUT = 120.0
-
 #: How many times (a second apart) a move whose switch got no answer reads
 #: the placement back before leaving the name fenced for later.
 OUTCOME_READS = 10
-
-#: Names the node that relayed a request or an admin call (one that is
-#: relayed is never relayed again).
-RELAYED_BY_HEADER = b"x-turso-relayed-by"
-
-#: The headers of an admin call that go along when it is relayed.
-_ADMIN_HEADERS = frozenset({b"authorization", b"content-type"})
 
 
 def _json(request: DataRequest, code: int, document: dict[str, Any]) -> None:
@@ -102,8 +92,6 @@ class Moves:
     scratch_dir: str
     token: str = attrs.field(repr=False)
     outgoing: dict[str, Outgoing] = attrs.field(factory=dict)
-    #: This node's own admin port, where relayed admin calls are made (set once bound).
-    admin_url: str = ""
     http: Any = None
     _log = Logger()
 
@@ -440,53 +428,11 @@ class Moves:
             else:
                 raise NotFound("not_found", "no such cluster endpoint")
             return _json(request, 200, {"ok": True})
-        if parts[0] == b"admin":
-            return await self._admin_here(request)
         if request.method == b"POST" and len(parts) == 2 and parts[0] == b"move":
             document = json.loads(request.body or b"{}")
             moved = await self.move(names.validate(parts[1]), str(document.get("to", "")))
             return _json(request, 200, moved)
         raise NotFound("not_found", "no such cluster endpoint")
-
-    # -- admin calls for names another node owns -----------------------------------
-
-    async def relay_admin(self, owner: str, method: bytes, uri: bytes, headers: dict[bytes, bytes],
-                          body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-        """
-        Send an admin call to the node that owns its namespace (over its
-        internal listener; it makes the call on its own admin port, which
-        checks the admin token); fire with its status, headers and body.
-        """
-        node = self.cluster.nodes.get(owner)
-        if node is None:
-            raise owner_unavailable(uri.decode("latin-1"), owner)
-        sent = {PEER_TOKEN_HEADER: self.token.encode(), RELAYED_BY_HEADER: self.cluster.node.encode(),
-                **{key: value for key, value in headers.items() if key in _ADMIN_HEADERS}}
-        try:
-            response = await self.http.request(method.decode(), f"{node.url}/_cluster/v1/admin{uri.decode()}",
-                                               headers=sent, data=body or None, timeout=ADMIN_TIMEOUT)
-            answer = await response.content()
-        except Exception as error:
-            raise Unavailable("owner_unavailable", f"node {owner!r} did not answer: "
-                              f"{error.__class__.__name__}", retry_after=5) from None
-        kept = {key: value[0] for key, value in response.headers.getAllRawHeaders()
-                if key.lower() in (b"content-type", b"retry-after", b"www-authenticate")}
-        return response.code, kept, answer
-
-    async def _admin_here(self, request: DataRequest) -> None:
-        """An admin call another node relayed: made on this node's own admin port."""
-        if not self.admin_url:
-            raise Unavailable("node_starting", "this node is starting", retry_after=1)
-        uri = request.target[len(PREFIX) + len(b"admin"):]
-        headers = {key.lower(): value for key, value in request.headers
-                   if key.lower() in _ADMIN_HEADERS | {RELAYED_BY_HEADER}}
-        response = await self.http.request(request.method.decode(), self.admin_url + uri.decode(),
-                                           headers=headers, data=request.body or None,
-                                           timeout=ADMIN_TIMEOUT)
-        answer = await response.content()
-        kept = [(key.lower(), value[0]) for key, value in response.headers.getAllRawHeaders()
-                if key.lower() in (b"content-type", b"retry-after", b"www-authenticate")]
-        request.respond(response.code, response.phrase or b"", kept, answer)
 
     async def _send_file(self, request: DataRequest, name: str, file: str) -> None:
         outgoing = self.outgoing.get(name)

@@ -3,8 +3,10 @@ Cluster mode on the data path: a request for a name this node owns is
 served here; one for a name another live node owns is relayed there, one
 hop, over that node's internal listener; one whose owner is down gets 503
 C{owner_unavailable}, and is never served from an empty namespace made
-here.  A new name is placed on the node that creates it, by an etcd
-transaction (L{ClusterPlacer}), before any file of it exists.
+here.  A new name is placed by an etcd transaction (L{ClusterPlacer}),
+before any file of it exists, on the node that creates it: the one its
+first request reached, or the one the placement policy chose, which that
+request is relayed to.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .adminrelay import RELAYED_BY_HEADER
 from .channel import BackendResponse
 from .cluster import Cluster, OwnedElsewhere, owner_unavailable
 from .config import Config
 from .dataport import PEER_TOKEN_HEADER, DataRequest
 from .errors import NotFound, Refusal, Unavailable
-from .moves import RELAYED_BY_HEADER, Moves
+from .moves import Moves
 from .namespaces import Placer
 from .proxy import (
     HANDED_OVER_HEADERS_DROPPED,
@@ -95,16 +98,18 @@ class ClusterGate:
     moves: Moves | None = None
     _log = Logger()
 
-    def admit(self, name: str) -> Deferred[None]:
+    def admit(self, name: str, choose: bool = False) -> Deferred[None]:
         """
         Fire once C{name} may be served here (claiming it first if this
-        node holds it with no placement).
+        node holds it with no placement).  With C{choose}, a new name goes
+        to the node the cluster's placement policy chooses (a request
+        relayed here already is not sent on: it is placed here).
 
-        @raise OwnedElsewhere: another live node owns it.
+        @raise OwnedElsewhere: another live node owns it, or is to make it.
         @raise Refusal: it may not be served now.
         """
         try:
-            unplaced = self.check(name)
+            unplaced = self.check(name, choose)
         except (OwnedElsewhere, Refusal) as error:
             return fail(error)
         if unplaced is not None:
@@ -113,7 +118,7 @@ class ClusterGate:
             return self.placer.claim(name, unplaced.id)
         return succeed(None)
 
-    def check(self, name: str) -> NamespaceRecord | None:
+    def check(self, name: str, choose: bool = False) -> NamespaceRecord | None:
         """
         Whether this node may serve C{name} now; the local record to claim
         first if it has no placement.
@@ -129,6 +134,11 @@ class ClusterGate:
                                   "shortly", retry_after=1)
             self.moves.settle(name)
         record = self.state.records.get(name)
+        if record is None and choose and self.cluster.owner(name) is None:
+            target = self.cluster.choose()
+            if target != self.cluster.node and target in self.cluster.nodes:
+                node = self.cluster.nodes[target]
+                raise OwnedElsewhere(node.name, node.url)
         if record is None or record.moving_in:
             return None
         if record.moving_to is not None:
@@ -167,7 +177,7 @@ class ClusterNamespaces:
 
     def admit(self, name: str, access: Access, writes: bool, probe: CreationProbe,
               here: bool = False) -> Deferred[ChildLease]:
-        admitted: Deferred[Any] = self.gate.admit(name)
+        admitted: Deferred[Any] = self.gate.admit(name, choose=not self.relayed)
         admitted.addCallback(lambda _: self.local.admit(name, access, writes, probe, here))
         admitted.addErrback(self._moved_meanwhile, name)
         if self.relayed:

@@ -19,11 +19,14 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import jsonlog, names
 from .admin import AdminAPI, Readiness
+from .adminrelay import PREFIX as ADMIN_RELAY_PREFIX
+from .adminrelay import AdminRelay
 from .archival import Archival
 from .archive import Archiver
 from .auth import BearerToken
@@ -128,15 +131,18 @@ class TursoService(Service):
         self.cluster: Cluster | None = None
         self.moves: Moves | None = None
         self.gate: ClusterGate | None = None
+        self.admin_relay: AdminRelay | None = None
         self.cluster_port: DataPort | None = None
         self.data_auth = self._data_auth()
         if config.clustered:
             self.cluster = Cluster(reactor, Etcd(reactor, config.cluster_etcd), config.cluster_prefix,
-                                   config.node_name, config.node_url)
+                                   config.node_name, config.node_url, placement=config.cluster_placement,
+                                   measure=self._bytes_held)
             self.admission.placer = ClusterPlacer(self.cluster, self._archived_ids)
             self.moves = Moves(reactor, self.cluster, self.archival, state, config.data_dir, scratch,
                                config.cluster_token)
             self.gate = ClusterGate(self.cluster, state, self.admission.placer, self.moves)
+            self.admin_relay = AdminRelay(reactor, self.cluster, config.cluster_token)
         #: The data port: served here (one process), or by data workers.
         self.data_port: DataPort | None = None
         self.workers: WorkerPool | None = None
@@ -156,7 +162,7 @@ class TursoService(Service):
         self.admin = AdminAPI(self.manager, self.archival, self.stats, admin_token, self.readiness,
                               self.backups, self.metrics, metrics_public=config.metrics_public,
                               gather=None if self.workers is None else self.workers.gather,
-                              cluster=self.cluster, moves=self.moves)
+                              cluster=self.cluster, moves=self.moves, relay=self.admin_relay)
         self.admin_site = CappedSite(self.admin.resource(), config.max_restore_bytes, admin_token,
                                      limit_name="TURSO_MAX_RESTORE_BYTES", scratch_dir=scratch)
         self.ports: dict[str, IListeningPort] = {}
@@ -208,10 +214,22 @@ class TursoService(Service):
         self.cluster_plane = DataPlane(reactor, namespaces, self.stats, self.metrics,
                                        access_log=config.access_log, scratch_dir=scratch, budget=budget,
                                        auth=self.data_auth, forward=forward)
+        # Bodies up to a restore's cap: relayed admin calls bring restores
+        # (the relaying node capped a data request's body already).
         self.cluster_port = DataPort(reactor, self._internal, self.cluster_plane.refused_at_headers,
-                                     self.data_auth, config.max_body_bytes, scratch_dir=scratch,
+                                     self.data_auth, max(config.max_body_bytes, config.max_restore_bytes),
+                                     scratch_dir=scratch,
                                      idle_timeout=config.client_idle_timeout,
                                      peer_token=config.cluster_token.encode())
+
+    def _bytes_held(self) -> Deferred[int]:
+        """The bytes of every namespace's files on this node (measured off the reactor)."""
+        data_dir, held = self.config.data_dir, list(self.state.records)
+
+        def measure() -> int:
+            return sum(sum(names.data_file_sizes(data_dir, name).values()) for name in held)
+
+        return deferToThread(measure)
 
     def _archived_ids(self, name: str) -> Deferred[set[str]]:
         """The ids of C{name}'s incarnations in this node's archive."""
@@ -221,8 +239,10 @@ class TursoService(Service):
 
     def _internal(self, request: DataRequest) -> None:
         """The internal listener: the cluster's own endpoints, and requests other nodes relay."""
-        assert self.moves is not None
-        if request.target.startswith(MOVES_PREFIX):
+        assert self.moves is not None and self.admin_relay is not None
+        if request.target.startswith(ADMIN_RELAY_PREFIX):
+            self.admin_relay.serve(request)
+        elif request.target.startswith(MOVES_PREFIX):
             self.moves.serve(request)
         else:
             self.cluster_plane.handle(request)
@@ -265,10 +285,10 @@ class TursoService(Service):
                 raise SystemExit(1) from None
         if self.cluster is not None:
             self.cluster.url = self._node_url()
-            assert self.moves is not None
+            assert self.admin_relay is not None
             admin = cast("IPv4Address | IPv6Address", self.ports["admin"].getHost())
             host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
-            self.moves.admin_url = f"http://{f'[{host}]' if ':' in host else host}:{admin.port}"
+            self.admin_relay.admin_url = f"http://{f'[{host}]' if ':' in host else host}:{admin.port}"
         self._bound = True
         super().privilegedStartService()
 

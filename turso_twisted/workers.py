@@ -294,7 +294,7 @@ class WorkerPool:
                      facts_json: dict[str, Any], dead_port: int | None, here: bool = False) -> dict[str, Any]:
         try:
             if self.gate is not None:
-                await self.gate.admit(name)
+                await self.gate.admit(name, choose=not here)
             return await self._lease_here(worker, name, access_json, writes, facts_json, dead_port, here)
         except OwnedElsewhere as owner:
             if here:

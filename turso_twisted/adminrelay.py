@@ -1,0 +1,187 @@
+"""
+Admin calls about another cluster node's names, made on that node.
+
+Any node's admin API answers for the whole cluster: a call about a name
+that another node owns goes to that node's internal listener (with the
+cluster token), which makes it on its own admin port, where the admin
+token is checked, and answers with what that port answered.  A relayed
+call is never relayed again.
+
+Bodies stream both ways under flow control, so a backup or a restore of
+gigabytes holds one buffer in memory on each hop, not the file.
+"""
+
+from __future__ import annotations
+
+import io
+import typing
+from typing import Any, BinaryIO, cast
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+from .cluster import Cluster, owner_unavailable
+from .dataport import PEER_ONLY_PREFIX, PEER_TOKEN_HEADER, DataRequest
+from .errors import Refusal, Unavailable
+
+#: Where relayed admin calls arrive on the internal listener.
+PREFIX = PEER_ONLY_PREFIX + b"v1/admin"
+
+#: Names the node that relayed a request or an admin call (one that is
+#: relayed is never relayed again).
+RELAYED_BY_HEADER = b"x-turso-relayed-by"
+
+#: How long a relayed admin call may take to be answered (a delete waits
+#: for requests in flight); a backup or a restore, which copies a whole
+#: database before it answers, may take as long as a move's transfer.
+ADMIN_TIMEOUT = 120.0
+TRANSFER_TIMEOUT = 3600.0
+
+#: The headers of an admin call that go along when it is relayed.
+_CALL_HEADERS = frozenset({b"authorization", b"content-type"})
+#: The headers of its answer that come back (the length is set by each hop).
+_ANSWER_HEADERS = frozenset({b"content-type", b"retry-after", b"www-authenticate", b"content-disposition",
+                             b"x-backup-sha256", b"x-backup-namespace-id"})
+
+
+def timeout_for(uri: bytes) -> float:
+    """How long the call to C{uri} may take to be answered."""
+    path = uri.partition(b"?")[0]
+    return TRANSFER_TIMEOUT if path.endswith((b"/backup", b"/restore")) else ADMIN_TIMEOUT
+
+
+def answer_headers(response: IResponse) -> list[tuple[bytes, bytes]]:
+    """The headers of C{response} that a relayed answer keeps."""
+    return [(key.lower(), values[0]) for key, values in response.headers.getAllRawHeaders()
+            if key.lower() in _ANSWER_HEADERS]
+
+
+class Consumer(typing.Protocol):
+    """Where a piped body goes: a twisted.web request, or a data port request."""
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+class _Pipe(Protocol):
+    """A response body, written on to a consumer as it comes, paused while the consumer is full."""
+
+    def __init__(self, consumer: Consumer, done: Deferred[None]) -> None:
+        self.consumer, self.done = consumer, done
+
+    def connectionMade(self) -> None:
+        # The body's transport is a push producer: the consumer pauses it.
+        self.consumer.registerProducer(cast(IPushProducer, self.transport), True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.consumer.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.consumer.unregisterProducer()
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+def pipe(response: IResponse, consumer: Consumer) -> Deferred[None]:
+    """Write C{response}'s body to C{consumer}; fires when it is all written, fails if it broke off."""
+    done: Deferred[None] = Deferred()
+    response.deliverBody(_Pipe(consumer, done))
+    return done
+
+
+@attrs.define(eq=False)
+class AdminRelay:
+    """This node's side of relayed admin calls: sending them, and making those sent here."""
+
+    reactor: IReactorTime
+    cluster: Cluster
+    token: str = attrs.field(repr=False)
+    #: This node's own admin port, where calls sent here are made (set once bound).
+    admin_url: str = ""
+    http: Any = None
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        if self.http is None:
+            pool = HTTPConnectionPool(self.reactor, persistent=False)
+            self.http = HTTPClient(Agent(self.reactor, pool=pool))
+
+    async def send(self, owner: str, method: bytes, uri: bytes, headers: dict[bytes, bytes],
+                   body: BinaryIO | None = None) -> IResponse:
+        """
+        Make an admin call on node C{owner}; fire with its answer, whose
+        body is still to be read (L{pipe} it, or read it whole).
+
+        @raise Unavailable: (C{owner_unavailable}) if the node is not live or does not answer.
+        """
+        node = self.cluster.nodes.get(owner)
+        if node is None:
+            raise owner_unavailable(uri.decode("latin-1"), owner)
+        sent = {PEER_TOKEN_HEADER: self.token.encode(), RELAYED_BY_HEADER: self.cluster.node.encode(),
+                **{key: value for key, value in headers.items() if key in _CALL_HEADERS}}
+        try:
+            response = await self.http.request(method.decode(), f"{node.url}{PREFIX.decode()}{uri.decode()}",
+                                               headers=sent, data=FileBodyProducer(body or io.BytesIO()),
+                                               timeout=timeout_for(uri), unbuffered=True)
+        except Exception as error:
+            raise Unavailable("owner_unavailable", f"node {owner!r} did not answer: "
+                              f"{error.__class__.__name__}", retry_after=5) from None
+        return cast(IResponse, response)
+
+    async def call(self, owner: str, method: bytes, uri: bytes,
+                   headers: dict[bytes, bytes]) -> tuple[int, bytes]:
+        """Make a small admin call on node C{owner}; fire with its status and body."""
+        response = await self.send(owner, method, uri, headers)
+        try:
+            return response.code, await treq.content(response)
+        except Exception as error:
+            raise Unavailable("owner_unavailable", f"node {owner!r} broke off its answer: "
+                              f"{error.__class__.__name__}", retry_after=5) from None
+
+    # -- calls relayed here ----------------------------------------------------------
+
+    def serve(self, request: DataRequest) -> None:
+        """Make a call another node relayed here (the peer token was checked) on this node's admin port."""
+        Deferred.fromCoroutine(self._serve(request)).addErrback(self._failed, request)
+
+    async def _serve(self, request: DataRequest) -> None:
+        if not self.admin_url:
+            raise Unavailable("node_starting", "this node is starting", retry_after=1)
+        uri = request.target[len(PREFIX):]
+        headers = {key.lower(): value for key, value in request.headers
+                   if key.lower() in _CALL_HEADERS | {RELAYED_BY_HEADER}}
+        response = await self.http.request(request.method.decode(), self.admin_url + uri.decode(),
+                                           headers=headers, data=FileBodyProducer(request.body_file()),
+                                           timeout=timeout_for(uri), unbuffered=True)
+        kept = answer_headers(response)
+        if response.length is UNKNOWN_LENGTH:
+            request.respond(response.code, response.phrase or b"", kept, await treq.content(response))
+            return
+        request.begin(response.code, response.phrase or b"", kept, response.length)
+        await pipe(response, request)
+        request.finish()
+
+    def _failed(self, failure: Failure, request: DataRequest) -> None:
+        error = failure.value
+        if not isinstance(error, Refusal):
+            self._log.warn("a relayed admin call to {target} failed: {error}",
+                           target=request.target.decode("latin-1"), error=f"{error.__class__.__name__}")
+            error = Unavailable("admin_unavailable", "this node's admin port did not answer the relayed call",
+                                retry_after=5)
+        if request.started:
+            request.abort()
+        else:
+            request.refuse(error)
