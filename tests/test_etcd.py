@@ -111,6 +111,38 @@ class ClusterViewTests(TestCase):
         return cluster
 
     @inlineCallbacks
+    def test_a_watch_that_fell_behind_is_opened_again(self) -> Any:
+        a = yield self.member("a")
+        b = yield self.member("b")
+        yield wait_for(lambda: set(a.nodes) == {"a", "b"}, "a to see b")
+        watch = a._watch
+        # A dead connection that never closes: nothing it would bring is read.
+        watch._stream.transport.pauseProducing()
+        yield Deferred.fromCoroutine(b.place("late", "id-1"))
+        yield a._check_watch()
+        self.assertIsNone(a.owner("late"))
+        yield a._check_watch()  # a second check, still behind: opened again
+        yield wait_for(lambda: a.owner("late") is not None, "a to see the placement after all")
+        self.assertIs(a._watch, watch)
+        # Caught up: checks find nothing to do.
+        yield a._check_watch()
+        yield a._check_watch()
+        self.assertFalse(a._behind)
+
+    @inlineCallbacks
+    def test_the_first_read_is_paged(self) -> Any:
+        etcd = Etcd(reactor, [self.server.url])
+        self.addCleanup(etcd.close)
+        for index in range(7):
+            yield Deferred.fromCoroutine(etcd.put(b"/p/k%d" % index, b"v"))
+        yield Deferred.fromCoroutine(etcd.put(b"/q", b"outside"))
+        kvs, revision = yield Deferred.fromCoroutine(etcd.range_all(b"/p/", page=3))
+        self.assertEqual([kv.key for kv in kvs], [b"/p/k%d" % index for index in range(7)])
+        self.assertEqual(revision, max(kv.mod_revision for kv in kvs) + 1)
+        count, newest = yield Deferred.fromCoroutine(etcd.newest(b"/p/"))
+        self.assertEqual((count, newest), (7, kvs[-1].mod_revision))
+
+    @inlineCallbacks
     def test_nodes_report_their_bytes_and_new_names_go_where_the_policy_says(self) -> Any:
         held = {"a": 5000, "b": 200, "c": 900}
 

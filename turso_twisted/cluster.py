@@ -124,6 +124,10 @@ class Cluster:
     #: seconds (for C{least-bytes} placement, rebalancing and C{/v1/cluster}).
     measure: Callable[[], Deferred[int]] | None = None
     report_interval: float = 30.0
+    #: How often the watch is checked against etcd: one that has fallen
+    #: behind on two checks in a row (a half-open connection delivers
+    #: nothing, and says nothing) is opened again.
+    check_interval: float = 30.0
     placements: dict[str, Placement] = attrs.field(factory=dict)
     nodes: dict[str, Node] = attrs.field(factory=dict)
     #: Whether the view follows etcd now (the watch runs).
@@ -137,7 +141,11 @@ class Cluster:
     _watch: Watch | None = None
     _renewal: LoopingCall | None = None
     _reporting: LoopingCall | None = None
+    _checking: LoopingCall | None = None
     _bytes: int | None = None
+    #: Every key under the prefix as the watch saw it (set against etcd's count).
+    _keys: set[bytes] = attrs.field(factory=set)
+    _behind: bool = False
     _log = Logger()
 
     # -- keys --------------------------------------------------------------------
@@ -150,7 +158,8 @@ class Cluster:
     def _node_prefix(self) -> bytes:
         return f"{self.prefix}/nodes/".encode()
 
-    def _ns_key(self, name: str) -> bytes:
+    def namespace_key(self, name: str) -> bytes:
+        """The etcd key of C{name}'s placement."""
         return self._ns_prefix + name.encode()
 
     def _node_key(self, node: str) -> bytes:
@@ -178,10 +187,13 @@ class Cluster:
             self._reporting = LoopingCall(self._report)
             self._reporting.clock = self.reactor
             self._reporting.start(self.report_interval, now=True)
+        self._checking = LoopingCall(self._check_watch)
+        self._checking.clock = self.reactor
+        self._checking.start(self.check_interval, now=False)
 
     async def leave(self) -> None:
         """Stop following, and drop this node's key (its names become unavailable at once)."""
-        for looping in (self._renewal, self._reporting):
+        for looping in (self._renewal, self._reporting, self._checking):
             if looping is not None and looping.running:
                 looping.stop()
         if self._watch is not None:
@@ -217,8 +229,9 @@ class Cluster:
         self.nodes[self.node] = me
 
     async def _load(self) -> None:
-        kvs, revision = await self.etcd.range(self._root, prefix=True)
+        kvs, revision = await self.etcd.range_all(self._root)
         self.placements.clear()
+        self._keys.clear()
         self.nodes = {self.node: Node(self.node, self.url, self._bytes)}
         for kv in kvs:
             self._apply(kv, deleted=False)
@@ -280,6 +293,10 @@ class Cluster:
                 self._log.failure("applying a cluster change to {key} failed", key=event.kv.key.decode())
 
     def _apply(self, kv: KeyValue, deleted: bool) -> None:
+        if deleted:
+            self._keys.discard(kv.key)
+        else:
+            self._keys.add(kv.key)
         if kv.key.startswith(self._ns_prefix):
             name = kv.key[len(self._ns_prefix):].decode()
             if deleted:
@@ -314,6 +331,35 @@ class Cluster:
             if node not in self.nodes:
                 self._log.info("cluster node {node} joined at {url}", node=node, url=url)
             self.nodes[node] = Node(node, url, held)
+
+    def _check_watch(self) -> Deferred[None]:
+        """
+        Compare the watch with etcd: a change newer than it delivered, or
+        another count of keys, on two checks in a row (one may cross a
+        change in flight) means its connection is dead without having
+        closed; it is opened again from what it saw.
+        """
+
+        async def check() -> None:
+            watch = self._watch
+            if watch is None or not self.following:
+                self._behind = False
+                return
+            try:
+                count, newest = await self.etcd.newest(self._root)
+            except (EtcdUnavailable, EtcdError):
+                return  # the watch finds that out itself
+            behind = newest > watch.seen or count != len(self._keys)
+            if behind and self._behind and watch is self._watch:
+                self._log.warn("the watch on the cluster's etcd fell behind (newest change {newest}, "
+                               "seen {seen}; {count} keys, {known} known); opening it again",
+                               newest=newest, seen=watch.seen, count=count, known=len(self._keys))
+                watch.reopen()
+                behind = False
+            self._behind = behind
+
+        return Deferred.fromCoroutine(check()).addErrback(
+            lambda failure: self._log.failure("checking the cluster watch failed", failure))
 
     def _lost(self, error: Exception) -> None:
         if self.following:
@@ -390,7 +436,7 @@ class Cluster:
 
         @raise Unavailable: (C{cluster_unavailable}) if etcd cannot be reached.
         """
-        key = self._ns_key(name)
+        key = self.namespace_key(name)
         mine = Placement(self.node, namespace_id)
         try:
             result = await self.etcd.txn([created_at(key, 0)], [put(key, mine.to_value())], [get(key)])
@@ -416,7 +462,7 @@ class Cluster:
 
         @raise Unavailable: if etcd cannot be reached, or the placement changed meanwhile.
         """
-        key = self._ns_key(name)
+        key = self.namespace_key(name)
         mine = Placement(self.node, namespace_id, placement.epoch)
         try:
             result = await self.etcd.txn([modified_at(key, placement.revision)], [put(key, mine.to_value())],
@@ -436,7 +482,7 @@ class Cluster:
         prepared against it (a move's switch in flight) fails from then on.
         Whether it held.
         """
-        key = self._ns_key(name)
+        key = self.namespace_key(name)
         result = await self.etcd.txn([modified_at(key, placement.revision)],
                                      [put(key, placement.to_value())], [])
         if result.succeeded:
@@ -445,7 +491,7 @@ class Cluster:
 
     async def unplace(self, name: str, namespace_id: str) -> None:
         """Remove this node's placement of C{name} (that incarnation only), after a delete."""
-        key = self._ns_key(name)
+        key = self.namespace_key(name)
         placement = self.placements.get(name)
         if placement is None:
             kvs, _ = await self.etcd.range(key)

@@ -187,6 +187,34 @@ class Etcd:
         return ([KeyValue.from_json(kv) for kv in answer.get("kvs", [])],
                 int(answer["header"].get("revision", 0)))
 
+    async def range_all(self, key: bytes, page: int = 1000) -> tuple[list[KeyValue], int]:
+        """
+        Every key under C{key}, read C{page} at a time at one revision (one
+        answer for a large cluster would be large), and that revision.
+        """
+        end = _b64(prefix_end(key))
+        found: list[KeyValue] = []
+        start, revision = key, 0
+        while True:
+            body: dict[str, Any] = {"key": _b64(start), "range_end": end, "limit": str(page)}
+            if revision:
+                body["revision"] = str(revision)
+            answer = await self.call("kv/range", body)
+            revision = revision or int(answer["header"].get("revision", 0))
+            kvs = [KeyValue.from_json(kv) for kv in answer.get("kvs", [])]
+            found += kvs
+            if not answer.get("more") or not kvs:
+                return found, revision
+            start = kvs[-1].key + b"\0"
+
+    async def newest(self, key: bytes) -> tuple[int, int]:
+        """How many keys there are under C{key}, and the newest change to one of them (its revision)."""
+        answer = await self.call("kv/range", {"key": _b64(key), "range_end": _b64(prefix_end(key)),
+                                              "limit": "1", "sort_order": "DESCEND", "sort_target": "MOD",
+                                              "keys_only": True})
+        kvs = answer.get("kvs", [])
+        return int(answer.get("count", 0)), int(kvs[0].get("mod_revision", 0)) if kvs else 0
+
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
                   failure: list[dict[str, Any]]) -> TxnResult:
         """Run a transaction: C{success} if every comparison holds, else C{failure}."""
@@ -348,6 +376,16 @@ class Watch:
             # Taken first, then counted as seen: a batch that breaks is seen again.
             self.on_events(events, revision)
             self.next_revision = max(self.next_revision, max(e.kv.mod_revision for e in events) + 1)
+
+    @property
+    def seen(self) -> int:
+        """The revision this watch has delivered every change up to."""
+        return self.next_revision - 1
+
+    def reopen(self) -> None:
+        """Close the stream (a half-open one delivers nothing): it is opened again from L{seen} on."""
+        if self._stream is not None:
+            self._stream.stop()
 
     def _broken(self, failure: Failure) -> None:
         if self._stopped:

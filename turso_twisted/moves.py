@@ -194,7 +194,7 @@ class Moves:
         not say (a transaction whose answer was lost may have committed:
         the key is read back before anything is concluded).
         """
-        key = self.cluster._ns_key(name)
+        key = self.cluster.namespace_key(name)
         theirs = Placement(to, placement.id, placement.epoch + 1)
         try:
             result = await self.cluster.etcd.txn([modified_at(key, placement.revision)],
@@ -217,7 +217,7 @@ class Moves:
 
     async def _placement_in_etcd(self, name: str) -> Placement | None:
         """What etcd holds for C{name} now (a linearizable read, not the cached view)."""
-        kvs, _ = await self.cluster.etcd.range(self.cluster._ns_key(name))
+        kvs, _ = await self.cluster.etcd.range(self.cluster.namespace_key(name))
         return Placement.from_kv(kvs[0]) if kvs else None
 
     def _resolve_later(self, name: str) -> None:
