@@ -28,19 +28,20 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO, cast
 from urllib.parse import quote
 
 import attrs
-import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from . import names
 from .archival import Archival
@@ -70,6 +71,72 @@ OUTCOME_READS = 10
 def _json(request: DataRequest, code: int, document: dict[str, Any]) -> None:
     body = json.dumps(document).encode()
     request.respond(code, b"OK" if code == 200 else b"Error", [(b"content-type", b"application/json")], body)
+
+
+class _IntoFile(Protocol):
+    """
+    A file's body, hashed and written off the reactor one batch at a
+    time; the sender is paused while more than L{BEHIND} bytes wait.
+    """
+
+    BEHIND = 4 << 20
+
+    def __init__(self, handle: BinaryIO, run_in_thread: Callable[..., Deferred[Any]]) -> None:
+        self.handle, self.run_in_thread = handle, run_in_thread
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.done: Deferred[None] = Deferred()
+        self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
+        self._writing = self._paused = False
+        self._ended: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._waiting.append(data)
+        self._waiting_bytes += len(data)
+        if self._waiting_bytes > self.BEHIND and not self._paused:
+            self._paused = True
+            cast(IPushProducer, self.transport).pauseProducing()
+        self._next()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._ended = reason
+        self._next()
+
+    def _next(self) -> None:
+        if self._writing or self.done.called:
+            return
+        if not self._waiting:
+            if self._ended is not None:
+                if self._ended.check(ResponseDone):
+                    self.done.callback(None)
+                else:
+                    self.done.errback(self._ended)
+            return
+        batch = b"".join(self._waiting)
+        self._waiting, self._waiting_bytes = [], 0
+        if self._paused and self._ended is None:
+            self._paused = False
+            cast(IPushProducer, self.transport).resumeProducing()
+        self._writing = True
+        self.run_in_thread(self._write, batch).addCallbacks(self._written, self._failed)
+
+    def _write(self, batch: bytes) -> None:
+        # In a thread, one batch at a time.
+        self.digest.update(batch)
+        self.handle.write(batch)
+        self.size += len(batch)
+
+    def _written(self, _: object) -> None:
+        self._writing = False
+        self._next()
+
+    def _failed(self, failure: Failure) -> None:
+        self._writing = False
+        if self._ended is None:
+            cast(IPushProducer, self.transport).stopProducing()
+        if not self.done.called:
+            self.done.errback(failure)
 
 
 @attrs.define(eq=False)
@@ -305,22 +372,17 @@ class Moves:
         if response.code != 200:
             await response.content()
             raise Unavailable("move_failed", f"{source} did not give {file} ({response.code})")
-        digest = hashlib.sha256()
-        got = 0
+        run_in_thread = self.archival.archiver.run_in_thread
         with open(path, "xb") as handle:
-
-            def take(data: bytes) -> None:
-                nonlocal got
-                digest.update(data)
-                got += len(data)
-                handle.write(data)
-
-            await treq.collect(response, take)
+            into = _IntoFile(handle, run_in_thread)
+            response.deliverBody(into)
+            await into.done
             handle.flush()
-            await self.archival.archiver.run_in_thread(os.fsync, handle.fileno())
-        if got != size or digest.hexdigest() != sha256:
+            await run_in_thread(os.fsync, handle.fileno())
+        got, digest = into.size, into.digest.hexdigest()
+        if got != size or digest != sha256:
             raise Unprocessable("move_corrupted", f"{file} of {name!r} arrived with {got} bytes, sha256 "
-                                f"{digest.hexdigest()}; expected {size} bytes, sha256 {sha256}")
+                                f"{digest}; expected {size} bytes, sha256 {sha256}")
 
     def settle(self, name: str) -> None:
         """
