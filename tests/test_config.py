@@ -211,6 +211,11 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.cluster_placement, "local")
         self.assertEqual(self.load(TURSO_CLUSTER_PLACEMENT=" Least-Bytes").cluster_placement, "least-bytes")
 
+    def test_log_format(self) -> None:
+        self.assertEqual(self.load().log_format, "json")
+        self.assertEqual(self.load(TURSO_LOG_FORMAT="Text ").log_format, "text")
+        self.assertFails("expected json or text", TURSO_LOG_FORMAT="yaml")
+
     def test_cluster_settings_refused(self) -> None:
         self.assertFails("TURSO_CLUSTER_TOKEN is not", TURSO_CLUSTER_ETCD="http://etcd:2379")
         self.assertFails("TURSO_CLUSTER_ETCD='etcd:2379'", TURSO_CLUSTER_ETCD="etcd:2379")

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from .daemon import Daemon, run_replica, with_data_workers
+from .daemon import Daemon, run_replica, wait_for, with_data_workers
 from .test_e2e import SELECT_1, E2ETestCase, bearer, get_json, treq
 
 
@@ -98,4 +98,32 @@ class ObservabilityTests(E2ETestCase):
 
 
 # The same cases with the data port served by two data workers.
+    @inlineCallbacks
+    def test_text_log_lines_for_a_person(self) -> Any:
+        """TURSO_LOG_FORMAT=text: every line (the data workers' too) is text: time, level, namespace."""
+        daemon = Daemon(self, TURSO_LOG_FORMAT="text")
+        daemon.spawn()
+
+        def lines() -> list[str]:
+            with open(daemon.log_path, encoding="utf-8") as handle:
+                return handle.read().splitlines()
+
+        def served() -> int | None:
+            found = [re.search(r" INFO  listening: data port on [\d.]+:(\d+)", line) for line in lines()]
+            ready = any(" INFO  turso-server ready" in line for line in lines())
+            return next((int(m.group(1)) for m in found if m), None) if ready else None
+
+        port = yield wait_for(served, "the daemon to listen and be ready")
+        response = yield treq.post(f"http://127.0.0.1:{port}/alpha/v2/pipeline", SELECT_1)
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        access = yield wait_for(lambda: [line for line in lines() if "POST /alpha/v2/pipeline 200" in line],
+                                "the access log line")
+        self.assertRegex(access[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO  \[alpha\] "
+                                    r"POST /alpha/v2/pipeline 200 .*bytes_in=\d+ .*duration_ms=")
+        for line in lines():
+            self.assertFalse(line.startswith("{"), line)
+            self.assertRegex(line, r"^(\d{4}-\d\d-\d\dT[\d:.]+Z (DEBUG|INFO |WARN |ERROR|CRITICAL) |    )")
+
+
 globals().update(with_data_workers(ObservabilityTests))

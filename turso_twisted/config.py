@@ -155,6 +155,13 @@ def _confine_mode(text: str) -> str:
     return mode
 
 
+def _log_format(text: str) -> str:
+    log_format = text.strip().lower()
+    if log_format not in ("json", "text"):
+        raise ValueError("expected json or text")
+    return log_format
+
+
 #: Where a new name is placed in a cluster (see L{turso_twisted.cluster.Cluster.choose}).
 PLACEMENTS = ("local", "least-namespaces", "least-bytes")
 
@@ -257,7 +264,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TURSO_CLIENT_IDLE_TIMEOUT", "client-idle-timeout", "2m", _positive_duration,
             "Idle keep-alive client connections are closed after this"),
     Setting("TURSO_ACCESS_LOG", "access-log", "true", parse_bool,
-            "One JSON log line per proxied request"),
+            "One log line per proxied request"),
+    Setting("TURSO_LOG_FORMAT", "log-format", "json", _log_format,
+            "How log lines are written: json (one JSON object per line, for log pipelines) or text "
+            "(time, level, namespace, message and fields, for a person)"),
     Setting("TURSO_METRICS_PUBLIC", "metrics-public", "false", parse_bool,
             "Serve GET /metrics on the admin port without the admin token"),
     Setting("TURSO_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", parse_duration,
@@ -326,6 +336,7 @@ class Config:
     max_held_bytes: int
     client_idle_timeout: float
     access_log: bool
+    log_format: str
     metrics_public: bool
     shutdown_timeout: float
     cluster_etcd: tuple[str, ...]

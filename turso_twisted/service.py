@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import jsonlog, names
+from . import logs, names
 from .admin import AdminAPI, Readiness
 from .adminrelay import PREFIX as ADMIN_RELAY_PREFIX
 from .adminrelay import AdminRelay
@@ -307,7 +307,7 @@ class TursoService(Service):
     def startService(self) -> None:
         super().startService()
         # Log lines of one reactor turn are written out together.
-        jsonlog.flush_with(self.reactor)
+        logs.flush_with(self.reactor)
         if not self._bound:
             self.privilegedStartService()
         # We hold the data dir lock: any child still serving it is an orphan.
@@ -434,7 +434,7 @@ class TursoService(Service):
         except Exception:
             self._log.failure("could not flush the state file at shutdown")
         self._log.info("stopped")
-        jsonlog.flush_with(None)
+        logs.flush_with(None)
 
 
 def _fatal(message: str) -> None:
@@ -459,6 +459,7 @@ def make_service(options: Mapping[str, str | None], reactor: Reactor | None = No
         config = Config.load(options, environ)
     except ConfigError as error:
         _fatal(str(error))
+    logs.use_format(config.log_format)
     try:
         confinement = choose(config.confine, config.landlock_bin)
     except ConfinementUnavailable as error:

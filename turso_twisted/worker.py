@@ -46,7 +46,7 @@ from .config import Config
 from .datadir import temp_dir
 from .dataport import DataConnection, DataPort, DataRequest
 from .errors import Refusal, Unavailable, refusal_from_json
-from .jsonlog import flush_with, json_observer
+from .logs import flush_with, log_observer, use_format
 from .metrics import DataFigures, Metrics, gather
 from .policy import authorize
 from .proxy import (
@@ -711,7 +711,8 @@ def main() -> None:
     index = int(os.environ["TURSO_WORKER_INDEX"])
     options = json.loads(os.environ.get("TURSO_WORKER_OPTIONS", "{}"))
     config = Config.load(options, os.environ)
-    observer = cast(ILogObserver, json_observer(sys.stdout, {"worker": index}))
+    use_format(config.log_format)
+    observer = cast(ILogObserver, log_observer(sys.stdout, {"worker": index}))
     globalLogBeginner.beginLoggingTo([observer], discardBuffer=True, redirectStandardIO=False)
     from twisted.internet import epollreactor
 

@@ -32,7 +32,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         # JSON lines on stdout unless the operator picked another logger.
         if self.parent is not None and self.parent.get("logger") is None:
-            self.parent["logger"] = "turso_twisted.jsonlog.observer_factory"
+            self.parent["logger"] = "turso_twisted.logs.observer_factory"
 
 
 @implementer(IServiceMaker, IPlugin)

@@ -11,15 +11,15 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from turso_twisted import jsonlog
-from turso_twisted.jsonlog import event_as_json, flush_with, json_observer
+from turso_twisted import logs
+from turso_twisted.logs import event_as_json, event_as_text, flush_with, log_observer, use_format
 from turso_twisted.process import TursodbProcess
 
 
 class JsonLogTests(SynchronousTestCase):
     def emit(self, logger: Logger, level: LogLevel, fmt: str, **fields: object) -> dict[str, object]:
         stream = io.StringIO()
-        logger.observer = json_observer(stream)
+        logger.observer = log_observer(stream)
         logger.emit(level, fmt, **fields)
         return json.loads(stream.getvalue())
 
@@ -44,7 +44,7 @@ class JsonLogTests(SynchronousTestCase):
     def test_child_lines_are_tagged(self) -> None:
         stream = io.StringIO()
         child = TursodbProcess("alpha", 9000)
-        child.log.observer = json_observer(stream)
+        child.log.observer = log_observer(stream)
         child.childDataReceived(2, b"2026-11-21T21:45:13.376999Z ERROR ThreadId(01) x: boom {}\n")
         child.childDataReceived(1, b"plain line\n")
         first, second = (json.loads(line) for line in stream.getvalue().splitlines())
@@ -55,7 +55,7 @@ class JsonLogTests(SynchronousTestCase):
 
     def test_failures_carry_the_error(self) -> None:
         stream = io.StringIO()
-        log = Logger(observer=json_observer(stream))
+        log = Logger(observer=log_observer(stream))
         try:
             1 / 0
         except ZeroDivisionError:
@@ -82,6 +82,41 @@ class JsonLogTests(SynchronousTestCase):
         self.assertEqual(line["time"], "2026-11-29T00:32:25.678Z")
 
 
+class TextLogTests(SynchronousTestCase):
+    """TURSO_LOG_FORMAT=text: one line per event for a person."""
+
+    def line(self, fmt: str, level: LogLevel = LogLevel.info, **fields: object) -> str:
+        return event_as_text({"log_format": fmt, "log_level": level, "log_time": 1795912345.6789,
+                              "log_namespace": "turso_twisted.x", **fields}) or ""
+
+    def test_time_level_namespace_message_and_the_fields_it_does_not_show(self) -> None:
+        self.assertEqual(self.line("namespace {name} running on port {port}", name="alpha", port=9000,
+                                   pid=12, reason="two words"),
+                         '2026-11-29T00:32:25.678Z INFO  [alpha] namespace alpha running on port 9000 '
+                         'pid=12 reason="two words"')
+        self.assertEqual(self.line("{method} {path} {status}", LogLevel.warn, namespace="beta",
+                                   method="GET", path="/beta/x", status=502, nested={"a": [1]}),
+                         '2026-11-29T00:32:25.678Z WARN  [beta] GET /beta/x 502 nested={"a": [1]}')
+
+    def test_a_failure_adds_its_error_and_an_indented_traceback(self) -> None:
+        stream = io.StringIO()
+        log = Logger(observer=log_observer(stream))
+        self.addCleanup(use_format, "json")
+        use_format("text")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("it broke")
+        first, *rest = stream.getvalue().splitlines()
+        self.assertRegex(first, r"^\S+Z CRITICAL it broke error=\"ZeroDivisionError: division by zero\"$")
+        self.assertTrue(rest and all(line.startswith("    ") for line in rest), rest)
+
+    def test_dropped_events_stay_dropped(self) -> None:
+        self.assertIsNone(event_as_text({"log_namespace": "twisted.web.client._HTTP11ClientFactory",
+                                         "log_level": LogLevel.info, "log_format": "Starting",
+                                         "log_time": 0}))
+
+
 class _CountingStream(io.StringIO):
     flushes = 0
 
@@ -99,11 +134,11 @@ class FlushTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.addCleanup(flush_with, None)
-        self.patch(jsonlog, "isInIOThread", lambda: True)
+        self.patch(logs, "isInIOThread", lambda: True)
 
     def test_one_flush_per_turn(self) -> None:
         stream = _CountingStream()
-        log = Logger(observer=json_observer(stream))
+        log = Logger(observer=log_observer(stream))
         log.info("first")
         self.assertEqual(stream.flushes, 1)  # no clock yet: at once
         flush_with(self.clock)

@@ -1,10 +1,14 @@
 """
-Structured logs: one JSON object per line on stdout.
+Log lines on stdout: one JSON object per event (C{TURSO_LOG_FORMAT=json},
+the default, for log pipelines), or one line of text per event (C{text},
+for a person reading along).
 
-Keys follow the design note's examples: C{time}, C{level}, C{msg}, then the
-event's own fields (C{name}, C{port}, ...).  C{logger} names the source, e.g.
-C{tursodb.alpha} for a child's output.  twistd loads L{observer_factory}
-through its C{--logger} option, which the plugin sets by default.
+JSON keys follow the design note's examples: C{time}, C{level}, C{msg},
+then the event's own fields (C{name}, C{port}, ...).  C{logger} names the
+source, e.g. C{tursodb.alpha} for a child's output.  A text line has the
+time, the level, the namespace, the message, and the fields the message
+does not show as C{key=value}.  twistd loads L{observer_factory} through
+its C{--logger} option, which the plugin sets by default.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
+from string import Formatter
 from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -82,10 +87,8 @@ class _Stamp:
 _stamp = _Stamp()
 
 
-def event_as_json(event: LogEvent) -> str | None:
-    """
-    Render one event as a JSON line, or C{None} for events we drop.
-    """
+def _shown(event: LogEvent) -> str | None:
+    """The event's message, or C{None} for events we drop."""
     namespace = event.get("log_namespace", "")
     level = event.get("log_level", LogLevel.info)
     if namespace.startswith(_QUIET_NAMESPACES) and level < LogLevel.warn:
@@ -95,22 +98,106 @@ def event_as_json(event: LogEvent) -> str | None:
     text = _message(event)
     if namespace == "log_legacy" and _PORT_CHATTER.match(text):
         return None
+    return text
+
+
+def _fields(event: LogEvent) -> dict[str, Any]:
+    """The event's own fields."""
+    return {key: value for key, value in event.items()
+            if not key.startswith("log_") and key not in _NOT_FIELDS}
+
+
+_NOT_FIELDS = frozenset({"message", "format", "isError", "system", "time", "why", "failure", "printed"})
+
+
+def event_as_json(event: LogEvent) -> str | None:
+    """
+    Render one event as a JSON line, or C{None} for events we drop.
+    """
+    text = _shown(event)
+    if text is None:
+        return None
+    namespace = event.get("log_namespace", "")
+    level = event.get("log_level", LogLevel.info)
     record: dict[str, Any] = {
         "time": _stamp(event.get("log_time", 0)),
         "level": _LEVELS.get(level, "INFO"),
         "msg": text,
         "logger": namespace,
     }
-    for key, value in event.items():
-        if key.startswith("log_") or key in ("message", "format", "isError", "system", "time",
-                                             "why", "failure", "printed"):
-            continue
+    for key, value in _fields(event).items():
         record.setdefault(key, _plain(value))
     failure = event.get("log_failure")
     if failure is not None:
         record["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
         record["traceback"] = failure.getTraceback()
     return json.dumps(record, ensure_ascii=False)
+
+
+def _in_format(fmt: str | None) -> frozenset[str]:
+    """The fields a format string shows."""
+    if not fmt:
+        return frozenset()
+    try:
+        return frozenset(field.split(".")[0].split("[")[0]
+                         for _, field, _, _ in Formatter().parse(fmt) if field)
+    except ValueError:
+        return frozenset()
+
+
+def _text_value(value: Any) -> str:
+    plain = _plain(value)
+    if isinstance(plain, str) and plain and not any(c.isspace() or c in "\"=" for c in plain):
+        return plain
+    return json.dumps(plain, ensure_ascii=False)
+
+
+def event_as_text(event: LogEvent) -> str | None:
+    """
+    Render one event as a line of text, or C{None} for events we drop:
+    time, level, C{[namespace]}, the message, then the fields it does not
+    show; a failure adds its error, and its traceback on indented lines.
+    """
+    text = _shown(event)
+    if text is None:
+        return None
+    level = _LEVELS.get(event.get("log_level", LogLevel.info), "INFO")
+    fields = _fields(event)
+    namespace = fields.pop("name", None) or fields.pop("namespace", None)
+    shown = _in_format(event.get("log_format"))
+    parts = [_stamp(event.get("log_time", 0)), f"{level:<5}"]
+    if isinstance(namespace, str) and namespace:
+        parts.append(f"[{namespace}]")
+    parts.append(" ".join(text.splitlines()) if "\n" in text else text)
+    parts += [f"{key}={_text_value(value)}" for key, value in fields.items() if key not in shown]
+    line = " ".join(parts)
+    failure = event.get("log_failure")
+    if failure is not None:
+        line += f" error={_text_value(f'{failure.type.__name__}: {failure.getErrorMessage()}')}"
+        line += "".join("\n    " + row for row in failure.getTraceback().rstrip().splitlines())
+    return line
+
+
+#: How each log format renders an event.
+FORMATS: dict[str, Callable[[LogEvent], str | None]] = {"json": event_as_json, "text": event_as_text}
+
+
+class _Format:
+    """The format every observer writes in: from C{TURSO_LOG_FORMAT} at first, then the daemon's config."""
+
+    def __init__(self) -> None:
+        self.render: Callable[[LogEvent], str | None] = event_as_json
+
+    def use(self, name: str) -> None:
+        self.render = FORMATS[name]
+
+
+_format = _Format()
+
+
+def use_format(name: str) -> None:
+    """Write every event from now on as C{name} (C{json} or C{text})."""
+    _format.use(name)
 
 
 class _TextSink:
@@ -209,17 +296,18 @@ def flush_with(clock: IReactorTime | None) -> None:
     _flushing.now()
 
 
-def json_observer(stream: IO[str], fields: dict[str, Any] | None = None) -> Callable[[LogEvent], None]:
+def log_observer(stream: IO[str], fields: dict[str, Any] | None = None) -> Callable[[LogEvent], None]:
     """
-    An observer writing each event as a JSON line to C{stream}, with
-    C{fields} added to every line (a data worker's number, say).
+    An observer writing each event as a line to C{stream} in the log
+    format in use, with C{fields} added to every line (a data worker's
+    number, say).
     """
     sink = _sink(stream)
     _flushing.sinks.add(sink)
     extra = dict(fields or {})
 
     def observe(event: LogEvent) -> None:
-        line = event_as_json({**event, **extra} if extra else event)
+        line = _format.render({**event, **extra} if extra else event)
         if line is None:
             return
         sink.write(line + "\n")
@@ -241,4 +329,8 @@ def observer_factory() -> Callable[[LogEvent], None]:
     What twistd calls to make its observer; stdout is captured now, before
     twistd redirects standard I/O into the log.
     """
-    return json_observer(sys.stdout)
+    requested = os.environ.get("TURSO_LOG_FORMAT", "json").strip().lower()
+    if requested in FORMATS:
+        # The config checks the value (and an option beats it) once it is loaded.
+        use_format(requested)
+    return log_observer(sys.stdout)
