@@ -167,10 +167,18 @@ class PlacementTests(ClusterTestCase):
         self.assertEqual((status, changed["ttl"]), (200, "720h0m0s"))
         status, record = yield get_json(a.admin_url("/v1/namespaces/alpha"), **admin)
         self.assertEqual(record["ttl"], "720h0m0s")
-        # The owner checks the admin token.
+        # The node asked checks the admin token, and so does the owner (a
+        # call on its internal listener with the cluster token alone is refused).
         status, error = yield get_json(c.admin_url("/v1/namespaces/alpha"),
                                        headers={b"authorization": [b"Bearer wrong"]})
         self.assertEqual((status, error["error"]), (401, "unauthorized"))
+        internal = next(e["port"] for e in a.logs() if e.get("listener") == "cluster")
+        status, error = yield deferToThread(
+            post, internal, "/_cluster/v1/admin/v1/namespaces/alpha/lock", b"",
+            b"x-turso-cluster-token: %s\r\nauthorization: Bearer wrong\r\n" % CLUSTER_TOKEN.encode())
+        self.assertEqual((status, error["error"]), (401, "unauthorized"))
+        status, unchanged = yield get_json(a.admin_url("/v1/namespaces/alpha"), **admin)
+        self.assertFalse(unchanged["locked"])
         # A backup and a restore stream through the node asked (this one is
         # larger than what a body keeps in memory).
         writer = yield self.replica(a, "alpha")
@@ -192,6 +200,9 @@ class PlacementTests(ClusterTestCase):
         self.assertEqual((restored["name"], restored["id"]), ("alpha", shown["id"]))
         reader = yield self.replica(b, "alpha")
         self.assertEqual((yield run_replica(reader.rows, "select count(*) from t")), [(400,)])
+        status, listed = yield get_json(c.admin_url("/v1/namespaces?bytes=true"), **admin)
+        sizes = {entry["name"]: entry["bytesOnDisk"] for entry in listed["namespaces"]}
+        self.assertGreater(sizes["alpha"], 400_000)
         self.assertEqual((yield self.owners()), {"alpha": "node-a", "bravo": "node-b"})
         status, deleted = yield get_json(c.admin_url("/v1/namespaces/bravo"), "DELETE", **admin)
         self.assertEqual(status, 200, deleted)
@@ -227,6 +238,8 @@ class PlacementTests(ClusterTestCase):
                                     if owner == node.env["TURSO_NODE_NAME"]))
         status, view = yield get_json(b.admin_url("/v1/cluster"))
         self.assertEqual(view["placement"], "least-namespaces")
+        self.assertEqual([(entry["live"], entry["ready"]) for entry in view["nodes"]], [(True, True)] * 3)
+        # Each node reported its bytes when it joined.
         self.assertTrue(all(isinstance(entry["bytes"], int) for entry in view["nodes"]), view)
         status, listed = yield get_json(c.admin_url("/v1/namespaces?bytes=true"))
         self.assertEqual(len(listed["namespaces"]), 6)
@@ -319,6 +332,12 @@ class PlacementTests(ClusterTestCase):
         status, _ = yield deferToThread(post, cluster_port, "/alpha/v2/pipeline",
                                         headers=b"x-turso-cluster-token: %s\r\n" % CLUSTER_TOKEN.encode())
         self.assertEqual(status, 200)
+        # Relayed admin calls go only to this node's own admin routes.
+        peer = b"x-turso-cluster-token: %s\r\n" % CLUSTER_TOKEN.encode()
+        for path in ("/_cluster/v1/admin5/v1/namespaces", "/_cluster/v1/admin/healthz",
+                     "/_cluster/v1/admin@evil/v1/namespaces"):
+            status, error = yield deferToThread(post, cluster_port, path, headers=peer)
+            self.assertEqual((status, error.get("error")), (404, "not_found"), path)
         self.assertFalse(any(CLUSTER_TOKEN in json.dumps(e) for node in (a, b, c) for e in node.logs()))
 
     @inlineCallbacks

@@ -155,19 +155,37 @@ class ClusterViewTests(TestCase):
         yield wait_for(lambda: all(node.bytes_held is not None for node in a.nodes.values())
                        and len(a.nodes) == 3, "a to see every node's bytes")
         self.assertEqual({name: node.bytes_held for name, node in a.nodes.items()}, held)
-        self.assertEqual([(n["name"], n["bytes"]) for n in a.describe()["nodes"]],
-                         [("a", 5000), ("b", 200), ("c", 900)])
+        self.assertEqual([(n["name"], n["bytes"], n["ready"]) for n in a.describe()["nodes"]],
+                         [("a", 5000, False), ("b", 200, False), ("c", 900, False)])
+        # No node takes new names before it is ready: each keeps its own.
+        self.assertEqual(a.choose(), "a")
+        for member in (a, b, c):
+            yield member.announce(True)
+        yield wait_for(lambda: all(node.ready for node in a.nodes.values()), "a to see every node ready")
         self.assertEqual((a.choose(), c.choose()), ("b", "c"))  # least bytes; local
-        yield wait_for(lambda: len(b.nodes) == 3, "b to see every node")
+        yield wait_for(lambda: len(b.nodes) == 3 and all(node.ready for node in b.nodes.values()),
+                       "b to see every node ready")
         yield Deferred.fromCoroutine(b.place("one", "id-1"))
         yield Deferred.fromCoroutine(c.place("two", "id-2"))
-        yield wait_for(lambda: len(b.placements) == 2, "b to see both placements")
+        yield wait_for(lambda: len(b.placements) == len(a.placements) == 2, "both placements seen")
         self.assertEqual(b.choose(), "a")  # owns none; b and c own one each
-        # A node's own report changes only its own key, and only under its lease.
-        held["c"] = 100
+        # Names placed since a report count as an average namespace each.
+        held["c"] = 1000
         yield c._report()
-        yield wait_for(lambda: a.nodes["c"].bytes_held == 100, "a to see c's new bytes")
+        yield wait_for(lambda: a.nodes["c"].names_held == 1, "a to see c's report")
+        # The average namespace: 6200 bytes over the one name reported. b: 200
+        # + 6200 for "one", placed since its report; c: 1000; a: 5000.
         self.assertEqual(a.choose(), "c")
+        # A stopping node takes no new names.
+        yield c.announce(False)
+        yield wait_for(lambda: not a.nodes["c"].ready, "a to see c stopping")
+        self.assertEqual(a.choose(), "a")
+        # A report goes only into the node's own key, only under its own lease.
+        c._lease += 1
+        held["c"] = 1
+        yield c._report()
+        c._lease -= 1
+        self.assertEqual(c.nodes["c"].bytes_held, 1000)
 
     @inlineCallbacks
     def test_one_owner_and_every_view_agrees(self) -> Any:

@@ -19,7 +19,6 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,7 +30,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as NoRoute
 
 from . import names
-from .adminrelay import RELAYED_BY_HEADER, AdminRelay, answer_headers, pipe
+from .adminrelay import RELAYED_BY_HEADER, AdminRelay, answer_headers, drop, pipe
 from .archival import Archival
 from .archive import parse_entry_name
 from .auth import BearerToken
@@ -124,6 +123,11 @@ def _json_body_bytes(request: IRequest) -> bytes:
     return bytes(raw)
 
 
+def _gone(request: IRequest) -> bool:
+    """Whether the client of C{request} has left."""
+    return bool(getattr(request, "_disconnected", False))
+
+
 @attrs.frozen
 class _WhileConnected:
     """A request as a piped body's consumer: once its client has left, what comes is dropped."""
@@ -132,7 +136,7 @@ class _WhileConnected:
 
     @property
     def _gone(self) -> bool:
-        return bool(getattr(self.request, "_disconnected", False))
+        return _gone(self.request)
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         if self._gone:
@@ -268,8 +272,9 @@ class AdminAPI:
             return None
         placement = self.cluster.owner(name)
         relayed = request.getHeader(RELAYED_BY_HEADER) is not None
-        if placement is None and handler == "create" and not relayed:
-            # A new name goes where the cluster's placement policy says.
+        if placement is None and handler == "create" and not relayed and self.manager.get(name) is None:
+            # A new name goes where the cluster's placement policy says (one
+            # held here with no placement yet is claimed here).
             target = self.cluster.choose()
             return None if target == self.cluster.node else target
         if placement is None or placement.node == self.cluster.node:
@@ -281,16 +286,25 @@ class AdminAPI:
     async def _relay(self, request: IRequest, owner: str) -> None:
         """
         Make the call on node C{owner} and answer with what it answered;
-        bodies stream (a backup or a restore may be gigabytes).
+        bodies stream (a backup or a restore may be gigabytes).  A client
+        that leaves calls the relayed call off.
         """
-        assert self.relay is not None
+        relay = self.relay
+        assert relay is not None
         headers = {key.lower(): values[0] for key, values in request.requestHeaders.getAllRawHeaders()}
         body = request.content
         if body is not None:
             body.seek(0)
-        response = await self.relay.send(owner, request.method, request.uri, headers, body)
-        if getattr(request, "_disconnected", False):
-            response.deliverBody(Protocol())  # the client left: drop the answer
+        sending = Deferred.fromCoroutine(relay.send(owner, request.method, request.uri, headers, body))
+        cast(Request, request).notifyFinish().addErrback(lambda _: sending.cancel())
+        try:
+            response = await sending
+        except Refusal:
+            if _gone(request):
+                return
+            raise
+        if _gone(request):
+            drop(response)
             return
         request.setResponseCode(response.code)
         for key, value in answer_headers(response):
@@ -298,8 +312,11 @@ class AdminAPI:
         if response.length is not UNKNOWN_LENGTH:
             request.setHeader(b"content-length", b"%d" % response.length)
         try:
-            await pipe(response, _WhileConnected(cast(Request, request)))
+            await pipe(response, _WhileConnected(cast(Request, request)), relay.reactor)
         except Exception as error:
+            if _gone(request):
+                self._log.info("a client left during a relayed admin answer from node {node}", node=owner)
+                return
             # The head is sent: the client can only be told by a cut-off answer.
             self._log.warn("node {node} broke off a relayed admin answer: {error}", node=owner,
                            error=error.__class__.__name__)
@@ -314,8 +331,9 @@ class AdminAPI:
     def _owned_elsewhere(self, request: IRequest, failure: Failure) -> bytes:
         owner = cast(OwnedElsewhere, failure.value)
         return render(request, Conflict("namespace_elsewhere",
-                                        f"that name belongs to cluster node {owner.node!r} now (it changed "
-                                        "owner while this call was relayed); retry"), "admin")
+                                        f"that name is placed on cluster node {owner.node!r} now (another "
+                                        "call placed or moved it meanwhile); retry, and the call goes there"),
+                      "admin")
 
     def _route_not_found(self, request: IRequest, failure: Failure) -> bytes:
         return render(request, NotFound("not_found", "no such admin route"), "admin")

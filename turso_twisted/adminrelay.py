@@ -21,16 +21,17 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from zope.interface import implementer
 
 from .cluster import Cluster, owner_unavailable
 from .dataport import PEER_ONLY_PREFIX, PEER_TOKEN_HEADER, DataRequest
-from .errors import Refusal, Unavailable
+from .errors import NotFound, Refusal, Unavailable
 
 #: Where relayed admin calls arrive on the internal listener.
 PREFIX = PEER_ONLY_PREFIX + b"v1/admin"
@@ -52,10 +53,20 @@ _ANSWER_HEADERS = frozenset({b"content-type", b"retry-after", b"www-authenticate
                              b"x-backup-sha256", b"x-backup-namespace-id"})
 
 
+#: How long a relayed answer's body may pause (not paused by its reader) before it is given up.
+BODY_IDLE_TIMEOUT = 120.0
+
+
 def timeout_for(uri: bytes) -> float:
-    """How long the call to C{uri} may take to be answered."""
+    """How long the call to C{uri} may take to be answered (those that copy a database: longer)."""
     path = uri.partition(b"?")[0]
-    return TRANSFER_TIMEOUT if path.endswith((b"/backup", b"/restore")) else ADMIN_TIMEOUT
+    if path.endswith((b"/backup", b"/restore", b"/unarchive")) or b"/fork/" in path:
+        return TRANSFER_TIMEOUT
+    return ADMIN_TIMEOUT
+
+
+class BodyStalled(Exception):
+    """A relayed answer's body stopped coming (its sender hangs, or the path to it broke silently)."""
 
 
 def answer_headers(response: IResponse) -> list[tuple[bytes, bytes]]:
@@ -74,31 +85,87 @@ class Consumer(typing.Protocol):
     def write(self, data: bytes) -> None: ...
 
 
+@implementer(IPushProducer)
 class _Pipe(Protocol):
-    """A response body, written on to a consumer as it comes, paused while the consumer is full."""
+    """
+    A response body, written on to a consumer as it comes and paused while
+    the consumer is full; one that stops coming for C{idle} seconds while
+    not paused is given up.
+    """
 
-    def __init__(self, consumer: Consumer, done: Deferred[None]) -> None:
-        self.consumer, self.done = consumer, done
+    def __init__(self, consumer: Consumer, done: Deferred[None], clock: IReactorTime, idle: float) -> None:
+        self.consumer, self.done, self.clock, self.idle = consumer, done, clock, idle
+        self._timer: IDelayedCall | None = None
+        self._stalled = False
 
     def connectionMade(self) -> None:
-        # The body's transport is a push producer: the consumer pauses it.
-        self.consumer.registerProducer(cast(IPushProducer, self.transport), True)
+        # This stands between the consumer and the body's transport (a push producer).
+        self.consumer.registerProducer(self, True)
+        self._wait()
 
     def dataReceived(self, data: bytes) -> None:
+        self._wait()
         self.consumer.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_waiting()
         self.consumer.unregisterProducer()
         if reason.check(ResponseDone):
             self.done.callback(None)
+        elif self._stalled:
+            self.done.errback(BodyStalled(f"no byte came for {self.idle:g} s"))
         else:
             self.done.errback(reason)
 
+    def pauseProducing(self) -> None:
+        self._stop_waiting()
+        self._producer().pauseProducing()
 
-def pipe(response: IResponse, consumer: Consumer) -> Deferred[None]:
-    """Write C{response}'s body to C{consumer}; fires when it is all written, fails if it broke off."""
+    def resumeProducing(self) -> None:
+        self._wait()
+        self._producer().resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._stop_waiting()
+        self._producer().stopProducing()
+
+    def _producer(self) -> IPushProducer:
+        return cast(IPushProducer, self.transport)
+
+    def _wait(self) -> None:
+        self._stop_waiting()
+        self._timer = self.clock.callLater(self.idle, self._give_up)
+
+    def _stop_waiting(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _give_up(self) -> None:
+        self._timer, self._stalled = None, True
+        self._producer().stopProducing()
+
+
+class _Drop(Protocol):
+    """A response body nobody will read: its connection is closed at once."""
+
+    def connectionMade(self) -> None:
+        cast(IPushProducer, self.transport).stopProducing()
+
+
+def drop(response: IResponse) -> None:
+    """Close C{response} unread (its reader left)."""
+    response.deliverBody(_Drop())
+
+
+def pipe(response: IResponse, consumer: Consumer, clock: IReactorTime,
+         idle: float = BODY_IDLE_TIMEOUT) -> Deferred[None]:
+    """
+    Write C{response}'s body to C{consumer}; fires when it is all written,
+    fails if it broke off, or (L{BodyStalled}) stopped coming for C{idle} seconds.
+    """
     done: Deferred[None] = Deferred()
-    response.deliverBody(_Pipe(consumer, done))
+    response.deliverBody(_Pipe(consumer, done, clock, idle))
     return done
 
 
@@ -161,6 +228,8 @@ class AdminRelay:
         if not self.admin_url:
             raise Unavailable("node_starting", "this node is starting", retry_after=1)
         uri = request.target[len(PREFIX):]
+        if not uri.startswith(b"/v1/"):
+            raise NotFound("not_found", "no such admin route")
         headers = {key.lower(): value for key, value in request.headers
                    if key.lower() in _CALL_HEADERS | {RELAYED_BY_HEADER}}
         response = await self.http.request(request.method.decode(), self.admin_url + uri.decode(),
@@ -171,7 +240,7 @@ class AdminRelay:
             request.respond(response.code, response.phrase or b"", kept, await treq.content(response))
             return
         request.begin(response.code, response.phrase or b"", kept, response.length)
-        await pipe(response, request)
+        await pipe(response, request, self.reactor)
         request.finish()
 
     def _failed(self, failure: Failure, request: DataRequest) -> None:

@@ -368,8 +368,8 @@ def cmd_token(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
 def cmd_cluster(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     result = client.json("GET", "/v1/cluster")
     if not args.json:
-        _table(result["nodes"], [("NODE", "name"), ("LIVE", "live"), ("NAMESPACES", "namespaces"),
-                                 ("BYTES", "bytes"), ("URL", "url")], out)
+        _table(result["nodes"], [("NODE", "name"), ("LIVE", "live"), ("READY", "ready"),
+                                 ("NAMESPACES", "namespaces"), ("BYTES", "bytes"), ("URL", "url")], out)
     return result
 
 

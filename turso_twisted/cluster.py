@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -95,17 +95,31 @@ class Placement:
 
 @attrs.frozen
 class Node:
-    """A live node, where its peers reach it, and the bytes it holds (as it last reported them)."""
+    """
+    A live node, where its peers reach it, whether it takes new names
+    (it serves: joined and settled, not stopping), and the bytes and
+    names it held when it last measured them.
+    """
 
     name: str
     url: str
     bytes_held: int | None = None
+    names_held: int | None = None
+    ready: bool = False
 
     def to_value(self) -> bytes:
-        report: dict[str, Any] = {"url": self.url}
+        report: dict[str, Any] = {"url": self.url, "ready": self.ready}
         if self.bytes_held is not None:
             report["bytes"] = self.bytes_held
+            report["namespaces"] = self.names_held
         return json.dumps(report, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_value(cls, name: str, value: bytes) -> Node:
+        report = json.loads(value)
+        held, names_held = report.get("bytes"), report.get("namespaces")
+        return cls(name, str(report["url"]), None if held is None else int(held),
+                   None if names_held is None else int(names_held), bool(report.get("ready", False)))
 
 
 @attrs.define(eq=False)
@@ -142,7 +156,9 @@ class Cluster:
     _renewal: LoopingCall | None = None
     _reporting: LoopingCall | None = None
     _checking: LoopingCall | None = None
-    _bytes: int | None = None
+    #: What this node last put in its key.
+    _me: Node | None = None
+    _putting: DeferredLock = attrs.field(factory=DeferredLock)
     #: Every key under the prefix as the watch saw it (set against etcd's count).
     _keys: set[bytes] = attrs.field(factory=set)
     _behind: bool = False
@@ -200,9 +216,10 @@ class Cluster:
             self._watch.stop()
             self._watch = None
         self.following = False
-        if self._lease:
+        lease, self._lease = self._lease, 0
+        if lease:
             try:
-                await self.etcd.revoke(self._lease)
+                await self.etcd.revoke(lease)
             except (EtcdUnavailable, EtcdError) as error:
                 self._log.warn("could not leave the cluster cleanly: {error}", error=str(error))
         await self.etcd.close()
@@ -218,7 +235,7 @@ class Cluster:
         """
         lease = await self.etcd.grant(self.lease_ttl)
         key = self._node_key(self.node)
-        me = Node(self.node, self.url, self._bytes)
+        me = attrs.evolve(self._me or Node(self.node, self.url), ready=self.ready)
         result = await self.etcd.txn([created_at(key, 0)], [put(key, me.to_value(), lease)], [])
         if not result.succeeded:
             await self.etcd.revoke(lease)
@@ -226,13 +243,13 @@ class Cluster:
                                 f"with TURSO_NODE_NAME={self.node}, or this node's previous run until its "
                                 f"lease of {self.lease_ttl} s ends)")
         self._lease = lease
-        self.nodes[self.node] = me
+        self._me = self.nodes[self.node] = me
 
     async def _load(self) -> None:
         kvs, revision = await self.etcd.range_all(self._root)
         self.placements.clear()
         self._keys.clear()
-        self.nodes = {self.node: Node(self.node, self.url, self._bytes)}
+        self.nodes = {self.node: self._me or Node(self.node, self.url)}
         for kv in kvs:
             self._apply(kv, deleted=False)
         if self._watch is not None:
@@ -264,23 +281,52 @@ class Cluster:
             assert self.measure is not None
             try:
                 held = await self.measure()
-                if held == self._bytes or not self._lease:
-                    return
-                key = self._node_key(self.node)
-                me = Node(self.node, self.url, held)
-                # Only into this node's own key, under its own lease.
-                result = await self.etcd.txn([leased_by(key, self._lease)],
-                                             [put(key, me.to_value(), self._lease)], [])
-                if result.succeeded:
-                    self._bytes = held
-                    self.nodes[self.node] = me
+                if self._me is None or held != self._me.bytes_held:
+                    await self._put_me(bytes_held=held, names_held=self.counts().get(self.node, 0))
             except (EtcdUnavailable, EtcdError) as error:
-                self._log.warn("cannot report this node's bytes to the cluster: {error}", error=str(error))
+                if self._lease:
+                    self._log.warn("cannot report this node's bytes to the cluster: {error}",
+                                   error=str(error))
             except Exception:
                 # The reports must go on whatever happened this time.
                 self._log.failure("reporting this node's bytes to the cluster failed")
 
         return Deferred.fromCoroutine(report())
+
+    def announce(self, ready: bool) -> Deferred[None]:
+        """
+        Serve data from now on (C{ready}), or stop taking new names (a
+        shutdown has begun); the other nodes learn it from this node's key.
+        """
+        self.ready = ready
+
+        async def announce() -> None:
+            try:
+                await self._put_me()
+            except (EtcdUnavailable, EtcdError) as error:
+                # The next registration or report puts it.
+                self._log.warn("cannot tell the cluster this node is {state}: {error}",
+                               state="ready" if ready else "stopping", error=str(error))
+
+        return Deferred.fromCoroutine(announce())
+
+    async def _put_me(self, **changes: Any) -> None:
+        """
+        Put this node's key again with C{changes}: only its own key, only
+        under its own lease, one put at a time (each from what the last one put).
+        """
+        await self._putting.acquire()
+        try:
+            if not self._lease:
+                return
+            me = attrs.evolve(self._me or Node(self.node, self.url), ready=self.ready, **changes)
+            key = self._node_key(self.node)
+            result = await self.etcd.txn([leased_by(key, self._lease)],
+                                         [put(key, me.to_value(), self._lease)], [])
+            if result.succeeded:
+                self._me = self.nodes[self.node] = me
+        finally:
+            self._putting.release()
 
     # -- following changes -------------------------------------------------------
 
@@ -321,16 +367,13 @@ class Cluster:
                 self._log.warn("cluster node {node} left", node=node)
                 return
             try:
-                report = json.loads(kv.value)
-                url = str(report["url"])
-                held = report.get("bytes")
-                held = None if held is None else int(held)
+                entry = Node.from_value(node, kv.value)
             except (ValueError, KeyError, TypeError, AttributeError):
                 self._log.error("unreadable node entry {node} in etcd; ignored", node=node)
                 return
             if node not in self.nodes:
-                self._log.info("cluster node {node} joined at {url}", node=node, url=url)
-            self.nodes[node] = Node(node, url, held)
+                self._log.info("cluster node {node} joined at {url}", node=node, url=entry.url)
+            self.nodes[node] = entry
 
     def _check_watch(self) -> Deferred[None]:
         """
@@ -415,19 +458,30 @@ class Cluster:
     def choose(self) -> str:
         """
         The node a new name goes to, by this cluster's placement policy:
-        this one (C{local}), or the live node that owns the fewest names
-        (C{least-namespaces}) or holds the fewest bytes (C{least-bytes}).
+        this one (C{local}), or among the nodes that take new names (live
+        and ready), the one that owns the fewest names (C{least-namespaces})
+        or holds the fewest bytes (C{least-bytes}: its last report, plus an
+        average namespace for each name placed on it since, so that new
+        names spread before the next report; ties go to the fewest names).
         Every node reads the same etcd, so nodes asked for one new name at
         once mostly choose alike; where not, one placement still wins.
         """
-        if self.placement == "local" or len(self.nodes) < 2:
+        candidates = [node for node in self.nodes.values() if node.ready or node.name == self.node]
+        if self.placement == "local" or len(candidates) < 2:
             return self.node
-        if self.placement == "least-bytes":
-            weight = {name: node.bytes_held or 0 for name, node in self.nodes.items()}
-        else:
-            counts = self.counts()
-            weight = {name: counts.get(name, 0) for name in self.nodes}
-        return min(sorted(weight), key=lambda name: weight[name])
+        counts = self.counts()
+        if self.placement == "least-namespaces":
+            return min(candidates, key=lambda node: (counts.get(node.name, 0), node.name)).name
+        reported = [node for node in self.nodes.values() if node.bytes_held is not None]
+        names_reported = sum(node.names_held or 0 for node in reported)
+        average = sum(node.bytes_held or 0 for node in reported) / names_reported if names_reported else 0.0
+
+        def estimate(node: Node) -> tuple[float, int, str]:
+            owned = counts.get(node.name, 0)
+            since = max(0, owned - (node.names_held or 0))
+            return (node.bytes_held or 0) + since * average, owned, node.name
+
+        return min(candidates, key=estimate).name
 
     async def place(self, name: str, namespace_id: str) -> Placement:
         """
@@ -513,7 +567,8 @@ class Cluster:
             "following": self.following,
             "placement": self.placement,
             "nodes": [{"name": node, "url": self.nodes[node].url if node in self.nodes else None,
-                       "live": node in self.nodes, "namespaces": counts.get(node, 0),
+                       "live": node in self.nodes, "ready": node in self.nodes and self.nodes[node].ready,
+                       "namespaces": counts.get(node, 0),
                        "bytes": self.nodes[node].bytes_held if node in self.nodes else None}
                       for node in sorted(nodes)],
         }

@@ -245,7 +245,7 @@ class DataPort(ServerFactory):
     def __init__(self, reactor: IReactorTime, handle: Callable[[DataRequest], None],
                  refused: Callable[[DataRequest], None], gatekeeper: Gatekeeper, max_body_bytes: int,
                  scratch_dir: str | None = None, idle_timeout: float = 120.0,
-                 peer_token: bytes | None = None) -> None:
+                 peer_token: bytes | None = None, limit_name: str = "TURSO_MAX_BODY_BYTES") -> None:
         self.reactor = reactor
         #: Given each complete request in its turn; answers it.
         self.handle = handle
@@ -253,6 +253,8 @@ class DataPort(ServerFactory):
         self.refused = refused
         self.gatekeeper = gatekeeper
         self.max_body_bytes = max_body_bytes
+        #: The setting that caps bodies, named to a client whose body is too large.
+        self.limit_name = limit_name
         self.scratch_dir = scratch_dir
         self.idle_timeout = idle_timeout
         #: On a cluster's internal listener: what every request must carry in
@@ -383,7 +385,7 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
             port.unauthorized += 1
             return self._refuse(error, method, target)
         if length is not None and length > port.max_body_bytes:
-            return self._refuse(_too_large(port.max_body_bytes), method, target)
+            return self._refuse(_too_large(port.max_body_bytes, port.limit_name), method, target)
         self._reading = DataRequest(self, method, target, self._headers, parser.should_keep_alive(), access)
         self._reading.http11 = parser.get_http_version() == "1.1"
         if expect and not self._queue and self.transport is not None:
@@ -396,7 +398,8 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
         if request.received + len(data) > self.port.max_body_bytes:
             request._drop_body()
             self._reading = None
-            self._refuse(_too_large(self.port.max_body_bytes), request.method, request.target)
+            self._refuse(_too_large(self.port.max_body_bytes, self.port.limit_name), request.method,
+                         request.target)
             return
         try:
             request._take(data, self.port.scratch_dir)
@@ -543,8 +546,8 @@ class DataConnection(TwistedProtocol, TimeoutMixin):
                 request._left(reason)
 
 
-def _too_large(limit: int) -> TooLarge:
-    return TooLarge("body_too_large", f"request body exceeds TURSO_MAX_BODY_BYTES={limit} bytes")
+def _too_large(limit: int, name: str) -> TooLarge:
+    return TooLarge("body_too_large", f"request body exceeds {name}={limit} bytes")
 
 
 #: What a request refused before its credentials were checked opens: nothing.

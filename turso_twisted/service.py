@@ -216,15 +216,20 @@ class TursoService(Service):
                                        auth=self.data_auth, forward=forward)
         # Bodies up to a restore's cap: relayed admin calls bring restores
         # (the relaying node capped a data request's body already).
+        limit = "TURSO_MAX_RESTORE_BYTES" if config.max_restore_bytes > config.max_body_bytes \
+            else "TURSO_MAX_BODY_BYTES"
         self.cluster_port = DataPort(reactor, self._internal, self.cluster_plane.refused_at_headers,
                                      self.data_auth, max(config.max_body_bytes, config.max_restore_bytes),
+                                     limit_name=limit,
                                      scratch_dir=scratch,
                                      idle_timeout=config.client_idle_timeout,
                                      peer_token=config.cluster_token.encode())
 
     def _bytes_held(self) -> Deferred[int]:
         """The bytes of every namespace's files on this node (measured off the reactor)."""
-        data_dir, held = self.config.data_dir, list(self.state.records)
+        data_dir = self.config.data_dir
+        # A copy on its way out is counted by its target.
+        held = [record.name for record in self.state.records.values() if record.moving_to is None]
 
         def measure() -> int:
             return sum(sum(names.data_file_sizes(data_dir, name).values()) for name in held)
@@ -240,7 +245,7 @@ class TursoService(Service):
     def _internal(self, request: DataRequest) -> None:
         """The internal listener: the cluster's own endpoints, and requests other nodes relay."""
         assert self.moves is not None and self.admin_relay is not None
-        if request.target.startswith(ADMIN_RELAY_PREFIX):
+        if request.target.startswith(ADMIN_RELAY_PREFIX + b"/"):
             self.admin_relay.serve(request)
         elif request.target.startswith(MOVES_PREFIX):
             self.moves.serve(request)
@@ -396,8 +401,9 @@ class TursoService(Service):
 
     def _ready(self) -> None:
         if self.cluster is not None:
-            # Joined, settled, and the data workers (if any) serve: from now on data is served.
-            self.cluster.ready = True
+            # Joined, settled, and the data workers (if any) serve: from now on
+            # data is served here, and the other nodes may send new names.
+            self.cluster.announce(True)
         self.readiness.listening = True
         workers = self.config.data_workers if self.workers is not None else 1
         self._log.info("turso-server ready: {namespaces} namespaces in {data_dir}, {workers} data "
@@ -417,6 +423,9 @@ class TursoService(Service):
         self._log.info("shutting down with {inflight} requests in flight", inflight=self.leases.count())
         # Connections already open may still send requests: they get a 503.
         self.admission.stopping = True
+        if self.cluster is not None:
+            # No node chooses this one for a new name any more (the lease goes at the end).
+            self.cluster.announce(False)
         await DeferredList([stopped for port in self.ports.values()
                             if (stopped := port.stopListening()) is not None])
         self.ports = {}
