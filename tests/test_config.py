@@ -211,6 +211,20 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.cluster_placement, "local")
         self.assertEqual(self.load(TURSO_CLUSTER_PLACEMENT=" Least-Bytes").cluster_placement, "least-bytes")
 
+    def test_tls_settings(self) -> None:
+        config = self.load()
+        self.assertFalse(config.tls_on("data") or config.tls_on("admin"))
+        config = self.load(TURSO_TLS_CERT_FILE="/c.pem", TURSO_TLS_KEY_FILE="/k.pem")
+        self.assertTrue(config.tls_on("data") and config.tls_on("admin"))
+        config = self.load(TURSO_TLS_CERT_FILE="/c.pem", TURSO_TLS_KEY_FILE="/k.pem",
+                           TURSO_TLS_PORTS=" Data ")
+        self.assertEqual((config.tls_on("data"), config.tls_on("admin")), (True, False))
+        self.assertFails("TURSO_TLS_CERT_FILE is set but TURSO_TLS_KEY_FILE is not",
+                         TURSO_TLS_CERT_FILE="/c.pem")
+        self.assertFails("TURSO_TLS_KEY_FILE is set but TURSO_TLS_CERT_FILE is not",
+                         TURSO_TLS_KEY_FILE="/k.pem")
+        self.assertFails("unknown port(s) cluster", TURSO_TLS_PORTS="data,cluster")
+
     def test_log_format(self) -> None:
         self.assertEqual(self.load().log_format, "json")
         self.assertEqual(self.load(TURSO_LOG_FORMAT="Text ").log_format, "text")

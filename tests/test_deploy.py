@@ -155,6 +155,29 @@ class ChartTests(SynchronousTestCase):
         pod = objects["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]
         self.assertEqual(pod["volumes"][0]["secret"]["secretName"], "mine")
 
+    def test_tls(self) -> None:
+        objects = render({"auth": {"authToken": "x", "adminToken": "y"}, "tls": {"secretName": "turso-cert"}})
+        pod = objects["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        self.assertEqual((env["TURSO_TLS_CERT_FILE"], env["TURSO_TLS_KEY_FILE"], env["TURSO_TLS_PORTS"]),
+                         ("/run/secrets/turso-tls/tls.crt", "/run/secrets/turso-tls/tls.key", "data,admin"))
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+        self.assertNotIn("subPath", mount)  # a renewed Secret reaches the pod
+        self.assertEqual(next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"],
+                         "turso-cert")
+        self.assertEqual(container["readinessProbe"]["httpGet"]["scheme"], "HTTPS")
+        job = objects["CronJob/buntime-turso-backup"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        backup_env = {item["name"]: item.get("value") for item in job["initContainers"][0]["env"]}
+        self.assertEqual((backup_env["TURSO_SERVER_ADMIN_URL"], backup_env["SSL_CERT_FILE"]),
+                         ("https://buntime-turso-admin:8081", "/run/secrets/turso-tls/ca.crt"))
+        # Data only: the probes stay plain; without a Secret, nothing of TLS.
+        objects = render({"tls": {"secretName": "turso-cert", "ports": ["data"]}})
+        container = objects["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]["containers"][0]
+        self.assertNotIn("scheme", container["livenessProbe"]["httpGet"])
+        container = render()["StatefulSet/buntime-turso"]["spec"]["template"]["spec"]["containers"][0]
+        self.assertNotIn("TURSO_TLS_CERT_FILE", {item["name"] for item in container["env"]})
+
     def test_cluster(self) -> None:
         values = {"replicaCount": 3, "auth": {"authToken": "x", "adminToken": "y"},
                   "cluster": {"enabled": True, "token": "cluster-secret",

@@ -23,10 +23,11 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from .cluster import Cluster, owner_unavailable
@@ -169,6 +170,19 @@ def pipe(response: IResponse, consumer: Consumer, clock: IReactorTime,
     return done
 
 
+@implementer(IPolicyForHTTPS)
+class _OwnAdminPort:
+    """
+    HTTPS to this node's own admin port, over loopback (the only HTTPS
+    this client makes: peers are reached on their internal listeners): its
+    certificate names the public host, not the loopback address, and it is
+    this process's own.
+    """
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> CertificateOptions:
+        return CertificateOptions(verify=False)
+
+
 @attrs.define(eq=False)
 class AdminRelay:
     """This node's side of relayed admin calls: sending them, and making those sent here."""
@@ -184,7 +198,7 @@ class AdminRelay:
     def __attrs_post_init__(self) -> None:
         if self.http is None:
             pool = HTTPConnectionPool(self.reactor, persistent=False)
-            self.http = HTTPClient(Agent(self.reactor, pool=pool))
+            self.http = HTTPClient(Agent(self.reactor, contextFactory=_OwnAdminPort(), pool=pool))
 
     async def send(self, owner: str, method: bytes, uri: bytes, headers: dict[bytes, bytes],
                    body: BinaryIO | None = None) -> IResponse:

@@ -155,6 +155,17 @@ def _confine_mode(text: str) -> str:
     return mode
 
 
+def tls_ports(text: str) -> frozenset[str]:
+    """The ports named in C{TURSO_TLS_PORTS}."""
+    ports = frozenset(part.strip().lower() for part in text.split(",") if part.strip())
+    unknown = ports - {"data", "admin"}
+    if unknown:
+        raise ValueError(f"unknown port(s) {', '.join(sorted(unknown))}: expected data and/or admin")
+    if not ports:
+        raise ValueError("name data and/or admin")
+    return ports
+
+
 def _log_format(text: str) -> str:
     log_format = text.strip().lower()
     if log_format not in ("json", "text"):
@@ -293,6 +304,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Shared secret of the nodes of a cluster: it opens their internal listeners", secret=True),
     Setting("TURSO_CLUSTER_TOKEN_FILE", "cluster-token-file", "", str,
             "File holding TURSO_CLUSTER_TOKEN"),
+    Setting("TURSO_TLS_CERT_FILE", "tls-cert-file", "", str,
+            "PEM certificate (the server's first, then its chain) to serve HTTPS with; read again "
+            "when it changes or on SIGHUP (empty: plain HTTP)"),
+    Setting("TURSO_TLS_KEY_FILE", "tls-key-file", "", str,
+            "PEM private key of TURSO_TLS_CERT_FILE (unencrypted)"),
+    Setting("TURSO_TLS_PORTS", "tls-ports", "data,admin", tls_ports,
+            "Which ports serve HTTPS when a certificate is set: data, admin, or both"),
     Setting("TURSO_CONFINE", "confine", "auto", _confine_mode,
             "Confine each child to its own files and scratch dir: landlock (required), auto "
             "(Landlock where the kernel and the helper allow, else a WARN), none"),
@@ -346,12 +364,19 @@ class Config:
     cluster_addr: Address
     node_url: str
     cluster_token: str = attrs.field(repr=False)
+    tls_cert_file: str
+    tls_key_file: str
+    tls_ports: frozenset[str]
     confine: str
     landlock_bin: str
 
     @property
     def clustered(self) -> bool:
         return bool(self.cluster_etcd)
+
+    def tls_on(self, port: str) -> bool:
+        """Whether C{port} (data or admin) serves HTTPS."""
+        return bool(self.tls_cert_file) and port in self.tls_ports
 
     @classmethod
     def load(
@@ -422,6 +447,10 @@ class Config:
                 f"TURSO_BACKEND_PORT_START={values['backend_port_start']} is above "
                 f"TURSO_BACKEND_PORT_END={values['backend_port_end']}: the range is inverted"
             )
+        if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+            given, missing = (("TURSO_TLS_CERT_FILE", "TURSO_TLS_KEY_FILE") if values["tls_cert_file"]
+                              else ("TURSO_TLS_KEY_FILE", "TURSO_TLS_CERT_FILE"))
+            raise ConfigError(f"{given} is set but {missing} is not: TLS needs both")
         if values["cluster_etcd"]:
             if not values["cluster_token"]:
                 raise ConfigError("TURSO_CLUSTER_ETCD is set but TURSO_CLUSTER_TOKEN is not: the nodes "

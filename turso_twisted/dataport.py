@@ -255,6 +255,8 @@ class DataPort(ServerFactory):
         self.max_body_bytes = max_body_bytes
         #: The setting that caps bodies, named to a client whose body is too large.
         self.limit_name = limit_name
+        #: Its connections come through TLS (set by whoever wraps it).
+        self.tls = False
         self.scratch_dir = scratch_dir
         self.idle_timeout = idle_timeout
         #: On a cluster's internal listener: what every request must carry in

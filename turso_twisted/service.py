@@ -9,6 +9,7 @@ twistd starts logging, and reported as one line with a non-zero exit.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -17,7 +18,7 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -57,6 +58,7 @@ from .state import StateError, StateStore
 from .stats import NamespaceStats
 from .supervisor import Reactor, Supervisor
 from .syncproto import HistoryGuard
+from .tls import Certificate, CertificateError, serving_plain, serving_tls
 from .tokens import DataAuth, KeySet, TokenVerifier, load_keys
 from .workers import WorkerPool
 
@@ -121,6 +123,9 @@ class TursoService(Service):
             auto_idle=config.auto_idle_duration,
             retention=config.archive_retention,
         )
+        #: The certificate the HTTPS ports serve (C{None}: plain HTTP).
+        self.certificate = Certificate(config.tls_cert_file, config.tls_key_file, reactor) \
+            if config.tls_cert_file else None
         self.readiness = Readiness(config.data_dir, state_loaded=True)
         self.metrics = Metrics()
         self.stats = NamespaceStats(reactor, config.data_dir, state, self.supervisor)
@@ -278,6 +283,14 @@ class TursoService(Service):
                     assert self.workers is not None
                     self.workers.listen(address.host, address.port)
                     continue
+                if self.certificate is not None and self.config.tls_on(kind):
+                    if site is self.data_port:
+                        self.data_port.tls = True
+                    site = serving_tls(site, self.certificate)
+                elif kind == "admin":
+                    # twisted.web would wait for a line end in a TLS handshake
+                    # (the data port's parser refuses one at its first byte).
+                    site = serving_plain(site)
                 self.ports[kind] = self.reactor.listenTCP(address.port, site, interface=address.host)
             except (CannotListenError, OSError) as error:
                 for port in self.ports.values():
@@ -293,7 +306,8 @@ class TursoService(Service):
             assert self.admin_relay is not None
             admin = cast("IPv4Address | IPv6Address", self.ports["admin"].getHost())
             host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)
-            self.admin_relay.admin_url = f"http://{f'[{host}]' if ':' in host else host}:{admin.port}"
+            scheme = "https" if self.config.tls_on("admin") else "http"
+            self.admin_relay.admin_url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{admin.port}"
         self._bound = True
         super().privilegedStartService()
 
@@ -341,7 +355,11 @@ class TursoService(Service):
             # A listenTCP port has an IP address.
             where = cast("IPv4Address | IPv6Address", address)
             self._log.info("listening: {listener} port on {host}:{port}", listener=kind, host=where.host,
-                           port=where.port)
+                           port=where.port, scheme="https" if self.config.tls_on(kind) else "http")
+        if self.certificate is not None:
+            self.certificate.start()
+            reactor = cast(IReactorFromThreads, self.reactor)
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self._reload_certificate))
         self.gc.start()
         self.hibernator.start()
         if self.cluster is not None:
@@ -410,6 +428,13 @@ class TursoService(Service):
                        "process(es)", data_dir=self.config.data_dir, namespaces=len(self.state.records),
                        workers=workers)
 
+    def _reload_certificate(self) -> None:
+        """SIGHUP: read the TLS certificate again, here and in the data workers."""
+        assert self.certificate is not None
+        self.certificate.reload()
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
+
     def stopService(self) -> Deferred[None]:
         """
         Stop accepting, let requests in flight finish (bounded), stop the
@@ -417,6 +442,8 @@ class TursoService(Service):
         """
         super().stopService()
         self.readiness.stopping = True
+        if self.certificate is not None:
+            self.certificate.stop()
         return ensureDeferred(self._shutdown())
 
     async def _shutdown(self) -> None:
@@ -482,6 +509,9 @@ def make_service(options: Mapping[str, str | None], reactor: Reactor | None = No
         state.load()
     except (StateError, OSError) as error:
         _fatal(str(error))
-    service = TursoService(config, reactor, state, confinement, options)
+    try:
+        service = TursoService(config, reactor, state, confinement, options)
+    except CertificateError as error:
+        _fatal(f"TURSO_TLS_CERT_FILE/TURSO_TLS_KEY_FILE: {error}")
     service.lock_fd = lock_fd
     return service

@@ -32,7 +32,7 @@ from typing import Any, cast
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ReactorNotRunning
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.protocol import ClientCreator, ClientFactory, Factory, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, globalLogBeginner
@@ -62,6 +62,7 @@ from .relay import Peers, relayed_bytes, request_bytes
 from .routing import Relay
 from .state import NamespaceRecord
 from .syncproto import CreationFacts, inbound_body
+from .tls import Certificate, serving_tls
 from .tokens import Access, DataAuth, KeySet, TokenVerifier, load_keys
 
 #: The fds the main process gives a worker.
@@ -445,8 +446,10 @@ class Migrations:
 
     def migrate(self, index: int, request: DataRequest) -> Deferred[bool]:
         connection = request.connection
-        if len(request.body) > 1 << 20:
-            return succeed(False)  # a large body is handed over, not moved
+        if len(request.body) > 1 << 20 or connection.port.tls:
+            # A large body is handed over, not moved; so is a request over TLS
+            # (its session lives in this process).
+            return succeed(False)
         data = request_bytes(request)
         fd = connection.detach()
 
@@ -582,6 +585,11 @@ class DataWorker:
         self.port = DataPort(reactor, self.plane.handle, self.plane.refused_at_headers, self.auth,
                              config.max_body_bytes, scratch_dir=scratch,
                              idle_timeout=config.client_idle_timeout)
+        #: The certificate the data port serves (C{None}: plain HTTP); the
+        #: main process checked it at start-up.
+        self.certificate = Certificate(config.tls_cert_file, config.tls_key_file, reactor) \
+            if config.tls_on("data") else None
+        self.port.tls = self.certificate is not None
         # Requests other workers hand over: served, but logged and counted by the worker the client
         # reached (their credentials are checked again: anything local can reach this socket).
         self.handed_auth = auth()
@@ -614,7 +622,11 @@ class DataWorker:
         reactor = self.reactor
         self._ports.append(reactor.listenUNIX(forward_address(self.run, self.index), self.handed_port))
         self._ports.append(reactor.listenUNIX(connections_address(self.run, self.index), _PeerFactory(self)))
-        self._ports.append(reactor.adoptStreamPort(self._listen_fd, self._family, self.port))
+        served: Any = self.port
+        if self.certificate is not None:
+            served = serving_tls(self.port, self.certificate)
+            self.certificate.start()
+        self._ports.append(reactor.adoptStreamPort(self._listen_fd, self._family, served))
         os.close(self._listen_fd)
         self._log.info("data worker {index} serving", index=self.index)
 
@@ -723,6 +735,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = DataWorker(reactor, config, index, os.environ["TURSO_WORKER_RUN"])
+    certificate = worker.certificate
+    if certificate is not None:
+        # The main process passes its SIGHUP on: read the certificate again.
+        threads = cast(IReactorFromThreads, reactor)
+        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(certificate.reload))
+    else:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker.start(LISTEN_FD, CONTROL_FD)
     flush_with(reactor)
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # the reactor takes it

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -210,6 +210,15 @@ class WorkerPool:
         factory = Factory.forProtocol(lambda: channel)
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)  # type: ignore[attr-defined]
         ours.close()
+
+    def signal_all(self, name: str) -> None:
+        """Send signal C{name} (C{"HUP"}: read the TLS certificate again) to every worker."""
+        for worker in self.workers.values():
+            if worker.transport is not None and not worker.ended.called:
+                try:
+                    worker.transport.signalProcess(name)
+                except ProcessExitedAlready:
+                    pass
 
     def stop(self) -> Deferred[None]:
         """Tell every worker to stop (they finish what is in flight); fires once all have exited."""
