@@ -76,16 +76,21 @@ class CLITests(E2ETestCase):
             self.assertEqual(code, 0, err)
         self.assertIn("2 of 2 namespaces backed up", out)
         for name in ("alpha", "beta"):
-            files = sorted(os.listdir(os.path.join(dest, name)))
+            # One folder per incarnation (the namespace id), the newest two kept in it.
+            [incarnation] = os.listdir(os.path.join(dest, name))
+            self.assertRegex(incarnation, r"^[0-9a-f]{32}$")
+            files = sorted(os.listdir(os.path.join(dest, name, incarnation)))
             self.assertEqual(len(files), 2, files)
             self.assertTrue(all(f.startswith(name + ".") and f.endswith(".db") for f in files))
+        self.assertEqual(sorted(os.listdir(dest)), ["alpha", "beta"])  # no scratch left behind
         out, err, code = yield self.cli(daemon, "--json", "backup-all", "--dest", dest)
         summary = json.loads(out)
         for result in summary["backups"]:
             with open(result["file"], "rb") as handle:
                 self.assertEqual(hashlib.sha256(handle.read()).hexdigest(), result["sha256"])
 
-        newest = os.path.join(dest, "alpha", sorted(os.listdir(os.path.join(dest, "alpha")))[-1])
+        folder = os.path.join(dest, "alpha", os.listdir(os.path.join(dest, "alpha"))[0])
+        newest = os.path.join(folder, sorted(os.listdir(folder))[-1])
         out, err, code = yield self.cli(daemon, "restore", "beta", newest)
         self.assertEqual(code, 1)
         self.assertIn("backup_of_another_namespace", err)
@@ -108,7 +113,9 @@ class CLITests(E2ETestCase):
         self.assertIn("broken: FAILED: namespace_data_missing", out)
         self.assertIn("1 of 2 namespaces backed up", out)
         self.assertIn("backup failed for broken", err)
-        self.assertEqual(len(os.listdir(os.path.join(dest, "good"))), 1)
+        [incarnation] = os.listdir(os.path.join(dest, "good"))
+        self.assertEqual(len(os.listdir(os.path.join(dest, "good", incarnation))), 1)
+        self.assertEqual(sorted(os.listdir(dest)), ["good"])
 
 
 class TokenCLITests(E2ETestCase):

@@ -14,25 +14,28 @@ daemon is the one that must never block.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.client import HTTPResponse
 from typing import IO, Any, cast
 
+from .backupstore import BACKUP_FILE, StoredBackup, StoreError, beyond_retention, open_store
 from .timefmt import parse_duration
 from .tokens import generate_key_pair, mint
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-_BACKUP_FILE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\.\d{8}T\d{6}\.\d{3}Z\.db$")
 
 
 class CommandFailed(Exception):
@@ -177,7 +180,19 @@ def cmd_restore(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     if args.allow_other_incarnation:
         query.append("allow_other_incarnation=true")
     path = f"/v1/namespaces/{_quote(args.name)}/restore" + ("?" + "&".join(query) if query else "")
-    record = client.upload(path, args.file)
+    if args.file.startswith("s3://"):
+        # Downloaded (and checked against its sha256) first, then restored.
+        with tempfile.TemporaryDirectory(prefix="turso-restore-") as scratch:
+            local = os.path.join(scratch, "backup.db")
+            bucket_url, _, key = args.file[len("s3://"):].partition("/")
+            store = open_store(f"s3://{bucket_url}", args.endpoint_url)
+            try:
+                store.fetch(StoredBackup("", "", "", os.path.basename(key), args.file), local)
+            except StoreError as error:
+                raise CommandFailed(str(error)) from None
+            record = client.upload(path, local)
+    else:
+        record = client.upload(path, args.file)
     if not args.json:
         _show(record, out)
     return record
@@ -193,7 +208,8 @@ def download_backup(client: Client, name: str, directory: str) -> dict[str, Any]
         disposition = response.headers.get("Content-Disposition", "")
         match = re.search(r'filename="([^"/]+)"', disposition)
         expected = response.headers.get("X-Backup-Sha256", "")
-        if not match or not _BACKUP_FILE.match(match.group(1)) or not expected:
+        namespace_id = response.headers.get("X-Backup-Namespace-Id", "")
+        if not match or not BACKUP_FILE.match(match.group(1)) or not expected:
             raise CommandFailed(f"{name}: the server sent no backup file name or checksum")
         final = os.path.join(directory, match.group(1))
         partial = final + ".partial"
@@ -214,50 +230,96 @@ def download_backup(client: Client, name: str, directory: str) -> dict[str, Any]
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-    return {"name": name, "file": final, "bytes": size, "sha256": expected}
+    return {"name": name, "id": namespace_id, "file": final, "bytes": size, "sha256": expected}
 
 
-def prune(directory: str, keep: int) -> list[str]:
+def _store(args: argparse.Namespace, destination: str) -> Any:
+    try:
+        return open_store(destination, args.endpoint_url)
+    except StoreError as error:
+        raise CommandFailed(str(error), EXIT_USAGE) from None
+
+
+def back_up(client: Client, store: Any, name: str, scratch: str) -> dict[str, Any]:
     """
-    Delete all but the newest C{keep} backups in C{directory}.
+    Take C{name}'s backup and keep it in C{store}: downloaded into
+    C{scratch} and checked first, then stored (uploaded and read back, or
+    moved into its folder).
     """
-    backups = sorted(f for f in os.listdir(directory) if _BACKUP_FILE.match(f))
-    doomed = backups[:-keep] if keep > 0 else []
-    for file_name in doomed:
-        os.unlink(os.path.join(directory, file_name))
-    return doomed
+    result = download_backup(client, name, scratch)
+    try:
+        result["file"] = store.put(name, result["id"], result["file"], result["sha256"])
+    except StoreError as error:
+        raise CommandFailed(f"{name}: {error}") from None
+    finally:
+        for leftover in os.listdir(scratch):
+            os.unlink(os.path.join(scratch, leftover))
+    return result
+
+
+@contextlib.contextmanager
+def _scratch(destination: str) -> Iterator[str]:
+    """
+    Where backups wait before they are stored: a temp dir for a bucket; a
+    hidden folder in a local destination (a move into place is a rename).
+    """
+    if destination.startswith("s3://"):
+        with tempfile.TemporaryDirectory(prefix="turso-backup-") as scratch:
+            yield scratch
+        return
+    scratch = os.path.join(destination, ".incoming")
+    os.makedirs(scratch, exist_ok=True)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def cmd_backup(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
-    result = download_backup(client, args.name, args.dest)
+    if args.dest.startswith("s3://"):
+        with _scratch(args.dest) as scratch:
+            result = back_up(client, _store(args, args.dest), args.name, scratch)
+    else:
+        result = download_backup(client, args.name, args.dest)
     if not args.json:
         out.write(f"{result['file']}  {result['bytes']} bytes  sha256 {result['sha256']}\n")
     return result
 
 
+def _progress(args: argparse.Namespace) -> IO[str] | None:
+    """Where a progress line goes: a terminal's stderr, unless the output is JSON."""
+    return sys.stderr if sys.stderr.isatty() and not args.json else None
+
+
 def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
-    namespaces = [r["name"] for r in client.json("GET", "/v1/namespaces")["namespaces"]]
+    namespaces = [r["name"] for r in client.json("GET", "/v1/namespaces")["namespaces"]
+                  if r.get("available", True)]
+    store = _store(args, args.dest)
     results = []
-    progress = sys.stderr if sys.stderr.isatty() and not args.json else None
-    for index, name in enumerate(namespaces, 1):
-        if progress:
-            progress.write(f"\r[{index}/{len(namespaces)}] {name} ...\x1b[K")
-            progress.flush()
-        try:
-            result = download_backup(client, name, os.path.join(args.dest, name))
-            result["pruned"] = prune(os.path.join(args.dest, name), args.keep) if args.keep else []
-            result["ok"] = True
-        except CommandFailed as error:
-            if error.status == EXIT_UNREACHABLE:
-                raise
-            result = {"name": name, "ok": False, "error": str(error)}
-        results.append(result)
-        if not args.json:
-            line = (f"{name}: {result['bytes']} bytes -> {result['file']}" if result["ok"]
-                    else f"{name}: FAILED: {result['error']}")
+    progress = _progress(args)
+    with _scratch(args.dest) as scratch:
+        for index, name in enumerate(namespaces, 1):
             if progress:
-                progress.write("\r\x1b[K")
-            out.write(line + "\n")
+                progress.write(f"\r[{index}/{len(namespaces)}] {name} ...\x1b[K")
+                progress.flush()
+            try:
+                result = back_up(client, store, name, scratch)
+                doomed = beyond_retention(store.backups(name), args.keep)
+                for old in doomed:
+                    store.delete(old)
+                result["pruned"] = [old.where for old in doomed]
+                result["ok"] = True
+            except (CommandFailed, StoreError) as error:
+                if isinstance(error, CommandFailed) and error.status == EXIT_UNREACHABLE:
+                    raise
+                result = {"name": name, "ok": False, "error": str(error)}
+            results.append(result)
+            if not args.json:
+                line = (f"{name}: {result['bytes']} bytes -> {result['file']}" if result["ok"]
+                        else f"{name}: FAILED: {result['error']}")
+                if progress:
+                    progress.write("\r\x1b[K")
+                out.write(line + "\n")
     failed = [r["name"] for r in results if not r["ok"]]
     summary = {"backups": results, "failed": failed}
     if not args.json:
@@ -267,6 +329,77 @@ def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> An
             out.write(json.dumps(summary, indent=1) + "\n")
         raise CommandFailed(f"backup failed for {', '.join(failed)}", EXIT_FAILED)
     return summary
+
+
+def cmd_restore_all(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
+    """
+    Disaster recovery: every namespace with a backup in C{--from} comes
+    back into this (fresh) daemon from its newest backup that the restore
+    path accepts, through its identity checks.  A name already live is
+    skipped; a backup the daemon finds damaged gives way to the one before.
+    """
+    store = _store(args, args.source)
+    try:
+        kept = store.backups()
+    except StoreError as error:
+        raise CommandFailed(str(error)) from None
+    live = {r["name"] for r in client.json("GET", "/v1/namespaces")["namespaces"]}
+    by_name: dict[str, list[StoredBackup]] = {}
+    for backup in kept:
+        by_name.setdefault(backup.name, []).append(backup)
+    restored: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
+    progress = _progress(args)
+    with tempfile.TemporaryDirectory(prefix="turso-restore-") as scratch:
+        for index, name in enumerate(sorted(by_name), 1):
+            if progress:
+                progress.write(f"\r[{index}/{len(by_name)}] {name} ...\x1b[K")
+                progress.flush()
+            outcome = _restore_newest(client, store, name, by_name[name], live, scratch)
+            {"restored": restored, "skipped": skipped, "refused": refused}[outcome["outcome"]].append(outcome)
+            if progress:
+                progress.write("\r\x1b[K")
+            if not args.json:
+                out.write(f"{name}: {outcome['outcome']}: {outcome['detail']}\n")
+    summary = {"restored": restored, "skipped": skipped, "refused": refused}
+    if not args.json:
+        out.write(f"{len(restored)} restored, {len(skipped)} skipped, {len(refused)} refused\n")
+    if refused:
+        if args.json:
+            out.write(json.dumps(summary, indent=1) + "\n")
+        raise CommandFailed(f"not restored: {', '.join(item['name'] for item in refused)}", EXIT_FAILED)
+    return summary
+
+
+def _restore_newest(client: Client, store: Any, name: str, backups: list[StoredBackup], live: set[str],
+                    scratch: str) -> dict[str, Any]:
+    if name in live:
+        return {"name": name, "outcome": "skipped", "detail": "already live here (not replaced)"}
+    problems = []
+    for backup in sorted(backups, reverse=True):
+        local = os.path.join(scratch, backup.file_name)
+        try:
+            store.fetch(backup, local)
+            record = client.upload(f"/v1/namespaces/{_quote(name)}/restore", local)
+        except StoreError as error:
+            problems.append(f"{backup.where}: {error}")
+            continue
+        except CommandFailed as error:
+            if error.status == EXIT_UNREACHABLE:
+                raise
+            text = str(error)
+            if text.startswith(("not_sqlite", "integrity_check_failed", "replay_failed")):
+                problems.append(f"{backup.where}: {text}")
+                continue  # damaged: the one before may do
+            return {"name": name, "outcome": "refused", "detail": f"{backup.where}: {text}"}
+        finally:
+            if os.path.exists(local):
+                os.unlink(local)
+        return {"name": name, "outcome": "restored", "id": record.get("id"), "from": backup.where,
+                "detail": f"{backup.where} (id {record.get('id')})" + (
+                    f", after {len(problems)} unusable newer backup(s)" if problems else "")}
+    return {"name": name, "outcome": "refused", "detail": "no usable backup: " + "; ".join(problems)}
 
 
 #: Config fields whose values are text, whatever they look like.
@@ -512,20 +645,35 @@ def build_parser() -> argparse.ArgumentParser:
     unarchive.add_argument("--unlocked", action="store_true", help="do not lock it")
     archive = command("archive", cmd_archive, "list archive entries", with_name=False)
     archive.add_argument("--name", help="only this namespace's entries")
+    def with_endpoint(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--endpoint-url", default=None, metavar="URL",
+                         help="S3 API endpoint of an S3-compatible store (default: AWS, or AWS_ENDPOINT_URL)")
+
     backup = command("backup", cmd_backup, "download one namespace's backup")
-    backup.add_argument("--dest", default=".", help="directory (default: here)")
+    backup.add_argument("--dest", default=".",
+                        help="directory (default: here), or s3://bucket/prefix (then <name>/<id>/ under it)")
+    with_endpoint(backup)
     restore = command("restore", cmd_restore, "restore a namespace from a backup file")
-    restore.add_argument("file", help="the SQLite backup file")
+    restore.add_argument("file", help="the SQLite backup file, or s3://bucket/key")
+    with_endpoint(restore)
     restore.add_argument("--source", help="accept a backup of this other namespace")
     restore.add_argument("--allow-foreign", action="store_true", help="accept a file without identity")
     restore.add_argument("--allow-other-incarnation", action="store_true",
                          help="accept a backup of an earlier incarnation of the name")
     fork = command("fork", cmd_fork, "copy a namespace into a new one")
     fork.add_argument("target", help="the new namespace")
-    backup_all = command("backup-all", cmd_backup_all, "back up every namespace into DEST/<name>/",
-                         with_name=False)
-    backup_all.add_argument("--dest", required=True, help="destination directory")
-    backup_all.add_argument("--keep", type=int, default=0, help="keep this many backups per namespace")
+    backup_all = command("backup-all", cmd_backup_all,
+                         "back up every namespace into DEST/<name>/<namespace id>/", with_name=False)
+    backup_all.add_argument("--dest", required=True, help="a directory, or s3://bucket/prefix")
+    backup_all.add_argument("--keep", type=int, default=0,
+                            help="keep this many backups of each incarnation of a namespace (0: all)")
+    with_endpoint(backup_all)
+    restore_all = command("restore-all", cmd_restore_all,
+                          "bring every namespace back from the newest backup in SOURCE (disaster recovery)",
+                          with_name=False)
+    restore_all.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                             help="a directory or s3://bucket/prefix that backup-all wrote")
+    with_endpoint(restore_all)
     config = commands.add_parser("config", help="show or change a namespace's config",
                                  description="show (get NAME) or change (set NAME FIELD=VALUE ...) a "
                                              "namespace's config; VALUE true/false, null, a number, "
