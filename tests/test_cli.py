@@ -41,7 +41,19 @@ class CLITests(E2ETestCase):
         self.assertIn("720h0m0s", out)
         out, err, code = yield self.cli(daemon, "list")
         self.assertEqual(out.splitlines()[0].split()[:3], ["NAME", "ORIGIN", "LOCKED"])
-        self.assertEqual(out.splitlines()[1].split()[:3], ["alpha", "explicit", "True"])
+        self.assertEqual(out.splitlines()[1].split()[:3], ["alpha", "explicit", "true"])
+        # Options go before or after the command; nested values read as key=value.
+        for args in (("list", "--json"), ("--json", "list"), ("list", "-o", "json"),
+                     ("--output", "json", "list")):
+            out, err, code = yield self.cli(daemon, *args)
+            listed = [entry["name"] for entry in json.loads(out)["namespaces"]]
+            self.assertEqual((code, listed), (0, ["alpha"]), args)
+        out, err, code = yield self.cli(None, "list", "--url", daemon.admin_url())
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.cli(daemon, "stats", "alpha")
+        files = next(line for line in out.splitlines() if line.startswith("files "))
+        self.assertRegex(files, r"^files\s+alpha\.db=\d+")
+        self.assertNotIn("{", out)
         out, err, code = yield self.cli(daemon, "--json", "show", "alpha")
         self.assertEqual(json.loads(out)["ttl"], "720h0m0s")
         out, err, code = yield self.cli(daemon, "show", "ghost")
@@ -116,6 +128,20 @@ class CLITests(E2ETestCase):
         [incarnation] = os.listdir(os.path.join(dest, "good"))
         self.assertEqual(len(os.listdir(os.path.join(dest, "good", incarnation))), 1)
         self.assertEqual(sorted(os.listdir(dest)), ["good"])
+
+
+class CompletionTests(E2ETestCase):
+    @inlineCallbacks
+    def test_shell_completion(self) -> Any:
+        """What `eval "$(register-python-argcomplete turso-server-admin)"` asks the CLI for."""
+        answer = os.path.abspath(self.mktemp())
+        line = "turso-server-admin backup"
+        env = {"PATH": os.environ.get("PATH", ""), "_ARGCOMPLETE": "1", "COMP_LINE": line,
+               "COMP_POINT": str(len(line)), "_ARGCOMPLETE_STDOUT_FILENAME": answer, "_ARGCOMPLETE_IFS": "\n"}
+        out, err, code = yield getProcessOutputAndValue(CLI, [], env=env)
+        self.assertEqual(code, 0, err)
+        with open(answer) as handle:
+            self.assertEqual(sorted(handle.read().split()), ["backup", "backup-all"])
 
 
 class TokenCLITests(E2ETestCase):

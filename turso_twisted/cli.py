@@ -30,6 +30,9 @@ from collections.abc import Callable, Iterator, Sequence
 from http.client import HTTPResponse
 from typing import IO, Any, cast
 
+import argcomplete
+from tqdm import tqdm
+
 from .backupstore import BACKUP_FILE, StoredBackup, StoreError, beyond_retention, open_store
 from .timefmt import parse_duration
 from .tokens import generate_key_pair, mint
@@ -96,10 +99,23 @@ def _quote(name: str) -> str:
 # -- output ---------------------------------------------------------------------
 
 
+def _readable(value: Any) -> str:
+    """A value for people: nested objects as key=value lists, not Python's repr."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={_readable(item)}" for key, item in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(_readable(item) for item in value) or "-"
+    return str(value)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], out: IO[str]) -> None:
     cells = [[title for title, _ in columns]]
     for row in rows:
-        cells.append(["-" if row.get(key) is None else str(row.get(key)) for _, key in columns])
+        cells.append([_readable(row.get(key)) for _, key in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for line in cells:
         padded = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
@@ -113,7 +129,7 @@ NAMESPACE_COLUMNS = [("NAME", "name"), ("ORIGIN", "origin"), ("LOCKED", "locked"
 def _show(record: dict[str, Any], out: IO[str]) -> None:
     width = max(len(key) for key in record)
     for key, value in record.items():
-        out.write(f"{key.ljust(width)}  {'-' if value is None else value}\n")
+        out.write(f"{key.ljust(width)}  {_readable(value)}\n")
 
 
 # -- commands -------------------------------------------------------------------
@@ -286,9 +302,35 @@ def cmd_backup(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
     return result
 
 
-def _progress(args: argparse.Namespace) -> IO[str] | None:
-    """Where a progress line goes: a terminal's stderr, unless the output is JSON."""
-    return sys.stderr if sys.stderr.isatty() and not args.json else None
+class _Progress:
+    """
+    Work through many items: a progress bar on a terminal (stderr), and a
+    line per item on the output for people (none with JSON, which comes
+    whole at the end).
+    """
+
+    def __init__(self, args: argparse.Namespace, total: int, what: str, out: IO[str]) -> None:
+        self.json, self.out = args.json, out
+        self.bar = tqdm(total=total, desc=what, unit="", file=sys.stderr, leave=False, dynamic_ncols=True,
+                        disable=args.json or not sys.stderr.isatty())
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *failure: object) -> None:
+        self.bar.close()
+
+    def working_on(self, item: str) -> None:
+        self.bar.set_postfix_str(item, refresh=True)
+
+    def done(self, line: str) -> None:
+        """One item done: its line (above the bar), and the bar one further."""
+        if not self.json:
+            if self.bar.disable:
+                self.out.write(line + "\n")
+            else:
+                self.bar.write(line, file=self.out)
+        self.bar.update(1)
 
 
 def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
@@ -296,12 +338,9 @@ def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> An
                   if r.get("available", True)]
     store = _store(args, args.dest)
     results = []
-    progress = _progress(args)
-    with _scratch(args.dest) as scratch:
-        for index, name in enumerate(namespaces, 1):
-            if progress:
-                progress.write(f"\r[{index}/{len(namespaces)}] {name} ...\x1b[K")
-                progress.flush()
+    with _scratch(args.dest) as scratch, _Progress(args, len(namespaces), "backing up", out) as progress:
+        for name in namespaces:
+            progress.working_on(name)
             try:
                 result = back_up(client, store, name, scratch)
                 doomed = beyond_retention(store.backups(name), args.keep)
@@ -314,12 +353,8 @@ def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> An
                     raise
                 result = {"name": name, "ok": False, "error": str(error)}
             results.append(result)
-            if not args.json:
-                line = (f"{name}: {result['bytes']} bytes -> {result['file']}" if result["ok"]
-                        else f"{name}: FAILED: {result['error']}")
-                if progress:
-                    progress.write("\r\x1b[K")
-                out.write(line + "\n")
+            progress.done(f"{name}: {result['bytes']} bytes -> {result['file']}" if result["ok"]
+                          else f"{name}: FAILED: {result['error']}")
     failed = [r["name"] for r in results if not r["ok"]]
     summary = {"backups": results, "failed": failed}
     if not args.json:
@@ -350,18 +385,13 @@ def cmd_restore_all(client: Client, args: argparse.Namespace, out: IO[str]) -> A
     restored: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
-    progress = _progress(args)
-    with tempfile.TemporaryDirectory(prefix="turso-restore-") as scratch:
-        for index, name in enumerate(sorted(by_name), 1):
-            if progress:
-                progress.write(f"\r[{index}/{len(by_name)}] {name} ...\x1b[K")
-                progress.flush()
+    with tempfile.TemporaryDirectory(prefix="turso-restore-") as scratch, \
+            _Progress(args, len(by_name), "restoring", out) as progress:
+        for name in sorted(by_name):
+            progress.working_on(name)
             outcome = _restore_newest(client, store, name, by_name[name], live, scratch)
             {"restored": restored, "skipped": skipped, "refused": refused}[outcome["outcome"]].append(outcome)
-            if progress:
-                progress.write("\r\x1b[K")
-            if not args.json:
-                out.write(f"{name}: {outcome['outcome']}: {outcome['detail']}\n")
+            progress.done(f"{name}: {outcome['outcome']}: {outcome['detail']}")
     summary = {"restored": restored, "skipped": skipped, "refused": refused}
     if not args.json:
         out.write(f"{len(restored)} restored, {len(skipped)} skipped, {len(refused)} refused\n")
@@ -577,21 +607,24 @@ def cmd_rebalance(client: Client, args: argparse.Namespace, out: IO[str]) -> Any
     plan = rebalance_plan(view.get("placements", {}), live, args.drain, sizes)
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for name, source, target in plan:
-        if args.dry_run:
+    if args.dry_run:
+        for name, source, target in plan:
             if not args.json:
                 out.write(f"would move {name} from {source} to {target}\n")
-            continue
-        try:
-            moved = client.json("POST", f"/v1/namespaces/{_quote(name)}/move", {"to": target})
-        except CommandFailed as error:
-            failed.append({"name": name, "from": source, "to": target, "error": str(error)})
-            if not args.json:
-                out.write(f"could not move {name} from {source} to {target}: {error}\n")
-            continue
-        done.append(moved)
-        if not args.json:
-            out.write(f"moved {name} from {source} to {target} ({moved['bytes']} bytes)\n")
+        plan_only: list[tuple[str, str, str]] = []
+    else:
+        plan_only = plan
+    with _Progress(args, len(plan_only), "moving", out) as progress:
+        for name, source, target in plan_only:
+            progress.working_on(name)
+            try:
+                moved = client.json("POST", f"/v1/namespaces/{_quote(name)}/move", {"to": target})
+            except CommandFailed as error:
+                failed.append({"name": name, "from": source, "to": target, "error": str(error)})
+                progress.done(f"could not move {name} from {source} to {target}: {error}")
+                continue
+            done.append(moved)
+            progress.done(f"moved {name} from {source} to {target} ({moved['bytes']} bytes)")
     if not args.json:
         out.write(f"{len(plan)} move(s) planned" + ("" if args.dry_run else
                   f", {len(done)} done, {len(failed)} failed") + "\n")
@@ -611,20 +644,41 @@ class _Partial(CommandFailed):
 # -- wiring ---------------------------------------------------------------------
 
 
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """
+    The options every command takes, before or after it: with their
+    defaults on the main parser; without on each command's, so that one
+    given before the command is not reset after it.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    options.add_argument("--url", default=default(os.environ.get("TURSO_SERVER_ADMIN_URL", DEFAULT_URL)),
+                         help=f"admin API URL [env TURSO_SERVER_ADMIN_URL, default {DEFAULT_URL}]")
+    options.add_argument("--token", default=default(None),
+                         help="admin token [env TURSO_SERVER_ADMIN_TOKEN; prefer the env var: "
+                              "options are visible in process lists]")
+    options.add_argument("--output", "-o", choices=("table", "json"), default=default("table"),
+                         help="table (for people, the default) or json (for scripts)")
+    options.add_argument("--json", action="store_true", default=default(False),
+                         help="the same as --output json")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="turso-server-admin",
-                                     description="Operate a turso-server through its admin API.")
-    parser.add_argument("--url", default=os.environ.get("TURSO_SERVER_ADMIN_URL", DEFAULT_URL),
-                        help="admin API URL [env TURSO_SERVER_ADMIN_URL, default %(default)s]")
-    parser.add_argument("--token", default=None,
-                        help="admin token [env TURSO_SERVER_ADMIN_TOKEN; prefer the env var: "
-                             "options are visible in process lists]")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser = argparse.ArgumentParser(prog="turso-server-admin", parents=[_global_options(True)],
+                                     description="Operate a turso-server through its admin API.",
+                                     epilog="Exit status: 0 done, 1 the server refused or something failed, "
+                                            "2 bad usage, 3 the server could not be reached.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The global options work after the command too (`list --json`).
+    anywhere = _global_options(False)
 
     def command(name: str, handler: Command, help_text: str,
                 with_name: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[anywhere])
         if with_name:
             sub.add_argument("name", help="namespace name")
         sub.set_defaults(handler=handler)
@@ -674,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_all.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                              help="a directory or s3://bucket/prefix that backup-all wrote")
     with_endpoint(restore_all)
-    config = commands.add_parser("config", help="show or change a namespace's config",
+    config = commands.add_parser("config", help="show or change a namespace's config", parents=[anywhere],
                                  description="show (get NAME) or change (set NAME FIELD=VALUE ...) a "
                                              "namespace's config; VALUE true/false, null, a number, "
                                              "@FILE (its contents) or text")
@@ -709,10 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
+    # Shell completion: `eval "$(register-python-argcomplete turso-server-admin)"`.
+    argcomplete.autocomplete(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code else EXIT_OK
+    args.json = args.json or args.output == "json"
     if getattr(args, "keep", 0) < 0:
         sys.stderr.write("turso-server-admin: --keep must be 0 or more\n")
         return EXIT_USAGE
