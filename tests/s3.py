@@ -45,7 +45,7 @@ class S3Server:
     def env(self) -> dict[str, str]:
         """What a client of this server needs in its environment."""
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": self.region}
+                "AWS_DEFAULT_REGION": self.region}
 
     def _answers(self) -> bool:
         try:

@@ -146,7 +146,7 @@ class ChartTests(SynchronousTestCase):
         self.assertEqual(len(pod["containers"]), 1)
         self.assertNotIn("initContainers", pod)
         self.assertEqual(pod["containers"][0]["command"],
-                         ["turso-server-admin", "backup-all", "--dest", "s3://$(S3_BUCKET)/turso",
+                         ["turso-server-admin", "backup-all", "--dest", "s3://$(S3_BUCKET)/",
                           "--keep", "14", "--endpoint-url", "$(S3_URL)"])
 
     def test_options(self) -> None:

@@ -85,7 +85,7 @@ class S3BackupTests(E2ETestCase):
         listed = s3.client().list_objects_v2(Bucket=BUCKET)["Contents"]
         self.assertEqual(len(listed), 3)
         for item in listed:
-            name, namespace_id, file_name = item["Key"].split("/")[1:]
+            name, namespace_id, file_name = item["Key"].split("/")
             head = s3.client().head_object(Bucket=BUCKET, Key=item["Key"])
             self.assertEqual((head["Metadata"]["namespace"], head["Metadata"]["namespace-id"]),
                              (name, namespace_id))
@@ -99,16 +99,16 @@ class S3BackupTests(E2ETestCase):
         self.assertEqual(code, 0, err)
         yield self.seed(daemon, "gamma", 3, "gamma-anew")
         before["gamma"] = yield self.rows(daemon, "gamma")
-        dest = [f"s3://{BUCKET}/turso", "--endpoint-url", s3.url]
+        dest = [f"s3://{BUCKET}/", "--endpoint-url", s3.url]
         for _ in range(2):
             keep_one = [CLI, "--json", "backup-all", "--dest", *dest, "--keep", "1"]
             out, err, code = yield self.cli(keep_one, admin)
             self.assertEqual(code, 0, err + out)
         keys = sorted(item["Key"] for item in s3.client().list_objects_v2(Bucket=BUCKET)["Contents"])
-        per_name = {name: [key for key in keys if key.split("/")[1] == name] for name in before}
+        per_name = {name: [key for key in keys if key.split("/")[0] == name] for name in before}
         self.assertEqual({name: len(found) for name, found in per_name.items()},
                          {"alpha": 1, "beta": 1, "gamma": 2}, keys)
-        self.assertEqual(len({key.split("/")[2] for key in per_name["gamma"]}), 2)
+        self.assertEqual(len({key.split("/")[1] for key in per_name["gamma"]}), 2)
 
         # Disaster: the volume is lost. A fresh daemon gets everything back.
         fresh = yield Daemon(self, TURSO_ADMIN_TOKEN="admin-token").start()

@@ -46,6 +46,30 @@ def plain_request(port: int) -> bytes:
     return answer
 
 
+def silent_after_close(port: int, ca_file: str) -> str:
+    """A request with Connection: close, then silence (no TLS close alert): whether the server closes."""
+    context = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            while sock.recv(65536):
+                pass
+        except (ssl.SSLError, ConnectionError):
+            pass
+        except TimeoutError:
+            return "still open after 30 s"
+        # The server's close alert came; now it must close the socket without ours.
+        with socket.socket(fileno=os.dup(sock.fileno())) as probe:
+            probe.settimeout(30)
+            try:
+                return "closed" if probe.recv(1) == b"" else "data after close"
+            except ConnectionError:
+                return "closed"
+            except TimeoutError:
+                return "still open after 30 s"
+
+
 def handshake(port: int) -> str:
     """A TLS handshake with C{port}: how it ended."""
     context = ssl.create_default_context()
@@ -139,10 +163,18 @@ class TLSTests(E2ETestCase):
         # The plain admin port works as before; the data port serves the certificate.
         self.assertIn(b"200 OK", (yield deferToThread(plain_request, daemon.admin_port)))
         self.assertEqual((yield deferToThread(served_name, daemon.data_port, self.ca.ca_file)), "first")
-        # A plain data port refuses a handshake at once too.
+        # A client that goes silent after its last request is closed all the
+        # same (Twisted would wait for its TLS close alert).
+        self.assertEqual((yield deferToThread(silent_after_close, daemon.data_port, self.ca.ca_file)),
+                         "closed")
+        # A plain data port refuses a handshake at once too; SIGHUP without TLS changes nothing.
         plain = yield Daemon(self).start()
         self.assertIn((yield deferToThread(handshake, plain.data_port)),
                       ("SSLError", "ConnectionResetError", "SSLEOFError"))
+        plain.signal("SIGHUP")
+        yield wait_for(lambda: any(e.get("msg", "").startswith("SIGHUP: nothing to read again")
+                                   for e in plain.logs()), "the SIGHUP to be taken")
+        self.assertIn(b"200 OK", (yield deferToThread(plain_request, plain.admin_port)))
 
     @inlineCallbacks
     def test_a_renewed_certificate_is_served_after_sighup(self) -> Any:

@@ -42,6 +42,16 @@ _NAMESPACE_ID = re.compile(r"^[0-9a-f]{32}$")
 class StoreError(Exception):
     """A backup could not be stored, listed or fetched (the message says why)."""
 
+    def __init__(self, message: str, damaged: bool = False) -> None:
+        super().__init__(message)
+        #: The backup itself is bad (it does not match its sha256), as
+        #: opposed to the store being out of reach for now.
+        self.damaged = damaged
+
+
+#: The largest object one upload makes (S3's limit for a single PUT).
+MAX_OBJECT = 5 << 30
+
 
 @attrs.frozen(order=True)
 class StoredBackup:
@@ -97,10 +107,13 @@ class LocalStore:
 
     def put(self, name: str, namespace_id: str, path: str, sha256: str) -> str:
         folder = os.path.join(self.root, name, namespace_id)
-        os.makedirs(folder, exist_ok=True)
         final = os.path.join(folder, os.path.basename(path))
-        if os.path.abspath(path) != os.path.abspath(final):
-            shutil.move(path, final)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if os.path.abspath(path) != os.path.abspath(final):
+                shutil.move(path, final)
+        except OSError as error:
+            raise StoreError(f"cannot keep {final}: {error.strerror or error}") from None
         return final
 
     def backups(self, name: str | None = None) -> list[StoredBackup]:
@@ -123,11 +136,17 @@ class LocalStore:
         return sorted(found)
 
     def fetch(self, backup: StoredBackup, path: str) -> str:
-        shutil.copyfile(backup.where, path)
-        return sha256_of(path)
+        try:
+            shutil.copyfile(backup.where, path)
+            return sha256_of(path)
+        except OSError as error:
+            raise StoreError(f"cannot read {backup.where}: {error.strerror or error}") from None
 
     def delete(self, backup: StoredBackup) -> None:
-        os.unlink(backup.where)
+        try:
+            os.unlink(backup.where)
+        except OSError as error:
+            raise StoreError(f"cannot delete {backup.where}: {error.strerror or error}") from None
 
 
 @attrs.define
@@ -160,6 +179,9 @@ class S3Store:
     def put(self, name: str, namespace_id: str, path: str, sha256: str) -> str:
         key = self._key(name, namespace_id, os.path.basename(path))
         size = os.path.getsize(path)
+        if size > MAX_OBJECT:
+            raise StoreError(f"{os.path.basename(path)} is {size} bytes: over the 5 GiB of one S3 upload "
+                             "(keep it in a directory destination)")
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
         metadata = {"sha256": sha256, "namespace": name, "namespace-id": namespace_id}
         try:
@@ -213,7 +235,7 @@ class S3Store:
             raise StoreError(f"cannot download {backup.where}: {error}") from None
         if expected and digest.hexdigest() != expected:
             raise StoreError(f"{backup.where} does not match its sha256 (got {digest.hexdigest()}, "
-                             f"stored {expected})")
+                             f"stored {expected})", damaged=True)
         return digest.hexdigest()
 
     def delete(self, backup: StoredBackup) -> None:

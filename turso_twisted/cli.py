@@ -225,8 +225,9 @@ def download_backup(client: Client, name: str, directory: str) -> dict[str, Any]
         match = re.search(r'filename="([^"/]+)"', disposition)
         expected = response.headers.get("X-Backup-Sha256", "")
         namespace_id = response.headers.get("X-Backup-Namespace-Id", "")
-        if not match or not BACKUP_FILE.match(match.group(1)) or not expected:
-            raise CommandFailed(f"{name}: the server sent no backup file name or checksum")
+        if not match or not BACKUP_FILE.match(match.group(1)) or not expected \
+                or not re.fullmatch(r"[0-9a-f]{32}", namespace_id):
+            raise CommandFailed(f"{name}: the server sent no backup file name, checksum or namespace id")
         final = os.path.join(directory, match.group(1))
         partial = final + ".partial"
         digest = hashlib.sha256()
@@ -283,8 +284,9 @@ def _scratch(destination: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="turso-backup-") as scratch:
             yield scratch
         return
-    scratch = os.path.join(destination, ".incoming")
-    os.makedirs(scratch, exist_ok=True)
+    os.makedirs(destination, exist_ok=True)
+    # One per run: two runs into one destination leave each other alone.
+    scratch = tempfile.mkdtemp(prefix=".incoming-", dir=destination)
     try:
         yield scratch
     finally:
@@ -334,10 +336,16 @@ class _Progress:
 
 
 def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> Any:
-    namespaces = [r["name"] for r in client.json("GET", "/v1/namespaces")["namespaces"]
-                  if r.get("available", True)]
+    listed = client.json("GET", "/v1/namespaces")["namespaces"]
+    namespaces = [entry["name"] for entry in listed if entry.get("available", True)]
     store = _store(args, args.dest)
-    results = []
+    # A cluster node that is down: its names cannot be backed up now, and say so.
+    results: list[dict[str, Any]] = [
+        {"name": entry["name"], "ok": False, "error": f"node {entry.get('node')!r} is not reachable"}
+        for entry in listed if not entry.get("available", True)]
+    for result in results:
+        if not args.json:
+            out.write(f"{result['name']}: FAILED: {result['error']}\n")
     with _scratch(args.dest) as scratch, _Progress(args, len(namespaces), "backing up", out) as progress:
         for name in namespaces:
             progress.working_on(name)
@@ -378,7 +386,9 @@ def cmd_restore_all(client: Client, args: argparse.Namespace, out: IO[str]) -> A
         kept = store.backups()
     except StoreError as error:
         raise CommandFailed(str(error)) from None
-    live = {r["name"] for r in client.json("GET", "/v1/namespaces")["namespaces"]}
+    if not kept:
+        raise CommandFailed(f"no backups under {args.source} (is it what backup-all wrote to?)")
+    live = {r["name"]: r for r in client.json("GET", "/v1/namespaces")["namespaces"]}
     by_name: dict[str, list[StoredBackup]] = {}
     for backup in kept:
         by_name.setdefault(backup.name, []).append(backup)
@@ -402,17 +412,33 @@ def cmd_restore_all(client: Client, args: argparse.Namespace, out: IO[str]) -> A
     return summary
 
 
-def _restore_newest(client: Client, store: Any, name: str, backups: list[StoredBackup], live: set[str],
-                    scratch: str) -> dict[str, Any]:
+def _restore_newest(client: Client, store: Any, name: str, backups: list[StoredBackup],
+                    live: dict[str, dict[str, Any]], scratch: str) -> dict[str, Any]:
+    """
+    Restore C{name} from its newest backup.  Only backups of the newest
+    incarnation are candidates (an older one is another tenant of the
+    name); a damaged one gives way to the one before it, a store out of
+    reach does not (that would quietly bring back older data).
+    """
     if name in live:
+        if live[name].get("origin") == "auto":
+            return {"name": name, "outcome": "refused",
+                    "detail": "live here already, made by a client's first request (during the recovery?): "
+                              "check it, then `restore` it by hand; turn TURSO_ALLOW_AUTO_PROVISION off "
+                              "while recovering"}
         return {"name": name, "outcome": "skipped", "detail": "already live here (not replaced)"}
+    newest = max(backups)
+    candidates = sorted((backup for backup in backups if backup.namespace_id == newest.namespace_id),
+                        reverse=True)
     problems = []
-    for backup in sorted(backups, reverse=True):
+    for backup in candidates:
         local = os.path.join(scratch, backup.file_name)
         try:
             store.fetch(backup, local)
             record = client.upload(f"/v1/namespaces/{_quote(name)}/restore", local)
         except StoreError as error:
+            if not error.damaged:
+                return {"name": name, "outcome": "refused", "detail": f"{backup.where}: {error}"}
             problems.append(f"{backup.where}: {error}")
             continue
         except CommandFailed as error:
@@ -428,8 +454,9 @@ def _restore_newest(client: Client, store: Any, name: str, backups: list[StoredB
                 os.unlink(local)
         return {"name": name, "outcome": "restored", "id": record.get("id"), "from": backup.where,
                 "detail": f"{backup.where} (id {record.get('id')})" + (
-                    f", after {len(problems)} unusable newer backup(s)" if problems else "")}
-    return {"name": name, "outcome": "refused", "detail": "no usable backup: " + "; ".join(problems)}
+                    f", after {len(problems)} damaged newer backup(s)" if problems else "")}
+    return {"name": name, "outcome": "refused",
+            "detail": "no usable backup of its newest incarnation: " + "; ".join(problems)}
 
 
 #: Config fields whose values are text, whatever they look like.

@@ -39,7 +39,7 @@ _LEVELS = {
 
 #: Twisted's own port announcements; we log "listening" ourselves.
 _PORT_CHATTER = re.compile(
-    r"^(.+ starting on \d+|\((TCP|UNIX) Port .+ Closed\)|(Starting|Stopping) factory .*)$", re.DOTALL)
+    r"^(.+ starting on (\d+|'.*')|\((TCP|UNIX) Port .+ Closed\)|(Starting|Stopping) factory .*)$", re.DOTALL)
 
 #: Namespaces whose chatter says nothing an operator needs.
 _QUIET_NAMESPACES = ("twisted.web.client", "twisted.internet.protocol", "twisted.web._newclient",

@@ -325,6 +325,10 @@ class TursoService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # SIGHUP reads the TLS certificate again (`systemctl reload`); without
+        # TLS it does nothing, rather than end the daemon as by default.
+        threads = cast(IReactorFromThreads, self.reactor)
+        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(self._hangup))
         # Log lines of one reactor turn are written out together.
         logs.flush_with(self.reactor)
         if not self._bound:
@@ -358,8 +362,6 @@ class TursoService(Service):
                            port=where.port, scheme="https" if self.config.tls_on(kind) else "http")
         if self.certificate is not None:
             self.certificate.start()
-            reactor = cast(IReactorFromThreads, self.reactor)
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self._reload_certificate))
         self.gc.start()
         self.hibernator.start()
         if self.cluster is not None:
@@ -428,9 +430,11 @@ class TursoService(Service):
                        "process(es)", data_dir=self.config.data_dir, namespaces=len(self.state.records),
                        workers=workers)
 
-    def _reload_certificate(self) -> None:
+    def _hangup(self) -> None:
         """SIGHUP: read the TLS certificate again, here and in the data workers."""
-        assert self.certificate is not None
+        if self.certificate is None:
+            self._log.info("SIGHUP: nothing to read again (no TLS certificate)")
+            return
         self.certificate.reload()
         if self.workers is not None:
             self.workers.signal_all("HUP")

@@ -14,18 +14,26 @@ from __future__ import annotations
 
 import json
 import os
+from typing import cast
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+)
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: How often the files are checked for a renewal.
@@ -77,7 +85,8 @@ def load(cert_file: str, key_file: str) -> tuple[CertificateOptions, x509.Certif
             privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
             certificate=crypto.X509.from_cryptography(server),
             extraCertChain=[crypto.X509.from_cryptography(link) for link in chain],
-            # Clients that offer ALPN (Python's urllib, which pyturso uses) get HTTP/1.1.
+            # Clients that offer ALPN (Python's urllib, which pyturso uses) get
+            # HTTP/1.1, the one the ports speak; one offering only h2 is refused.
             acceptableProtocols=[b"http/1.1"])
         options.getContext()  # checks that the key is the certificate's
     except (SSL.Error, ValueError, TypeError) as error:
@@ -218,8 +227,39 @@ class _TLSOnlyFactory(WrappingFactory):
     noisy = False
 
 
+#: How long a closing TLS connection waits for the client's own close alert.
+CLOSE_LINGER = 5.0
+
+
+class _BoundedClose(BufferingTLSTransport):
+    """
+    TLS that closes within L{CLOSE_LINGER} seconds: Twisted waits for the
+    client's close alert before it closes the socket, which a client that
+    goes silent never sends (it would hold the connection forever).
+    """
+
+    _linger: IDelayedCall | None = None
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        if self._linger is None and self.connected:
+            clock = cast(_TLSFactory, self.factory).clock
+            self._linger = clock.callLater(CLOSE_LINGER, self.abortConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+
+class _TLSFactory(TLSMemoryBIOFactory):
+    protocol = _BoundedClose
+
+    def __init__(self, certificate: Certificate, factory: IProtocolFactory) -> None:
+        super().__init__(certificate, False, factory)
+        self.clock = certificate.clock
+
+
 def serving_tls(factory: IProtocolFactory, certificate: Certificate) -> IProtocolFactory:
     """C{factory}'s protocol, behind TLS with C{certificate}."""
-    tls = TLSMemoryBIOFactory(certificate, False, factory)
-    tls.noisy = False
-    return _TLSOnlyFactory(tls)
+    return _TLSOnlyFactory(_TLSFactory(certificate, factory))

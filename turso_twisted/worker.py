@@ -717,6 +717,10 @@ def _die_with_parent() -> None:
 
 def main() -> None:
     main_pid = os.getppid()
+    # SIGHUP, passed on by the main process, reads the TLS certificate
+    # again; until that is set up (and without TLS) it does nothing.
+    on_hangup: list[Callable[[], object]] = []
+    signal.signal(signal.SIGHUP, lambda *_: [reload() for reload in on_hangup])
     _die_with_parent()
     if os.getppid() != main_pid:
         raise SystemExit(1)
@@ -737,11 +741,8 @@ def main() -> None:
     worker = DataWorker(reactor, config, index, os.environ["TURSO_WORKER_RUN"])
     certificate = worker.certificate
     if certificate is not None:
-        # The main process passes its SIGHUP on: read the certificate again.
         threads = cast(IReactorFromThreads, reactor)
-        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(certificate.reload))
-    else:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        on_hangup.append(lambda: threads.callFromThread(certificate.reload))
     worker.start(LISTEN_FD, CONTROL_FD)
     flush_with(reactor)
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # the reactor takes it

@@ -214,7 +214,8 @@ class WorkerPool:
     def signal_all(self, name: str) -> None:
         """Send signal C{name} (C{"HUP"}: read the TLS certificate again) to every worker."""
         for worker in self.workers.values():
-            if worker.transport is not None and not worker.ended.called:
+            # One still starting has no certificate to read again yet (and reads the files anyway).
+            if worker.transport is not None and worker.ready and not worker.ended.called:
                 try:
                     worker.transport.signalProcess(name)
                 except ProcessExitedAlready:
