@@ -14,19 +14,7 @@ from twisted.web.client import ResponseDone
 
 from turso_twisted.moves import _IntoFile
 
-
-class Sender:
-    def __init__(self) -> None:
-        self.paused = self.stopped = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.stopped = True
+from .test_adminrelay import Producer
 
 
 class Threads:
@@ -50,7 +38,7 @@ class Threads:
 
 class IntoFileTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.file, self.threads, self.sender = io.BytesIO(), Threads(), Sender()
+        self.file, self.threads, self.sender = io.BytesIO(), Threads(), Producer()
         self.into = _IntoFile(self.file, self.threads)
         self.into.makeConnection(self.sender)  # type: ignore[arg-type]
 

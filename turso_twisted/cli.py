@@ -364,13 +364,23 @@ def cmd_backup_all(client: Client, args: argparse.Namespace, out: IO[str]) -> An
             progress.done(f"{name}: {result['bytes']} bytes -> {result['file']}" if result["ok"]
                           else f"{name}: FAILED: {result['error']}")
     failed = [r["name"] for r in results if not r["ok"]]
-    summary = {"backups": results, "failed": failed}
+    return _summed_up(args, out, {"backups": results, "failed": failed},
+                      f"{len(results) - len(failed)} of {len(results)} namespaces backed up",
+                      failed, "backup failed for")
+
+
+def _summed_up(args: argparse.Namespace, out: IO[str], summary: dict[str, Any], line: str,
+               failed: list[str], failure: str) -> dict[str, Any]:
+    """
+    The end of work on many namespaces: its summary line (for people);
+    if any failed, the JSON summary at once and exit status 1.
+    """
     if not args.json:
-        out.write(f"{len(results) - len(failed)} of {len(results)} namespaces backed up\n")
+        out.write(line + "\n")
     if failed:
         if args.json:
             out.write(json.dumps(summary, indent=1) + "\n")
-        raise CommandFailed(f"backup failed for {', '.join(failed)}", EXIT_FAILED)
+        raise CommandFailed(f"{failure} {', '.join(failed)}", EXIT_FAILED)
     return summary
 
 
@@ -402,14 +412,9 @@ def cmd_restore_all(client: Client, args: argparse.Namespace, out: IO[str]) -> A
             outcome = _restore_newest(client, store, name, by_name[name], live, scratch)
             {"restored": restored, "skipped": skipped, "refused": refused}[outcome["outcome"]].append(outcome)
             progress.done(f"{name}: {outcome['outcome']}: {outcome['detail']}")
-    summary = {"restored": restored, "skipped": skipped, "refused": refused}
-    if not args.json:
-        out.write(f"{len(restored)} restored, {len(skipped)} skipped, {len(refused)} refused\n")
-    if refused:
-        if args.json:
-            out.write(json.dumps(summary, indent=1) + "\n")
-        raise CommandFailed(f"not restored: {', '.join(item['name'] for item in refused)}", EXIT_FAILED)
-    return summary
+    return _summed_up(args, out, {"restored": restored, "skipped": skipped, "refused": refused},
+                      f"{len(restored)} restored, {len(skipped)} skipped, {len(refused)} refused",
+                      [item["name"] for item in refused], "not restored:")
 
 
 def _restore_newest(client: Client, store: Any, name: str, backups: list[StoredBackup],
