@@ -48,6 +48,8 @@ class CLITests(E2ETestCase):
             out, err, code = yield self.cli(daemon, *args)
             listed = [entry["name"] for entry in json.loads(out)["namespaces"]]
             self.assertEqual((code, listed), (0, ["alpha"]), args)
+        out, err, code = yield self.cli(daemon, "--json", "list", "--output", "table")  # the last one counts
+        self.assertEqual(out.splitlines()[0].split()[:2], ["NAME", "ORIGIN"])
         out, err, code = yield self.cli(None, "list", "--url", daemon.admin_url())
         self.assertEqual(code, 0, err)
         out, err, code = yield self.cli(daemon, "stats", "alpha")

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import ssl
+import time
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -68,6 +69,32 @@ def silent_after_close(port: int, ca_file: str) -> str:
                 return "closed"
             except TimeoutError:
                 return "still open after 30 s"
+
+
+def read_slowly(port: int, ca_file: str, body: bytes) -> tuple[int, int]:
+    """
+    A request with Connection: close whose answer is read slowly, from 7 s
+    on, at about 640 KB/s (a 16 KB TLS record each 25 ms): what the
+    kernel's buffers hold when the server is done takes longer than the
+    close linger to read.  The length promised, and the bytes that came.
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(b"POST /alpha/v2/pipeline HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(7)
+        answer = b""
+        try:
+            while chunk := sock.recv(1 << 16):
+                answer += chunk
+                time.sleep(0.025)
+        except (ssl.SSLError, ConnectionError):
+            pass
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    return length, len(rest)
 
 
 def handshake(port: int) -> str:
@@ -175,6 +202,16 @@ class TLSTests(E2ETestCase):
         yield wait_for(lambda: any(e.get("msg", "").startswith("SIGHUP: nothing to read again")
                                    for e in plain.logs()), "the SIGHUP to be taken")
         self.assertIn(b"200 OK", (yield deferToThread(plain_request, plain.admin_port)))
+
+    @inlineCallbacks
+    def test_a_large_answer_read_slowly_arrives_whole(self) -> Any:
+        """Closing after an answer never cuts it short, however slowly the client reads it."""
+        daemon = yield self.start()
+        query = json.dumps({"requests": [{"type": "execute", "stmt": {
+            "sql": "select hex(zeroblob(8000000))"}}]}).encode()
+        promised, came = yield deferToThread(read_slowly, daemon.data_port, self.ca.ca_file, query)
+        self.assertGreater(promised, 16_000_000)
+        self.assertEqual(came, promised)
 
     @inlineCallbacks
     def test_a_renewed_certificate_is_served_after_sighup(self) -> Any:

@@ -108,7 +108,8 @@ def _readable(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{key}={_readable(item)}" for key, item in value.items()) or "-"
     if isinstance(value, list):
-        return ", ".join(_readable(item) for item in value) or "-"
+        return ("; " if any(isinstance(item, dict) for item in value) else ", ").join(
+            _readable(item) for item in value) or "-"
     return str(value)
 
 
@@ -694,8 +695,8 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
                               "options are visible in process lists]")
     options.add_argument("--output", "-o", choices=("table", "json"), default=default("table"),
                          help="table (for people, the default) or json (for scripts)")
-    options.add_argument("--json", action="store_true", default=default(False),
-                         help="the same as --output json")
+    options.add_argument("--json", action="store_const", const="json", dest="output",
+                         default=argparse.SUPPRESS, help="the same as --output json")
     return options
 
 
@@ -801,7 +802,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code else EXIT_OK
-    args.json = args.json or args.output == "json"
+    # The one of --output and --json given last counts.
+    args.json = args.output == "json"
     if getattr(args, "keep", 0) < 0:
         sys.stderr.write("turso-server-admin: --keep must be 0 or more\n")
         return EXIT_USAGE

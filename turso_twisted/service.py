@@ -269,6 +269,11 @@ class TursoService(Service):
         Bind both listeners before the reactor runs; a taken address ends
         start-up with one line and exit status 1.
         """
+        # SIGHUP reads the TLS certificate again (`systemctl reload`); without
+        # TLS it does nothing, rather than end the daemon as by default (from
+        # the first moment the reactor can take it).
+        threads = cast(IReactorFromThreads, self.reactor)
+        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(self._hangup))
         os.makedirs(temp_dir(self.config.data_dir), exist_ok=True)
         listeners: list[tuple[str, str, Address, Any]] = [
             ("data", "TURSO_DATA_ADDR", self.config.data_addr, self.data_port),
@@ -325,10 +330,6 @@ class TursoService(Service):
 
     def startService(self) -> None:
         super().startService()
-        # SIGHUP reads the TLS certificate again (`systemctl reload`); without
-        # TLS it does nothing, rather than end the daemon as by default.
-        threads = cast(IReactorFromThreads, self.reactor)
-        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(self._hangup))
         # Log lines of one reactor turn are written out together.
         logs.flush_with(self.reactor)
         if not self._bound:

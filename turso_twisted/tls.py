@@ -233,9 +233,13 @@ CLOSE_LINGER = 5.0
 
 class _BoundedClose(BufferingTLSTransport):
     """
-    TLS that closes within L{CLOSE_LINGER} seconds: Twisted waits for the
-    client's close alert before it closes the socket, which a client that
-    goes silent never sends (it would hold the connection forever).
+    TLS that does not wait for ever for the client's close alert: Twisted
+    closes the socket only once that comes, which a client that goes
+    silent never sends (it would hold the connection open).  After
+    L{CLOSE_LINGER} seconds the socket is closed as TCP closes it, once
+    all that was written is sent: a client still reading a large answer
+    slowly gets all of it (one that stops reading is closed by the port's
+    idle timeout).
     """
 
     _linger: IDelayedCall | None = None
@@ -243,8 +247,21 @@ class _BoundedClose(BufferingTLSTransport):
     def loseConnection(self) -> None:
         super().loseConnection()
         if self._linger is None and self.connected:
-            clock = cast(_TLSFactory, self.factory).clock
-            self._linger = clock.callLater(CLOSE_LINGER, self.abortConnection)
+            self._linger = self._clock().callLater(CLOSE_LINGER, self._close_without_alert)
+
+    def _clock(self) -> IReactorTime:
+        return cast(_TLSFactory, self.factory).clock
+
+    def _close_without_alert(self) -> None:
+        self._linger = None
+        if not self.connected or self.transport is None:
+            return
+        if self._appSendBuffer:
+            # Still held back by the handshake: wait for it to go out.
+            self._linger = self._clock().callLater(CLOSE_LINGER, self._close_without_alert)
+            return
+        # Our close alert is written; TCP sends what is queued, then closes.
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger is not None and self._linger.active():
@@ -256,7 +273,7 @@ class _TLSFactory(TLSMemoryBIOFactory):
     protocol = _BoundedClose
 
     def __init__(self, certificate: Certificate, factory: IProtocolFactory) -> None:
-        super().__init__(certificate, False, factory)
+        super().__init__(certificate, False, factory, clock=certificate.clock)
         self.clock = certificate.clock
 
 
