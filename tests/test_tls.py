@@ -11,7 +11,7 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from turso_twisted.dataport import DataPort
-from turso_twisted.tls import Certificate, CertificateError, load, serving_tls
+from turso_twisted.tls import Certificate, CertificateError, load, serving_plain, serving_tls
 
 from .certs import TestCA
 
@@ -71,4 +71,16 @@ class CertificateTests(SynchronousTestCase):
         protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
         self.assertIn(b'"tls_required"', transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_handshake_to_a_plain_port_is_answered_at_once(self) -> None:
+        port = DataPort(Clock(), lambda request: None, lambda request: None, None,  # type: ignore[arg-type]
+                        1024)
+        protocol = serving_plain(port).buildProtocol(None)  # type: ignore[arg-type]
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"\x16\x03\x01\x02\x00")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
+        self.assertIn(b'"tls_not_served"', transport.value())
         self.assertTrue(transport.disconnecting)

@@ -179,8 +179,11 @@ class _OwnAdminPort:
     this process's own.
     """
 
+    def __init__(self) -> None:
+        self._options = CertificateOptions(verify=False)
+
     def creatorForNetloc(self, hostname: bytes, port: int) -> CertificateOptions:
-        return CertificateOptions(verify=False)
+        return self._options
 
 
 @attrs.define(eq=False)

@@ -174,57 +174,48 @@ class Certificate:
             self.reload("the files changed")
 
 
-class _TLSOnly(ProtocolWrapper):
+class _OneScheme(ProtocolWrapper):
     """
-    A TLS connection, or a plain HTTP request sent to a TLS port by
-    mistake: that one is answered in plain text at once, and closed.
+    A connection in the port's scheme, or one in the other scheme by
+    mistake (told apart by its first byte: every TLS connection begins
+    with a handshake record): that one is answered at once with a plain
+    400 and closed, rather than left to hang (twisted.web would wait for
+    a line end in a handshake that never comes).
     """
 
+    #: Whether the port serves TLS.
+    tls = False
     _decided = False
 
     def dataReceived(self, data: bytes) -> None:
         if not self._decided:
             self._decided = True
-            if not data.startswith(_HANDSHAKE):
-                self.transport.write(_PLAIN_REFUSAL)  # type: ignore[union-attr]
+            if data.startswith(_HANDSHAKE) != self.tls:
+                self.transport.write(_PLAIN_REFUSAL if self.tls else _TLS_REFUSAL)  # type: ignore[union-attr]
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
         self.wrappedProtocol.dataReceived(data)
 
 
-class _PlainOnly(ProtocolWrapper):
-    """
-    A plain HTTP connection, or a TLS handshake sent to a plain port by
-    mistake: that one is answered at once (in plain text, which the
-    client's TLS reports as a failed handshake) and closed, rather than
-    left waiting for a line end that never comes.
-    """
-
-    _decided = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._decided:
-            self._decided = True
-            if data.startswith(_HANDSHAKE):
-                self.transport.write(_TLS_REFUSAL)  # type: ignore[union-attr]
-                self.transport.loseConnection()  # type: ignore[union-attr]
-                return
-        self.wrappedProtocol.dataReceived(data)
+class _TLSOnly(_OneScheme):
+    tls = True
 
 
-class _PlainOnlyFactory(WrappingFactory):
-    protocol = _PlainOnly
+class _OneSchemeFactory(WrappingFactory):
     noisy = False
+
+
+class _PlainOnlyFactory(_OneSchemeFactory):
+    protocol = _OneScheme
+
+
+class _TLSOnlyFactory(_OneSchemeFactory):
+    protocol = _TLSOnly
 
 
 def serving_plain(factory: IProtocolFactory) -> IProtocolFactory:
     """C{factory}'s protocol in plain HTTP, refusing TLS handshakes at once."""
     return _PlainOnlyFactory(factory)
-
-
-class _TLSOnlyFactory(WrappingFactory):
-    protocol = _TLSOnly
-    noisy = False
 
 
 #: How long a closing TLS connection waits for the client's own close alert.

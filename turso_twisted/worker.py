@@ -446,7 +446,7 @@ class Migrations:
 
     def migrate(self, index: int, request: DataRequest) -> Deferred[bool]:
         connection = request.connection
-        if len(request.body) > 1 << 20 or connection.port.tls:
+        if request.received > 1 << 20 or connection.port.tls:
             # A large body is handed over, not moved; so is a request over TLS
             # (its session lives in this process).
             return succeed(False)

@@ -146,8 +146,6 @@ class WorkerPool:
         self.reactor, self.config, self.count = reactor, config, count
         #: In a cluster, the check every data request passes here first.
         self.gate = gate
-        #: Connections to the workers, for requests the internal listener takes.
-
         self.options = {key: value for key, value in options.items() if isinstance(value, str)}
         self.manager, self.guard, self.supervisor = manager, guard, supervisor
         self.state, self.stats, self.leases = state, stats, leases
