@@ -374,6 +374,9 @@ class Soak:
         self.slow: list[tuple[socket.socket, str]] = []
         self.slow_outcomes: Counter[str] = Counter()
         self.slow_generation = 0
+        #: Data workers killed so far (each cuts the connections it held).
+        self.worker_kills = 0
+        self.slow_worker_kills = 0
         self.copies = 0
 
     def _mount_tmpfs(self) -> bool:
@@ -486,6 +489,8 @@ class Soak:
         victim = self.random.choice(workers)
         say(f"SIGKILL data worker (pid {victim})")
         os.kill(victim, signal.SIGKILL)
+        # The connections it held (a slow reader's, say) go with it.
+        self.worker_kills += 1
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             now = worker_pids(self.daemon.process.pid)
@@ -685,6 +690,7 @@ class Soak:
     def slow_clients(self) -> None:
         self.release_slow_clients()
         self.slow_generation = self.daemon.generation
+        self.slow_worker_kills = self.worker_kills
         for i in range(3):
             name = self.random.choice(self.workers).namespace
             # ~10.7 MB of JSON: more than the loopback's socket buffers hold.
@@ -701,13 +707,14 @@ class Soak:
             self.slow.append((sock, ""))
 
     def release_slow_clients(self) -> None:
-        """Read what the slow readers asked for; it must be whole unless the daemon was killed."""
-        restarted = self.daemon.generation != self.slow_generation
+        """Read what the slow readers asked for: whole, unless the daemon or a data worker was killed."""
+        restarted = (self.daemon.generation != self.slow_generation
+                     or self.worker_kills != self.slow_worker_kills)
 
         def cut(outcome: str, sql: str) -> None:
             self.slow_outcomes[outcome] += 1
             if not restarted:
-                self.ledger.anomaly(f"slow reader of {sql}: {outcome} with no daemon restart")
+                self.ledger.anomaly(f"slow reader of {sql}: {outcome} with no daemon restart or worker kill")
 
         for sock, sql in self.slow:
             with sock:
